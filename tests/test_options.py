@@ -99,3 +99,11 @@ def test_clear_messages_before_loading(tmp_path):
     import importlib.util
     if importlib.util.find_spec("wandb") is None: assert "pip install wandb" in problems(log_with="wandb")
     assert "--logging_dir" in problems(log_with="tensorboard")
+
+
+def test_readme_lists_exactly_the_unsupported_flags():
+    from lora_kit.config import OPTIONS, unsupported_flags
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## sd-scripts options not supported yet", 1)[1].split("\n## ", 1)[0]
+    listed = {f for f in OPTIONS if f"`--{f}`" in section}
+    assert {f"--{f}" for f in listed} == set(unsupported_flags("train_network"))
