@@ -28,7 +28,7 @@ __all__ = ['check_all', 'count_steps', 'lora_filename', 'training_metadata', 'Tr
 # %% ../nbs/06_train.ipynb #be83bcb7
 def check_all(cfg: TrainConfig):
     "Validate options, model path, network args and datasets together; returns (datasets, summary, warnings)."
-    problems = validate(cfg) + check_model_path(cfg.pretrained_model_name_or_path)
+    problems = validate(cfg) + check_model_path(cfg.pretrained_model_name_or_path, cfg.v2, cfg.v_parameterization, cfg.vae)
     if not cfg.output_dir: problems.append("--output_dir is required: where the LoRA files are written")
     try: parse_network_args(cfg.network_args)
     except ValueError as e: problems.append(str(e))
