@@ -13,7 +13,7 @@ from .sample import SampleCallback
 from .train import TrainingStopped, train
 
 # %% auto #0
-__all__ = ['COMMANDS', 'ALIASES', 'train_network', 'demo_argv', 'demo', 'main']
+__all__ = ['COMMANDS', 'ALIASES', 'train_network', 'demo_argv', 'demo', 'convert', 'merge', 'main']
 
 # %% ../nbs/09_cli.ipynb #0a822ca3
 def train_network(argv: list[str]) -> int:
@@ -53,8 +53,49 @@ def demo(argv: list[str]) -> int:
     print(f"demo finished in {time.time() - t0:.0f} s: {out/'demo.safetensors'}, {out/'demo_loss.csv'}, {out/'demo_loss.png'}")
     return rc
 
+# %% ../nbs/09_cli.ipynb #334b6ead
+def _family_model(name: str, v2: bool, v_parameterization: bool):
+    from lora_kit.config import TrainConfig
+    from lora_kit.models import load_components
+    return load_components(TrainConfig(pretrained_model_name_or_path=name, v2=v2, v_parameterization=v_parameterization))
+
+# %% ../nbs/09_cli.ipynb #92293082
+def convert(argv: list[str]) -> int:
+    "`lora-kit convert --to diffusers|kohya in out`."
+    from lora_kit.lora import from_peft, load_lora, peft_paths, save_lora, to_peft
+    p = argparse.ArgumentParser(prog="lora-kit convert", description="convert a LoRA between kohya and diffusers/PEFT layouts")
+    p.add_argument("--to", choices=["diffusers", "kohya"], required=True); p.add_argument("input"); p.add_argument("output")
+    p.add_argument("--model", default=None, help="a model of the LoRA's family (default: tiny model of the family in the metadata)")
+    a = p.parse_args(argv)
+    state, md = load_lora(a.input)
+    if a.to == "kohya": out = from_peft(state)
+    else:
+        v2 = md.get("ss_v2") == "True" or md.get("ss_base_model_version", "").startswith("sd_v2")
+        comp = _family_model(a.model or ("tiny-sd2" if v2 else "tiny-sd1"), v2, md.get("ss_v_parameterization") == "True")
+        out = to_peft(state, peft_paths(comp.family.lora_targets(comp, conv=True)))
+    save_lora(out, a.output, md)
+    print(f"wrote {a.output} ({a.to} layout, {len(out)} tensors)"); return 0
+
+# %% ../nbs/09_cli.ipynb #6211fc6e
+def merge(argv: list[str]) -> int:
+    "`lora-kit merge --model M --lora a.safetensors[:strength] ... --output merged.safetensors`."
+    from lora_kit.lora import load_lora, merge_lora
+    from lora_kit.lora import SAVE_DTYPES
+    from lora_kit.models import save_model
+    p = argparse.ArgumentParser(prog="lora-kit merge", description="bake LoRAs into a model and save it")
+    p.add_argument("--model", required=True); p.add_argument("--lora", nargs="+", required=True)
+    p.add_argument("--output", required=True); p.add_argument("--v2", action="store_true"); p.add_argument("--v_parameterization", action="store_true")
+    p.add_argument("--save_precision", choices=["float", "fp16", "bf16"], default=None)
+    a = p.parse_args(argv)
+    comp = _family_model(a.model, a.v2, a.v_parameterization)
+    for spec in a.lora:
+        path, _, strength = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() else (spec, "", "1")
+        merge_lora(comp.family.lora_targets(comp, conv=True), load_lora(path)[0], float(strength))
+    save_model(comp, a.output, SAVE_DTYPES[a.save_precision])
+    print(f"wrote {a.output}"); return 0
+
 # %% ../nbs/09_cli.ipynb #499b6027
-COMMANDS = {"train_network": train_network, "demo": demo}
+COMMANDS = {"train_network": train_network, "demo": demo, "convert": convert, "merge": merge}
 ALIASES = {"train_network.py": "train_network"}
 
 # %% ../nbs/09_cli.ipynb #e44d4523

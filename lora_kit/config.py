@@ -67,7 +67,7 @@ GROUPS = {
 
 # %% ../nbs/00_config.ipynb #a740258e
 SUPPORTED = set("""
-pretrained_model_name_or_path v2 v_parameterization
+pretrained_model_name_or_path v2 v_parameterization vae network_weights
 dataset_config train_data_dir reg_data_dir resolution train_batch_size caption_extension dataset_repeats
 prior_loss_weight max_data_loader_n_workers persistent_data_loader_workers
 network_module network_dim network_alpha network_args network_train_unet_only network_train_text_encoder_only

@@ -5,16 +5,18 @@
 # %% ../nbs/03_lora.ipynb #21e2d9bd
 from __future__ import annotations
 import difflib, hashlib, io, json, math, os, tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 from safetensors.torch import load_file, save, save_file
 
+from .checkpoint import atomic_path
+
 # %% auto #0
-__all__ = ['NETWORK_ARGS', 'SAVE_DTYPES', 'LoRAModule', 'parse_network_args', 'lora_name', 'LoRANetwork', 'atomic_path',
-           'model_hashes', 'save_lora', 'load_lora', 'dims_from_state', 'load_into', 'count_peft_layers']
+__all__ = ['NETWORK_ARGS', 'SAVE_DTYPES', 'PEFT_PREFIXES', 'LoRAModule', 'parse_network_args', 'lora_name', 'LoRANetwork',
+           'model_hashes', 'save_lora', 'load_lora', 'dims_from_state', 'load_into', 'count_peft_layers', 'peft_paths',
+           'to_peft', 'from_peft', 'merge_lora']
 
 # %% ../nbs/03_lora.ipynb #18529c30
 class LoRAModule(nn.Module):
@@ -139,20 +141,6 @@ class LoRANetwork(nn.Module):
                 for p in params: p.requires_grad_(False)
         return groups
 
-# %% ../nbs/03_lora.ipynb #aa88b402
-@contextmanager
-def atomic_path(path: str|Path):
-    "Yield a temporary path next to `path`; on success it replaces `path`, on failure it is removed."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-
 # %% ../nbs/03_lora.ipynb #0a75e482
 def model_hashes(tensors: dict, metadata: dict) -> tuple[str, str]:
     "(sshs_model_hash, sshs_legacy_hash) as sd-scripts' `precalculate_safetensors_hashes` computes them."
@@ -210,3 +198,49 @@ def load_into(network: LoRANetwork, state: dict, source: str = "LoRA file"):
 def count_peft_layers(model: nn.Module) -> int:
     "Number of layers with a peft LoRA adapter in `model` (after diffusers' `load_lora_weights`)."
     return sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
+
+# %% ../nbs/03_lora.ipynb #3032212a
+PEFT_PREFIXES = {"lora_unet": "unet.", "lora_te": "text_encoder."}
+
+# %% ../nbs/03_lora.ipynb #e43e8b20
+def peft_paths(targets: list) -> dict[str, str]:
+    "kohya module name -> PEFT module path, for a family's `lora_targets(comp, conv=True)`."
+    return {lora_name(prefix, pp + path): PEFT_PREFIXES[prefix] + pp + path
+            for prefix, model, pp, classes in targets for path, _ in _children(model, classes)}
+
+# %% ../nbs/03_lora.ipynb #15a3b1c2
+def to_peft(state: dict, paths: dict[str, str]) -> dict:
+    "A kohya LoRA state dict in diffusers/PEFT layout (alpha/dim baked into `lora_B`)."
+    dims, alphas = dims_from_state(state)
+    if unknown := sorted(set(dims) - set(paths)): raise ValueError(f"modules not in this model family: {unknown[:3]}")
+    out = {}
+    for n, d in dims.items():
+        out[f"{paths[n]}.lora_A.weight"] = state[f"{n}.lora_down.weight"]
+        out[f"{paths[n]}.lora_B.weight"] = state[f"{n}.lora_up.weight"] * (alphas[n] / d)
+    return out
+
+# %% ../nbs/03_lora.ipynb #725b0897
+def from_peft(state: dict) -> dict:
+    "A diffusers/PEFT LoRA state dict in kohya layout (`alpha = dim`)."
+    out = {}
+    for k, v in state.items():
+        path, _, part = k.removesuffix(".weight").rpartition(".")
+        if part not in ("lora_A", "lora_B"): raise ValueError(f"{k} is not a PEFT LoRA key (…lora_A.weight / …lora_B.weight)")
+        prefix, _, rest = path.partition(".")
+        if prefix == "text_encoder" and not rest.startswith("text_model."): rest = "text_model." + rest
+        name = lora_name({"unet": "lora_unet", "text_encoder": "lora_te"}[prefix], rest)
+        out[f"{name}.{'lora_down' if part == 'lora_A' else 'lora_up'}.weight"] = v
+        if part == "lora_A": out[f"{name}.alpha"] = torch.tensor(float(v.shape[0]))
+    return out
+
+# %% ../nbs/03_lora.ipynb #8603fa98
+@torch.no_grad()
+def merge_lora(targets: list, state: dict, strength: float = 1.0):
+    "Add a kohya LoRA `state` at `strength` into the weights of a family's `lora_targets(comp, conv=True)`."
+    dims, alphas = dims_from_state(state)
+    net = LoRANetwork(targets, dims=dims, alphas=alphas)
+    load_into(net, state)
+    for m in net.loras.values():
+        org, up, down = m._org[0], m.lora_up.weight.float(), m.lora_down.weight.float()
+        delta = torch.einsum("or,ri...->oi...", up.flatten(1), down)
+        org.weight += (strength * m.scale * delta).reshape(org.weight.shape).to(org.weight.dtype)

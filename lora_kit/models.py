@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_models.ipynb #2e05d283
 from __future__ import annotations
-import json, os
+import functools, json, os, re, shutil, tempfile, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +15,17 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .checkpoint import load_state_dict, read_shapes, save_checkpoint, to_ldm_checkpoint
 from .config import ASSETS, TrainConfig
 
 # %% auto #0
 __all__ = ['UNET_TARGETS', 'UNET_CONV_TARGETS', 'TE_TARGETS', 'FAMILIES', 'TINY_UNET', 'TINY_VAE', 'TINY_TEXT', 'SCHEDULER',
-           'Components', 'SDFamily', 'tiny_components', 'family_of_folder', 'load_diffusers_folder',
-           'save_diffusers_folder', 'is_builtin', 'check_model_path', 'family_flag_problem', 'load_components',
-           'configure_denoiser']
+           'CONFIGS', 'FILE_KINDS', 'PREFIX_CLIP', 'PREFIX_OC', 'HUB_ID', 'Components', 'SDFamily', 'tiny_components',
+           'load_tokenizer', 'detect_family', 'check_family', 'MissingWeightsError', 'prepare_ldm_state_dict',
+           'load_vae', 'load_single_file', 'write_config_dir', 'tiny_config_dir', 'config_dir_for',
+           'ModelNotFoundError', 'hub_cache_dir', 'resolve_hub_id', 'is_builtin', 'resolve_model', 'family_of_folder',
+           'detect_model', 'check_vae_path', 'check_model_path', 'load_components', 'load_diffusers_folder',
+           'save_diffusers_folder', 'save_model', 'configure_denoiser']
 
 # %% ../nbs/02_models.ipynb #2f896526
 @dataclass
@@ -126,6 +130,195 @@ def tiny_components(name: str = "tiny-sd1", seed: int = 0) -> Components:
     return Components(fam, UNet2DConditionModel(**unet_cfg), AutoencoderKL(**TINY_VAE),
                       [CLIPTextModel(CLIPTextConfig(**text_cfg))], [tok], sched, source=name)
 
+# %% ../nbs/02_models.ipynb #da6ae23e
+CONFIGS = ASSETS/"configs"
+
+# %% ../nbs/02_models.ipynb #e69d1402
+def load_tokenizer(config_dir: str|Path) -> CLIPTokenizer:
+    "The CLIP tokenizer of a (configs-only) diffusers folder; the shared vocabulary when it has none."
+    tok_dir = Path(config_dir)/"tokenizer"
+    if (tok_dir/"vocab.json").exists(): return CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True, model_max_length=77)
+    cfg = json.loads((tok_dir/"tokenizer_config.json").read_text())
+    kw = {k: cfg[k] for k in ("pad_token", "bos_token", "eos_token", "unk_token", "model_max_length") if k in cfg}
+    return CLIPTokenizer.from_pretrained(ASSETS/"clip_tokenizer", local_files_only=True, **kw)
+
+# %% ../nbs/02_models.ipynb #68af3a27
+FILE_KINDS = {
+    "sdxl": ("an SDXL checkpoint", "lora_kit trains SD 1.x/2.x and SD3; use sd-scripts' sdxl_train_network.py for SDXL"),
+    "sdxl-refiner": ("an SDXL refiner checkpoint", "LoRA training needs a base model"),
+    "sd3": ("an SD3/SD3.5 checkpoint", "use the SD3 mode (sd3_train_network.py flags)"),
+    "flux": ("a FLUX checkpoint", "FLUX is not supported yet"),
+    "lora": ("a LoRA file, not a base model", "pass it with --network_weights and the base model with --pretrained_model_name_or_path"),
+    "vae": ("a VAE-only file", "pass it with --vae and the base model with --pretrained_model_name_or_path"),
+    "diffusers-part": ("one component of a diffusers folder", "pass the diffusers folder that contains model_index.json"),
+    "inpaint": ("an inpainting model (9-channel UNet input)", "LoRA training needs a text-to-image base model"),
+    "unet-only": ("a UNet without text encoder and VAE", "pass a full checkpoint or a diffusers folder"),
+    "unknown": ("not an SD 1.x/2.x checkpoint lora_kit recognises", "pass an SD 1.x/2.x .safetensors/.ckpt, a diffusers folder or a cached hub id"),
+}
+
+# %% ../nbs/02_models.ipynb #849d89b3
+def _has(keys, *prefixes) -> bool: return any(k.startswith(prefixes) for k in keys)
+
+# %% ../nbs/02_models.ipynb #fac34348
+def detect_family(shapes: dict[str, tuple]) -> str:
+    "`sd1`/`sd2` or one of `FILE_KINDS`, from an original-layout state dict's keys and shapes."
+    keys = list(shapes)
+    if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys): return "sd3"
+    if _has(keys, "conditioner.embedders."): return "sdxl" if _has(keys, "conditioner.embedders.1.") else "sdxl-refiner"
+    if _has(keys, "double_blocks.", "model.diffusion_model.double_blocks."): return "flux"
+    if any(k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) or ".lora_down." in k or ".lora_A." in k for k in keys): return "lora"
+    if not _has(keys, "model.diffusion_model."):
+        if _has(keys, "encoder.down.", "first_stage_model.encoder."): return "vae"
+        if _has(keys, "down_blocks.", "encoder.down_blocks.", "text_model.encoder.", "encoder.layers."): return "diffusers-part"
+        return "unknown"
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", ())
+    if len(conv_in) == 4 and conv_in[1] != 4: return "inpaint" if conv_in[1] == 9 else "unknown"   # 9: inpaint; 8: pix2pix ...
+    if not _has(keys, "cond_stage_model.") or not _has(keys, "first_stage_model."): return "unet-only"
+    if _has(keys, "cond_stage_model.model."): return "sd2"
+    return "sd1" if _has(keys, "cond_stage_model.transformer.") else "unknown"
+
+# %% ../nbs/02_models.ipynb #1c7edf84
+def check_family(detected: str, v2: bool, v_parameterization: bool, source: str = "the model") -> tuple[str|None, list[str], list[str]]:
+    "(family to load or None, errors, warnings) for a detected family and the flags."
+    if detected not in FAMILIES:
+        what, advice = FILE_KINDS.get(detected, FILE_KINDS["unknown"])
+        return None, [f"{source} is {what}: {advice}"], []
+    if detected == "sd1":
+        if v2: return None, [f"{source} is an SD 1.x model but --v2 is set: remove --v2"], []
+        warn = [f"--v_parameterization with SD 1.x model {source}: right only for a v-prediction fine-tune"] if v_parameterization else []
+        return "sd1", [], warn
+    if not v2:
+        flags = "--v2 --v_parameterization" if detected == "sd2-v" and not v_parameterization else "--v2"
+        return None, [f"{source} is an SD 2.x model: add {flags}"], []
+    if detected == "sd2-v" and not v_parameterization:
+        return None, [f"{source} is an SD 2.x v-prediction (768-v) model: add --v_parameterization"], []
+    return ("sd2-v" if v_parameterization else "sd2"), [], []
+
+# %% ../nbs/02_models.ipynb #1b7b2998
+class MissingWeightsError(ValueError):
+    "A component of a checkpoint is incomplete."
+
+# %% ../nbs/02_models.ipynb #a42bc14b
+PREFIX_CLIP, PREFIX_OC = "cond_stage_model.transformer.", "cond_stage_model.model."
+
+# %% ../nbs/02_models.ipynb #4a54d458
+def prepare_ldm_state_dict(sd: dict, text_layers: int) -> dict:
+    "Normalise variants of the original layout (see above); returns a new dict."
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("position_ids") or k in (PREFIX_OC + "text_projection", PREFIX_OC + "logit_scale"): continue
+        if k.startswith(PREFIX_CLIP) and not k.startswith(PREFIX_CLIP + "text_model."): k = PREFIX_CLIP + "text_model." + k[len(PREFIX_CLIP):]
+        if (m := re.match(re.escape(PREFIX_OC) + r"transformer\.resblocks\.(\d+)\.", k)) and int(m[1]) >= text_layers: continue
+        out[k] = v
+    return out
+
+# %% ../nbs/02_models.ipynb #8f0f5ff2
+def _missing_keys(cls, sd: dict, cfg_dir: str, subfolder: str) -> list[str]:
+    "Keys of model `cls` (built on meta from the config) that diffusers' converter does not produce from `sd`."
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+    with torch.device("meta"): model = cls.from_config(cls.load_config(cfg_dir, subfolder=subfolder, local_files_only=True))
+    convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
+    keys = set(model.state_dict())
+    return sorted(keys - (set(sd) if keys <= set(sd) else set(convert(checkpoint=sd, config=dict(model.config)))))
+
+
+def _from_single_file(cls, sd: dict, cfg_dir: str, subfolder: str, source: str):
+    "`cls.from_single_file` offline, with a clear error when the file lacks tensors."
+    if missing := _missing_keys(cls, sd, cfg_dir, subfolder):
+        raise MissingWeightsError(f"{source}: the {subfolder} weights are incomplete, {len(missing)} tensors missing "
+                                  f"(e.g. {', '.join(missing[:3])}). Is it a full SD checkpoint of the family set by --v2?")
+    return cls.from_single_file(sd, config=cfg_dir, subfolder=subfolder, local_files_only=True)
+
+# %% ../nbs/02_models.ipynb #dd53926b
+def load_vae(path: str|Path, config_dir: str|Path) -> AutoencoderKL:
+    "`--vae`: a diffusers folder or a single VAE file (original or diffusers layout), offline."
+    p = Path(path)
+    if p.is_dir():
+        return AutoencoderKL.from_pretrained(p, subfolder="vae" if (p/"vae"/"config.json").exists() else None, local_files_only=True)
+    sd = {k: v for k, v in load_state_dict(p).items() if not k.startswith(("loss.", "model_ema."))}   # VAE training leftovers
+    return _from_single_file(AutoencoderKL, sd, os.fspath(config_dir), "vae", f"--vae {p}")
+
+# %% ../nbs/02_models.ipynb #7bd51d2f
+def load_single_file(path: str|Path, family: str, config_dir: str|Path) -> Components:
+    "Components of an original-layout `.safetensors`/`.ckpt` of `family`, shaped by the configs in `config_dir`, offline."
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    cfg_dir, src = os.fspath(config_dir), os.fspath(path)
+    layers = CLIPTextConfig.from_pretrained(cfg_dir, subfolder="text_encoder", local_files_only=True).num_hidden_layers
+    sd = prepare_ldm_state_dict(load_state_dict(src), layers)
+    unet = _from_single_file(UNet2DConditionModel, sd, cfg_dir, "unet", src)
+    vae = _from_single_file(AutoencoderKL, {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}, cfg_dir, "vae", src)
+    try: te = create_diffusers_clip_model_from_ldm(CLIPTextModel, sd, subfolder="text_encoder", config=cfg_dir, local_files_only=True)
+    except (NotImplementedError, ValueError) as e: raise MissingWeightsError(f"{src}: the text encoder weights are incomplete ({e})") from None
+    if missing := [n for n, t in te.state_dict().items() if t.is_meta]:
+        raise MissingWeightsError(f"{src}: the text encoder weights are incomplete, e.g. {missing[:3]}")
+    sched = DDPMScheduler.from_pretrained(cfg_dir, subfolder="scheduler", local_files_only=True)
+    return Components(FAMILIES[family], unet, vae, [te], [load_tokenizer(cfg_dir)], sched, source=src)
+
+# %% ../nbs/02_models.ipynb #b7741115
+def write_config_dir(dest: str|Path, comp: Components) -> Path:
+    "A configs-only diffusers folder for `comp`'s models, with its family's tokenizer and scheduler settings."
+    dest, base = Path(dest), CONFIGS/comp.family.name
+    for sub in ("tokenizer", "scheduler"): shutil.copytree(base/sub, dest/sub, dirs_exist_ok=True)
+    shutil.copy(base/"model_index.json", dest/"model_index.json")
+    comp.denoiser.save_config(dest/"unet"); comp.vae.save_config(dest/"vae")
+    comp.text_encoders[0].config.save_pretrained(dest/"text_encoder")
+    return dest
+
+# %% ../nbs/02_models.ipynb #27184603
+@functools.cache
+def tiny_config_dir(family: str) -> Path:
+    "Configs folder of the tiny built-in model of `family` (written once per process)."
+    return write_config_dir(tempfile.mkdtemp(prefix=f"lora_kit_tiny-{family}_"), tiny_components(f"tiny-{family}"))
+
+
+def config_dir_for(family: str, shapes: dict) -> Path:
+    "The configs that shape a single file: the tiny model's for a tiny checkpoint, else the bundled full-size ones."
+    width = shapes.get("model.diffusion_model.input_blocks.0.0.weight", (0,))[0]
+    return tiny_config_dir(family) if width == TINY_UNET["block_out_channels"][0] else CONFIGS/family
+
+# %% ../nbs/02_models.ipynb #becedaed
+class ModelNotFoundError(FileNotFoundError): pass
+
+# %% ../nbs/02_models.ipynb #1e009d89
+def hub_cache_dir() -> str:
+    "The Hugging Face cache folder, read from the environment now (huggingface_hub reads it once, at import)."
+    if os.environ.get("HF_HUB_CACHE"): return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface")
+    return os.path.join(home, "hub")
+
+# %% ../nbs/02_models.ipynb #e9264458
+def resolve_hub_id(repo_id: str, cache_dir: str|Path|None = None) -> Path:
+    "The local snapshot folder of a cached hub repo; never downloads."
+    from huggingface_hub import snapshot_download
+    try: return Path(snapshot_download(repo_id, cache_dir=cache_dir or hub_cache_dir(), local_files_only=True))
+    except Exception:
+        raise ModelNotFoundError(f"--pretrained_model_name_or_path: '{repo_id}' was not found in the local Hugging Face cache, "
+                                 f"and lora_kit works offline: download it on a connected machine (huggingface-cli download "
+                                 f"{repo_id}) or pass a local folder or .safetensors path") from None
+
+# %% ../nbs/02_models.ipynb #ca199fc3
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+def is_builtin(name: str) -> bool: return name in ("tiny-sd1", "tiny-sd2", "tiny-sd2-v")
+
+# %% ../nbs/02_models.ipynb #73012fb4
+def resolve_model(name: str) -> tuple[str, str|Path]:
+    "(`builtin`|`single_file`|`diffusers`, what to load) for `--pretrained_model_name_or_path`; raises with a clear message."
+    if is_builtin(name): return "builtin", name
+    p = Path(name).expanduser()
+    if p.is_file():
+        if p.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+            raise ModelNotFoundError(f"--pretrained_model_name_or_path: {p} is not a .safetensors or .ckpt file")
+        return "single_file", p
+    if p.is_dir():
+        missing = [s for s in ("unet", "vae", "text_encoder", "scheduler") if not (p/s).is_dir()]
+        if missing: raise ModelNotFoundError(f"--pretrained_model_name_or_path: {p} is not a diffusers folder (missing {', '.join(missing)}/)")
+        return "diffusers", p
+    if p.suffix.lower() in (".safetensors", ".ckpt"): raise ModelNotFoundError(f"--pretrained_model_name_or_path: file {p} does not exist")
+    if HUB_ID.match(name): return resolve_model(str(resolve_hub_id(name)))
+    raise ModelNotFoundError(f"--pretrained_model_name_or_path: {name} is neither a folder, a model file, a hub id nor a "
+                             "built-in model (tiny-sd1, tiny-sd2, tiny-sd2-v)")
+
 # %% ../nbs/02_models.ipynb #fa756c0c
 def family_of_folder(path: Path) -> str:
     "sd1, sd2 or sd2-v, from a diffusers folder's configs."
@@ -135,13 +328,56 @@ def family_of_folder(path: Path) -> str:
     return ("sd2-v" if sched.get("prediction_type") == "v_prediction" else "sd2") if v2 else "sd1"
 
 # %% ../nbs/02_models.ipynb #4c20a9d0
+def detect_model(name: str) -> tuple[str, str|Path, str]:
+    "(kind, what to load, detected family) of `--pretrained_model_name_or_path`."
+    kind, what = resolve_model(name)
+    if kind == "builtin": return kind, what, name.removeprefix("tiny-")
+    if kind == "diffusers": return kind, what, family_of_folder(Path(what))
+    return kind, what, detect_family(read_shapes(what))
+
+# %% ../nbs/02_models.ipynb #744a2ea9
+def check_vae_path(vae: str|None) -> list[str]:
+    "Problems with `--vae`."
+    if not vae: return []
+    p = Path(vae)
+    if p.is_dir(): return [] if (p/"config.json").exists() or (p/"vae"/"config.json").exists() else [f"--vae: {p} has no config.json (nor vae/config.json)"]
+    if not p.is_file(): return [f"--vae: file {p} does not exist"]
+    if (kind := detect_family(read_shapes(p))) not in ("vae", "sd1", "sd2", "diffusers-part"):
+        return [f"--vae: {p} is {FILE_KINDS.get(kind, FILE_KINDS['unknown'])[0]}, not a VAE"]
+    return []
+
+# %% ../nbs/02_models.ipynb #2d56e4d5
+def check_model_path(name: str|None, v2: bool|None = None, v_parameterization: bool = False, vae: str|None = None) -> list[str]:
+    "Problems with `--pretrained_model_name_or_path` (and, when `v2` is given, the family flags) before loading anything."
+    if not name: return []
+    try: _, _, detected = detect_model(name)
+    except (ModelNotFoundError, ValueError) as e: return [str(e)]
+    errors = check_family(detected, bool(v2), v_parameterization, f"--pretrained_model_name_or_path {name}")[1] if v2 is not None else []
+    return errors + check_vae_path(vae)
+
+# %% ../nbs/02_models.ipynb #675ba2be
+def load_components(cfg: TrainConfig) -> Components:
+    "Load `--pretrained_model_name_or_path` (+ `--vae`) offline, checked against `--v2`/`--v_parameterization`."
+    name = cfg.pretrained_model_name_or_path
+    kind, what, detected = detect_model(name)
+    family, errors, warns = check_family(detected, cfg.v2, cfg.v_parameterization, f"--pretrained_model_name_or_path {name}")
+    if errors := errors + check_vae_path(getattr(cfg, "vae", None)): raise ValueError("\n".join(errors))
+    for w in warns: warnings.warn(w)
+    if kind == "builtin": comp, cfg_dir = tiny_components(name), tiny_config_dir(family)
+    elif kind == "diffusers": comp, cfg_dir = load_diffusers_folder(what), what
+    else:
+        cfg_dir = config_dir_for(family, read_shapes(what))
+        comp = load_single_file(what, family, cfg_dir)
+    if getattr(cfg, "vae", None): comp.vae = load_vae(cfg.vae, cfg_dir)
+    return comp
+
+# %% ../nbs/02_models.ipynb #f7b0a4ac
 def load_diffusers_folder(path: str|Path) -> Components:
     "Components of an SD 1.x/2.x diffusers folder, offline."
     path = Path(path)
     fam = FAMILIES[family_of_folder(path)]
     kw = dict(local_files_only=True)
-    tok_dir = path/"tokenizer" if (path/"tokenizer"/"vocab.json").exists() else ASSETS/"clip_tokenizer"
-    tok = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77, **({"pad_token": "!"} if fam.v2 and tok_dir != path/"tokenizer" else {}))
+    tok = load_tokenizer(path if (path/"tokenizer"/"vocab.json").exists() else CONFIGS/fam.name)
     return Components(fam, UNet2DConditionModel.from_pretrained(path/"unet", **kw), AutoencoderKL.from_pretrained(path/"vae", **kw),
                       [CLIPTextModel.from_pretrained(path/"text_encoder", **kw)], [tok],
                       DDPMScheduler.from_pretrained(path/"scheduler", **kw), source=str(path))
@@ -151,39 +387,14 @@ def save_diffusers_folder(comp: Components, path: str|Path):
     "Write components as a diffusers folder (`StableDiffusionPipeline.save_pretrained`, safetensors)."
     comp.family.pipeline(comp).save_pretrained(path, safe_serialization=True)
 
-# %% ../nbs/02_models.ipynb #c8e7d311
-def is_builtin(name: str) -> bool: return name in ("tiny-sd1", "tiny-sd2", "tiny-sd2-v")
-
-# %% ../nbs/02_models.ipynb #513d225c
-def check_model_path(name: str|None) -> list[str]:
-    "Problems with `--pretrained_model_name_or_path`, before loading anything."
-    if not name or is_builtin(name): return []
-    p = Path(name)
-    if p.is_dir():
-        missing = [s for s in ("unet", "vae", "text_encoder", "scheduler") if not (p/s).is_dir()]
-        return [f"--pretrained_model_name_or_path: {p} is not a diffusers folder (missing {', '.join(missing)}/)"] if missing else []
-    if p.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
-        if not p.is_file(): return [f"--pretrained_model_name_or_path: file {p} does not exist"]
-        return [f"--pretrained_model_name_or_path: single-file checkpoints ({p.suffix}) are not supported yet; convert it to a diffusers folder"]
-    return [f"--pretrained_model_name_or_path: {name} is neither a folder, a model file nor a built-in model (tiny-sd1, tiny-sd2, tiny-sd2-v)"]
-
-# %% ../nbs/02_models.ipynb #6f7db237
-def family_flag_problem(fam: SDFamily, v2: bool, v_parameterization: bool) -> str|None:
-    "A message if `--v2`/`--v_parameterization` disagree with the model's family."
-    if fam.v2 != v2:
-        return (f"the model is SD 2.x ({fam.name}): add --v2" if fam.v2 else f"the model is SD 1.x: remove --v2")
-    if fam.v_prediction != v_parameterization:
-        return ("the model predicts v (SD 2.x 768-v): add --v_parameterization" if fam.v_prediction
-                else "the model predicts noise (epsilon): remove --v_parameterization")
-
-# %% ../nbs/02_models.ipynb #97a8b60b
-def load_components(cfg: TrainConfig) -> Components:
-    "Load the model named by `--pretrained_model_name_or_path` and check it against `--v2`/`--v_parameterization`."
-    name = cfg.pretrained_model_name_or_path
-    if (problems := check_model_path(name)): raise ValueError("\n".join(problems))
-    comp = tiny_components(name) if is_builtin(name) else load_diffusers_folder(name)
-    if (msg := family_flag_problem(comp.family, cfg.v2, cfg.v_parameterization)): raise ValueError(msg)
-    return comp
+# %% ../nbs/02_models.ipynb #26113df1
+def save_model(comp: Components, path: str|Path, dtype: torch.dtype|None = None, metadata: dict|None = None):
+    "Save as one original-layout `.safetensors`/`.ckpt` file, or as a diffusers folder when `path` has no suffix."
+    if not Path(path).suffix:
+        if dtype is not None: comp.to(dtype=dtype)
+        return save_diffusers_folder(comp, path)
+    sd = to_ldm_checkpoint(comp.denoiser, comp.vae, comp.text_encoders[0], openclip=comp.family.v2, dtype=dtype)
+    save_checkpoint(path, sd, metadata)
 
 # %% ../nbs/02_models.ipynb #19144960
 def configure_denoiser(comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool):

@@ -29,10 +29,11 @@ __all__ = ['check_all', 'machine_problems', 'resume_problems', 'count_steps', 'l
            'TrainingStopped', 'LossLog', 'plot_loss', 'output_lock', 'sigterm_as_interrupt', 'build_network',
            'save_state', 'load_state', 'train']
 
-# %% ../nbs/06_train.ipynb #a88a885b
+# %% ../nbs/06_train.ipynb #ef6f7e88
 def check_all(cfg: TrainConfig):
     "Validate options, model path, network args and datasets together; returns (datasets, summary, warnings)."
-    problems = validate(cfg) + check_model_path(cfg.pretrained_model_name_or_path) + machine_problems(cfg)
+    problems = (validate(cfg) + check_model_path(cfg.pretrained_model_name_or_path, cfg.v2, cfg.v_parameterization, cfg.vae)
+                + machine_problems(cfg))
     if not cfg.output_dir: problems.append("--output_dir is required: where the LoRA files are written")
     try: parse_network_args(cfg.network_args)
     except ValueError as e: problems.append(str(e))
