@@ -65,7 +65,7 @@ GROUPS = {
     "logging": "logging_dir log_prefix log_with output_config config_file console_log_level",
 }
 
-# %% ../nbs/00_config.ipynb #a740258e
+# %% ../nbs/00_config.ipynb #8150c534
 SUPPORTED = set("""
 pretrained_model_name_or_path v2 v_parameterization vae network_weights
 dataset_config train_data_dir reg_data_dir resolution train_batch_size caption_extension dataset_repeats
@@ -82,6 +82,8 @@ save_state save_state_on_train_end resume skip_until_initial_step save_last_n_ep
 save_last_n_epochs_state save_last_n_steps_state save_n_epoch_ratio
 metadata_title metadata_author metadata_description metadata_license metadata_tags metadata_usage_hint metadata_thumbnail
 metadata_merged_from metadata_trigger_phrase metadata_preprocessor
+clip_l clip_g t5xxl t5xxl_max_token_length apply_lg_attn_mask apply_t5_attn_mask clip_l_dropout_rate clip_g_dropout_rate
+t5_dropout_rate weighting_scheme logit_mean logit_std mode_scale training_shift blocks_to_swap
 """.split())
 
 # %% ../nbs/00_config.ipynb #5a280cfa
@@ -271,10 +273,16 @@ def _range_problems(c) -> list[str]:
     if isinstance(c.lr_warmup_steps, (int, float)) and c.lr_warmup_steps < 0: out.append("--lr_warmup_steps must not be negative")
     return out
 
-# %% ../nbs/00_config.ipynb #8cfe186d
+# %% ../nbs/00_config.ipynb #9ee5306b
+_WHY_NOT = {  # options whose feature lives in sd-scripts' own model code, not in the diffusers models lora_kit trains
+    "pos_emb_random_crop_rate": "it crops sd-scripts' own MMDiT position embedding; diffusers' SD3 transformer has no such crop",
+    "enable_scaled_pos_embed": "it rescales sd-scripts' own MMDiT position embedding per resolution; diffusers' SD3 transformer has no such scaling",
+    "fp8_base": "fp8 weights need sd-scripts' fp8 layers (and a GPU); use --mixed_precision bf16",
+}
+
 def _unsupported_problems(c) -> list[str]:
-    return [f"{o.flag} is an sd-scripts option lora_kit does not support yet; remove it (value given: {getattr(c, n)!r})"
-            for n, o in OPTIONS.items() if not o.supported and getattr(c, n) != o.default]
+    return [f"{o.flag} is an sd-scripts option lora_kit does not support" + (f": {_WHY_NOT[n]}" if n in _WHY_NOT else " yet") +
+            f"; remove it (value given: {getattr(c, n)!r})" for n, o in OPTIONS.items() if not o.supported and getattr(c, n) != o.default]
 
 # %% ../nbs/00_config.ipynb #a200afa1
 def _resolution_problem(v) -> str|None:
@@ -305,8 +313,8 @@ def _combination_problems(c) -> list[str]:
         if getattr(c, n) and not Path(getattr(c, n)).exists(): out.append(f"--{n}: {getattr(c, n)} does not exist")
     return out
 
-# %% ../nbs/00_config.ipynb #f7829369
-NETWORK_MODULES = ("networks.lora",)
+# %% ../nbs/00_config.ipynb #e7d271ee
+NETWORK_MODULES = ("networks.lora", "networks.lora_sd3")
 
 # %% ../nbs/00_config.ipynb #6716fda9
 def validate(c) -> list[str]:

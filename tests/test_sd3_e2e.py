@@ -1,0 +1,86 @@
+"End to end: sd-scripts' SD3 guide command (docs/sd3_train_network.md) trains a LoRA on the tiny SD3 model."
+import csv, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_kit.toyworld import write_folder
+
+# docs/sd3_train_network.md, section 4, with paths filled in. One change: --optimizer_type AdamW instead of AdamW8bit,
+# whose bitsandbytes package is a GPU-only dependency lora_kit's CPU test environment does not install.
+GUIDE = """--pretrained_model_name_or_path={model} --clip_l={clip_l} --clip_g={clip_g} --t5xxl={t5xxl}
+  --dataset_config={toml} --output_dir={out} --output_name=my_sd3_lora --save_model_as=safetensors
+  --network_module=networks.lora --network_dim=16 --network_alpha=1 --learning_rate=1e-4 --optimizer_type=AdamW
+  --lr_scheduler=constant --sdpa --max_train_epochs=10 --save_every_n_epochs=1 --mixed_precision=fp16
+  --gradient_checkpointing --weighting_scheme=uniform --blocks_to_swap=32"""
+
+
+def run_cli(*args):
+    r = subprocess.run([sys.executable, "-m", "lora_kit.cli", *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from lora_kit.sd3 import tiny_sd3_components
+    d = tmp_path_factory.mktemp("sd3")
+    write_folder(d / "img", n=2, seed=0)
+    (d / "data.toml").write_text(f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\nbatch_size = 2\n'
+                                 f'[[datasets.subsets]]\nimage_dir = "{d / "img"}"\nnum_repeats = 1\n')
+    comp = tiny_sd3_components("tiny-sd3")
+    files = {}
+    for name, te in zip(("clip_l", "clip_g", "t5xxl"), comp.text_encoders):
+        files[name] = d / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in te.state_dict().items() if k != "encoder.embed_tokens.weight"}, files[name])
+    args = GUIDE.format(model="tiny-sd3", toml=d / "data.toml", out=d / "out", **files).split()
+    r = run_cli("sd3_train_network", *args)
+    assert "--blocks_to_swap 32 ignored" in r.stdout
+    return d
+
+
+def test_epochs_saved_and_lora_learned(trained):
+    from lora_kit.lora import load_lora
+    out = trained / "out"
+    assert (out / "my_sd3_lora.safetensors").is_file() and (out / "my_sd3_lora-000009.safetensors").is_file()
+    rows = list(csv.DictReader(open(out / "my_sd3_lora_loss.csv")))
+    assert len(rows) == 10 and all(0 < float(r["loss"]) < 10 for r in rows)   # 1 step per epoch, 10 epochs
+    state, _ = load_lora(out / "my_sd3_lora.safetensors")
+    assert all(v.abs().sum() > 0 for k, v in state.items() if k.endswith("lora_up.weight"))
+
+
+def test_kohya_keys_and_metadata(trained):
+    from lora_kit.lora import load_lora
+    state, md = load_lora(trained / "out" / "my_sd3_lora.safetensors")
+    names = {k.split(".")[0] for k in state}
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in names and "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1" in names
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in names and "lora_te2_text_model_encoder_layers_1_mlp_fc2" in names
+    assert not any(n.startswith("lora_te3") for n in names)
+    assert state["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].shape == (3 * 128, 16)
+    assert md["ss_network_module"] == "networks.lora_sd3" and md["ss_network_dim"] == "16" and md["ss_network_alpha"] == "1.0"
+    assert md["ss_base_model_version"] == "medium" and md["modelspec.architecture"] == "stable-diffusion-3-medium/lora"
+    assert md["ss_weighting_scheme"] == "uniform" and md["ss_mode_scale"] == "1.29" and md["ss_apply_t5_attn_mask"] == "False"
+    assert md["modelspec.resolution"] == "1024x1024" and md["ss_epoch"] == "10"
+
+
+def test_diffusers_copy_loads_with_same_output(trained):
+    from diffusers.utils import logging as dlogging
+    from lora_kit.lora import count_peft_layers, load_lora
+    from lora_kit.sd3 import apply_kohya_lora, tiny_sd3_components
+    out = trained / "out"
+    run_cli("convert_sd3_lora", str(out / "my_sd3_lora.safetensors"), str(out / "peft.safetensors"), "--pretrained_model_name_or_path", "tiny-sd3")
+    state, _ = load_lora(out / "my_sd3_lora.safetensors")
+    gen = lambda p: p("a red sks at the center", num_inference_steps=3, height=64, width=64, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).images
+    c = tiny_sd3_components("tiny-sd3"); pipe = c.family.pipeline(c)
+    before = gen(pipe)
+    dlogging.set_verbosity_error()
+    pipe.load_lora_weights(str(out / "peft.safetensors"))
+    peft_layers = count_peft_layers(pipe.transformer) + count_peft_layers(pipe.text_encoder) + count_peft_layers(pipe.text_encoder_2)
+    m = tiny_sd3_components("tiny-sd3"); merged = m.family.pipeline(m)
+    assert peft_layers == apply_kohya_lora(merged, state)         # every converted module became one adapter layer
+    a, b = gen(pipe), gen(merged)
+    assert not torch.allclose(a, before)
+    assert torch.allclose(a, b, atol=1e-4)
