@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .captions import encode_chunked, get_input_ids
 from .config import ASSETS, TrainConfig
 
 # %% auto #0
@@ -59,13 +60,16 @@ class SDFamily:
     def tokenize(self, tokenizer, captions: list[str]) -> torch.Tensor:
         return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
-    def encode_text(self, comp: Components, captions: list[str], clip_skip: int|None = None) -> dict:
-        "Conditioning for the UNet: `{'encoder_hidden_states': ...}`."
+    def encode_text(self, comp: Components, captions: list[str], clip_skip: int|None = None, max_token_length: int|None = None) -> dict:
+        "Conditioning for the UNet: `{'encoder_hidden_states': ...}`; 150/225 tokens in chunks of 75 (`--max_token_length`)."
         te, tok = comp.text_encoders[0], comp.tokenizers[0]
-        ids = self.tokenize(tok, captions).to(te.device)
-        if not clip_skip or clip_skip == 1: return {"encoder_hidden_states": te(ids)[0]}
-        hidden = te(ids, output_hidden_states=True).hidden_states[-clip_skip]
-        return {"encoder_hidden_states": _final_layer_norm(te)(hidden)}
+        def hidden(ids):
+            if not clip_skip or clip_skip == 1: return te(ids)[0]
+            return _final_layer_norm(te)(te(ids, output_hidden_states=True).hidden_states[-clip_skip])
+        if max_token_length and max_token_length > 75:
+            ids = torch.stack([get_input_ids(tok, c, max_token_length) for c in captions]).to(te.device)
+            return {"encoder_hidden_states": encode_chunked(ids, hidden)}
+        return {"encoder_hidden_states": hidden(self.tokenize(tok, captions).to(te.device))}
 
     @torch.no_grad()
     def encode_images(self, comp: Components, pixels: torch.Tensor) -> torch.Tensor:

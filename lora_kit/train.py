@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig, parse_resolution, validate
-from .data import BucketBatchSampler, DatasetError, collate, load_datasets
+from .data import BucketBatchSampler, DatasetError, cache_latents, cache_text_encoder_outputs, collate, load_datasets, vae_fingerprint
 from .lora import (LoRANetwork, SAVE_DTYPES, dims_from_state, load_into, load_lora, parse_network_args, save_lora)
 from .loss import OBJECTIVES
 from .models import check_model_path, configure_denoiser, load_components
@@ -198,8 +198,18 @@ def _conv_names(comp) -> set:
 # %% ../nbs/06_train.ipynb #b14abbd2
 def _batches(loaders, samplers, epoch: int):
     "All batches of one epoch, dataset after dataset."
-    for s in samplers: s.set_epoch(epoch)
+    for s in samplers: s.set_epoch(epoch + 1)   # sd-scripts counts epochs from 1
     for dl in loaders: yield from dl
+
+# %% ../nbs/06_train.ipynb #064259af
+def _cache(cfg, comp, datasets):
+    "Fill the datasets' latent and text-encoder caches as the options ask."
+    fam = comp.family
+    if cfg.cache_latents or cfg.cache_latents_to_disk:
+        vae_id = vae_fingerprint(comp.vae)
+        for d in datasets: cache_latents(d, lambda px: fam.encode_images(comp, px), vae_id, cfg.cache_latents_to_disk, cfg.vae_batch_size)
+    if cfg.cache_text_encoder_outputs:
+        for d in datasets: cache_text_encoder_outputs(d, lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length))
 
 # %% ../nbs/06_train.ipynb #489c15c0
 def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None) -> TrainState:
@@ -231,11 +241,13 @@ def _run(cfg, comp, acc, datasets, summary, callbacks) -> TrainState:
                                            persistent_workers=cfg.persistent_data_loader_workers and cfg.max_data_loader_n_workers > 0)
                for d in datasets]
     samplers = [dl.batch_sampler for dl in loaders]
+    _cache(cfg, comp, datasets)
     steps, epochs = count_steps(summary.batches_per_epoch, cfg, acc.num_processes)
     scheduler = make_scheduler(cfg.lr_scheduler, optimizer, steps, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
     network, optimizer, scheduler = acc.prepare(network, optimizer, scheduler)
     objective = OBJECTIVES[comp.family.objective](cfg)
     state = TrainState(cfg, comp, acc.unwrap_model(network), acc, steps, epochs, math.ceil(steps / epochs), started=time.time())
+    for d in datasets: d.max_train_steps = steps
     session = str(uuid.uuid4())
     metadata = lambda: training_metadata(cfg, comp.family, summary, steps, epochs, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, session, state.started)
     if acc.is_main_process and (cfg.logging_dir or cfg.log_with):
@@ -249,6 +261,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks) -> TrainState:
                 loss = _step(cfg, comp, network, objective, optimizer, scheduler, acc, batch, train_te, dtype)
                 if not acc.sync_gradients: continue
                 _after_step(state, loss, scheduler, bar, callbacks, metadata)
+                for d in datasets: d.step.value = state.step   # token warm-up follows the global step
                 if state.step >= steps or state.stop: break
             if state.step >= steps or state.stop: break
             if cfg.save_every_n_epochs and state.epoch % cfg.save_every_n_epochs == 0 and state.epoch < epochs:
@@ -273,9 +286,11 @@ def _step(cfg, comp, network, objective, optimizer, scheduler, acc, batch, train
     "One forward/backward pass (an optimizer step when gradients are synchronised)."
     fam = comp.family
     with acc.accumulate(network):
-        latents = fam.encode_images(comp, batch["pixels"].to(acc.device)).to(dtype)
-        with torch.set_grad_enabled(train_te), acc.autocast():
-            cond = fam.encode_text(comp, batch["captions"], cfg.clip_skip)
+        latents = (batch["latents"] if "latents" in batch else fam.encode_images(comp, batch["pixels"].to(acc.device))).to(acc.device, dtype)
+        if "text_cond" in batch: cond = {k: v.to(acc.device, dtype) for k, v in batch["text_cond"].items()}
+        else:
+            with torch.set_grad_enabled(train_te), acc.autocast():
+                cond = fam.encode_text(comp, batch["captions"], cfg.clip_skip, cfg.max_token_length)
         with acc.autocast():
             per_sample = objective(lambda noisy, t: fam.predict(comp, noisy, t, cond), latents)
         loss = (per_sample * batch["loss_weights"].to(per_sample.device)).mean()
