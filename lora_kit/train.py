@@ -201,7 +201,7 @@ def _batches(loaders, samplers, epoch: int):
     for s in samplers: s.set_epoch(epoch + 1)   # sd-scripts counts epochs from 1
     for dl in loaders: yield from dl
 
-# %% ../nbs/06_train.ipynb #064259af
+# %% ../nbs/06_train.ipynb #f2aec87e
 def _cache(cfg, comp, datasets):
     "Fill the datasets' latent and text-encoder caches as the options ask."
     fam = comp.family
