@@ -1,0 +1,35 @@
+"The loop with the dataset options: latents cached to disk and reused, text-encoder outputs cached, 225-token captions."
+import numpy as np
+import torch
+
+from lora_kit.config import make_config
+from lora_kit.toyworld import write_folder
+from lora_kit.train import train
+
+torch.set_num_threads(1)
+
+
+def _cfg(tmp_path, *extra):
+    return make_config(["--pretrained_model_name_or_path", "tiny-sd1", "--network_module", "networks.lora",
+                        "--train_data_dir", str(tmp_path / "data"), "--caption_extension", ".txt", "--resolution", "64",
+                        "--train_batch_size", "2", "--max_train_steps", "2", "--seed", "1", "--output_dir", str(tmp_path / "out"),
+                        "--max_data_loader_n_workers", "0", *extra])
+
+
+def test_disk_cache_written_then_reused_and_long_captions(tmp_path):
+    write_folder(tmp_path / "data" / "1_sks", n=3, seed=0)
+    args = ("--cache_latents_to_disk", "--flip_aug", "--vae_batch_size", "2", "--max_token_length", "225")
+    train(_cfg(tmp_path, *args))
+    files = sorted((tmp_path / "data" / "1_sks").glob("*_0064x0064_sd.npz"))
+    assert len(files) == 3
+    with np.load(files[0]) as z:
+        assert {"lora_kit_key", "lora_kit_latents", "lora_kit_latents_flipped"} <= set(z.files)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    state = train(_cfg(tmp_path, *args, "--output_name", "again"))
+    assert [f.stat().st_mtime_ns for f in files] == stamps and state.step == 2   # reused, not rewritten
+
+
+def test_text_encoder_outputs_cached(tmp_path):
+    write_folder(tmp_path / "data" / "1_sks", n=2, seed=0)
+    state = train(_cfg(tmp_path, "--cache_latents", "--cache_text_encoder_outputs", "--network_train_unet_only"))
+    assert state.step == 2 and np.isfinite(state.loss)
