@@ -202,7 +202,8 @@ def _batches(loaders, samplers, epoch: int):
     for dl in loaders: yield from dl
 
 # %% ../nbs/06_train.ipynb #489c15c0
-def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None) -> TrainState:
+def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
+          progress: bool = True) -> TrainState:   # False: no tqdm bar (e.g. a notebook view shows its own)
     "Train a LoRA as `cfg` says; returns the final state (its `saved` lists the files written)."
     datasets, summary, warnings = check_all(cfg)
     for w in warnings: print("warning:", w)
@@ -211,10 +212,10 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None) -> TrainS
     set_seed(cfg.seed)
     acc = _accelerator(cfg)
     comp = comp or load_components(cfg)
-    return _run(cfg, comp, acc, datasets, summary, [LossLog(), *callbacks])
+    return _run(cfg, comp, acc, datasets, summary, [LossLog(), *callbacks], progress)
 
 # %% ../nbs/06_train.ipynb #b1e4da91
-def _run(cfg, comp, acc, datasets, summary, callbacks) -> TrainState:
+def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True) -> TrainState:
     dtype, device = _weight_dtype(acc), acc.device
     for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
     comp.to(device, dtype); comp.vae.to(dtype=torch.float32)
@@ -241,7 +242,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks) -> TrainState:
     if acc.is_main_process and (cfg.logging_dir or cfg.log_with):
         acc.init_trackers(f"{cfg.log_prefix or ''}network_train", config={k: v for k, v in cfg.to_dict(changed_only=True).items() if isinstance(v, (int, float, str, bool))})
     _emit(callbacks, "on_train_start", state)
-    bar = tqdm(total=steps, desc="steps", disable=not acc.is_local_main_process, dynamic_ncols=True)
+    bar = tqdm(total=steps, desc="steps", disable=not (progress and acc.is_local_main_process), dynamic_ncols=True)
     try:
         for epoch in range(epochs):
             state.epoch = epoch + 1
