@@ -415,8 +415,9 @@ def _cache(cfg, comp, datasets):
     if cfg.cache_text_encoder_outputs:
         for d in datasets: cache_text_encoder_outputs(d, lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length))
 
-# %% ../nbs/06_train.ipynb #1e275ca8
-def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None) -> TrainState:
+# %% ../nbs/06_train.ipynb #d68ed9d8
+def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
+          progress: bool = True) -> TrainState:   # False: no tqdm bar (e.g. a notebook view shows its own)
     "Train a LoRA as `cfg` says; returns the final state (its `saved` lists the files written)."
     datasets, summary, warnings = check_all(cfg)
     for w in warnings: print("warning:", w)
@@ -426,10 +427,10 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None) -> TrainS
     acc = _accelerator(cfg)
     with output_lock(cfg, acc.is_main_process), sigterm_as_interrupt():
         comp = comp or load_components(cfg)
-        return _run(cfg, comp, acc, datasets, summary, [LossLog(), *callbacks])
+        return _run(cfg, comp, acc, datasets, summary, [LossLog(), *callbacks], progress)
 
-# %% ../nbs/06_train.ipynb #37863fe8
-def _run(cfg, comp, acc, datasets, summary, callbacks) -> TrainState:
+# %% ../nbs/06_train.ipynb #3cc747f8
+def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True) -> TrainState:
     dtype, device = _weight_dtype(acc), acc.device
     for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
     comp.to(device, dtype); comp.vae.to(dtype=torch.float32)
@@ -465,7 +466,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks) -> TrainState:
     if acc.is_main_process and acc.log_with:
         acc.init_trackers(cfg.log_tracker_name or "network_train", config={k: v for k, v in cfg.to_dict(changed_only=True).items() if isinstance(v, (int, float, str, bool))})
     _emit(callbacks, "on_train_start", state)
-    bar = tqdm(total=steps, initial=state.step, desc="steps", disable=not acc.is_local_main_process, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=state.step, desc="steps", disable=not (progress and acc.is_local_main_process), dynamic_ncols=True)
     try:
         for epoch in range(first_epoch, epochs):
             state.epoch = epoch + 1
