@@ -1,0 +1,161 @@
+"""lora_kit's training step against a minimal hand-written diffusers + peft LoRA loop on the same model and data.
+
+    python bench/overhead.py --model tiny mid --rounds 2
+
+Both train a rank-8 LoRA on the UNet's attention blocks and the text encoder's attention/MLP layers (the layers
+sd-scripts' `networks.lora` targets), AdamW, batch 2, max_grad_norm 1.0, fp32, on the same seeded random model and
+the same toy-world images. Each variant runs in its own subprocess (clean peak RSS), variants alternate (A B A B …)
+so machine load hits both alike; after `--warmup` steps, `--steps` steps are timed. Prints the median step time
+and peak RSS of each and lora_kit / bare ratios (target ≤ 1.05×). Not a test: numbers depend on the machine."""
+from __future__ import annotations
+import argparse, sys, tempfile, time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (RESOLUTION, bench_components, load_now, median, peak_rss_mb, run_worker, worker_result,
+                    write_dataset)
+
+BATCH, RANK, ALPHA, LR = 2, 8, 8, 1e-4
+# peft target regexes for the layers kohya's networks.lora wraps: every Linear/1×1 Conv inside the UNet's
+# Transformer2DModel blocks, and the CLIP text encoder's attention and MLP projections.
+UNET_LORA_RE = r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))"
+TE_LORA_RE = r".*\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
+
+
+def lora_kit_worker(a) -> dict:
+    "Train with `lora_kit.train.train` on the benchmark model; time each optimizer step from a callback."
+    import torch
+    torch.set_num_threads(a.threads)
+    from lora_kit.config import make_config
+    from lora_kit.train import Callback, train
+
+    class Timer(Callback):
+        def __init__(self): self.times, self.peak = [], 0.0
+        def on_train_start(self, state): self.times.append(time.perf_counter())
+        def on_step_end(self, state):
+            self.times.append(time.perf_counter())
+            if state.step == a.warmup + a.steps: self.peak = peak_rss_mb()
+
+    comp = bench_components(a.model)
+    out = tempfile.mkdtemp(prefix="lk_overhead_")
+    argv = ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", a.data, "--caption_extension", ".txt",
+            "--resolution", str(RESOLUTION[a.model]), "--train_batch_size", str(BATCH), "--network_module", "networks.lora",
+            "--network_dim", str(RANK), "--network_alpha", str(ALPHA), "--optimizer_type", "AdamW", "--learning_rate", str(LR),
+            "--max_train_steps", str(a.warmup + a.steps), "--seed", "0", "--max_data_loader_n_workers", "0",
+            "--mixed_precision", "no", "--output_dir", out, "--output_name", "bench"] + (["--sdpa"] if a.sdpa else [])
+    timer = Timer()
+    state = train(make_config(argv), callbacks=[timer], comp=comp)
+    dts = [b - c for c, b in zip(timer.times, timer.times[1:])]
+    return {"step_times": dts[a.warmup:], "peak_rss": timer.peak, "peak_rss_end": peak_rss_mb(),
+            "lora_layers": len(state.network.loras),
+            "lora_params": sum(p.numel() for p in state.network.parameters() if p.requires_grad)}
+
+
+def bare_worker(a) -> dict:
+    "The same training as a minimal loop: diffusers models, peft LoRA layers, torch AdamW."
+    import random
+    import numpy as np, torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from diffusers import DDPMScheduler
+    from diffusers.models.attention_processor import AttnProcessor
+    from peft import LoraConfig, inject_adapter_in_model
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+
+    comp = bench_components(a.model)
+    unet, vae, te, tok = comp.denoiser, comp.vae, comp.text_encoders[0], comp.tokenizers[0]
+    for m in (unet, vae, te): m.requires_grad_(False).eval()
+    if not a.sdpa: unet.set_attn_processor(AttnProcessor())     # lora_kit's default attention (no --sdpa)
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=UNET_LORA_RE), unet)
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TE_LORA_RE), te)
+    params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    images = sorted(Path(a.data).rglob("*.png"))
+    captions = {p: p.with_suffix(".txt").read_text().strip() for p in images}
+
+    def batches():
+        while True:
+            order = images * 10
+            random.shuffle(order)
+            yield from (order[i:i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH))
+
+    def pixels(paths):
+        arrs = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1 for p in paths]
+        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+    times, peak, it = [time.perf_counter()], 0.0, batches()
+    for step in range(a.warmup + a.steps):
+        paths = next(it)
+        with torch.no_grad(): latents = vae.encode(pixels(paths)).latent_dist.sample() * vae.config.scaling_factor
+        ids = tok([captions[p] for p in paths], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        cond = te(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (latents.shape[0],))
+        loss = F.mse_loss(unet(sched.add_noise(latents, noise, t), t, cond).sample.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(); opt.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter())
+    dts = [b - c for c, b in zip(times, times[1:])]
+    n_layers = sum(1 for m in (unet, te) for n, _ in m.named_modules() if n.endswith(".lora_A"))
+    return {"step_times": dts[a.warmup:], "peak_rss": peak_rss_mb(), "peak_rss_end": peak_rss_mb(),
+            "lora_layers": n_layers, "lora_params": sum(p.numel() for p in params)}
+
+
+WORKERS = {"lora_kit": lora_kit_worker, "bare": bare_worker}
+
+
+def compare(a, model: str, data: Path) -> None:
+    "Alternate the two variants for `a.rounds` rounds on `model`; print times, RSS and ratios."
+    steps, warmup = a.steps or (30 if model == "tiny" else 8), a.warmup or (5 if model == "tiny" else 2)
+    res = {k: [] for k in WORKERS}
+    for r in range(a.rounds):
+        order = list(WORKERS) if r % 2 == 0 else list(WORKERS)[::-1]
+        for name in order:
+            before = load_now()
+            out = run_worker(Path(__file__), [name, "--model", model, "--data", str(data), "--steps", str(steps),
+                                              "--warmup", str(warmup), "--threads", str(a.threads)] + (["--sdpa"] if a.sdpa else []), a.threads)
+            out["load"] = f"{before} -> {load_now()}"
+            res[name].append(out)
+            print(f"  {model} round {r + 1} {name:8s}: median step {median(out['step_times']) * 1000:8.1f} ms, "
+                  f"peak RSS {out['peak_rss']:7.0f} MiB (at exit {out['peak_rss_end']:.0f}), load {out['load']}", flush=True)
+    lk, bare = res["lora_kit"], res["bare"]
+    if (lk[0]["lora_layers"], lk[0]["lora_params"]) != (bare[0]["lora_layers"], bare[0]["lora_params"]):
+        print(f"  WARNING: different LoRA layers: lora_kit {lk[0]['lora_layers']} layers/{lk[0]['lora_params']} params, "
+              f"bare {bare[0]['lora_layers']}/{bare[0]['lora_params']}")
+    t_lk = median([t for o in lk for t in o["step_times"]]); t_b = median([t for o in bare for t in o["step_times"]])
+    m_lk = median([o["peak_rss"] for o in lk]); m_b = median([o["peak_rss"] for o in bare])
+    pair = [median(x["step_times"]) / median(y["step_times"]) for x, y in zip(lk, bare)]
+    print(f"{model}: {lk[0]['lora_layers']} LoRA layers, {lk[0]['lora_params']:,} trainable params, {steps} timed steps × {a.rounds} rounds")
+    print(f"{model}: step time lora_kit {t_lk * 1000:.1f} ms, bare {t_b * 1000:.1f} ms, ratio {t_lk / t_b:.3f}× "
+          f"(per round {', '.join(f'{p:.3f}' for p in pair)}; target ≤ 1.05)")
+    print(f"{model}: peak RSS lora_kit {m_lk:.0f} MiB, bare {m_b:.0f} MiB, ratio {m_lk / m_b:.3f}× (target ≤ 1.05)", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
+    p.add_argument("--rounds", type=int, default=2, help="A B rounds (order alternates each round)")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per run (default 30 tiny, 8 mid)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed first steps (default 5 tiny, 2 mid)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each run")
+    p.add_argument("--sdpa", action="store_true", help="scaled-dot-product attention in both (lora_kit --sdpa)")
+    p.add_argument("--workdir", default=None, help="where the toy dataset is written (default: a temp dir)")
+    p.add_argument("--worker", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        a.model = a.model[0]
+        return worker_result(WORKERS[a.worker](a))
+    root = Path(a.workdir or tempfile.mkdtemp(prefix="lk_bench_"))
+    print(f"load before: {load_now()}; threads per run: {a.threads}; attention: {'sdpa' if a.sdpa else 'vanilla'}")
+    for model in a.model:
+        compare(a, model, write_dataset(root/f"data_{model}", n=8, res=RESOLUTION[model]))
+    print(f"load after: {load_now()}")
+
+
+if __name__ == "__main__":
+    main()

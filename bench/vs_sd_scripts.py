@@ -1,0 +1,190 @@
+"""lora_kit against kohya-ss sd-scripts' train_network.py on a full-size SD1.5-shaped model (random weights).
+
+    BENCH_DIR=/work/scratch/bench bash bench/setup_sd_scripts.sh      # once: sd-scripts + its venv + tokenizer
+    python bench/vs_sd_scripts.py --bench_dir /work/scratch/bench --rounds 2
+
+The model (SD1.5 configs, seeded random init) is written once as an original-layout single-file checkpoint for
+sd-scripts and as a diffusers folder with the same weights for lora_kit (lora_kit takes the checkpoint itself once
+it loads single files). Both train with the same flags: 8 toy-world images, resolution 256, batch 1, UNet-only
+LoRA network_dim 16, AdamW, --mixed_precision no (add flags to both with --extra). Runs alternate (A B A B …).
+
+Step times come from the wall-clock stamps of the per-step `loss/current` TensorBoard scalars both tools log
+(`--logging_dir`): the last `--steps` steps after `--warmup` are timed, so model loading and saving are excluded.
+Memory is sampled from outside (RSS every 0.1 s, or `nvidia-smi` GPU memory with --device cuda): the peak during
+the training steps, and the whole-run peak RSS (ru_maxrss, which includes loading the checkpoint).
+Prints steps/s and memory of each and lora_kit / sd-scripts ratios. Not a test: numbers depend on the machine."""
+from __future__ import annotations
+import argparse, os, shlex, shutil, subprocess, sys, time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, RssSampler, load_now, median, run_and_measure, write_dataset
+
+# Stable Diffusion 1.5's component configs (runwayml/stable-diffusion-v1-5), for a random-weight model of that shape.
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+                scaling_factor=0.18215)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+                 hidden_act="quick_gelu", max_position_embeddings=77, vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def ldm_converter(path: str):
+    "`(diffusers_to_ldm_checkpoint, save_ldm_checkpoint)` from lora_kit if it has them, else from the file at `path`."
+    try:
+        from lora_kit.models import diffusers_to_ldm_checkpoint, save_ldm_checkpoint
+        return diffusers_to_ldm_checkpoint, save_ldm_checkpoint
+    except ImportError: pass
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ldm_convert", path)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod.diffusers_to_ldm_checkpoint, mod.save_ldm_checkpoint
+
+
+def make_model(ckpt: Path, folder: Path, converter: str, seed: int = 0):
+    "Write a random-weight SD1.5-shaped model as `ckpt` (original ldm layout) and `folder` (diffusers layout)."
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from lora_kit.config import ASSETS
+    from lora_kit.models import FAMILIES, SCHEDULER, Components, save_diffusers_folder
+    from diffusers import DDPMScheduler
+    torch.manual_seed(seed)
+    comp = Components(FAMILIES["sd1"], UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE),
+                      [CLIPTextModel(CLIPTextConfig(**SD15_TEXT))],
+                      [CLIPTokenizer.from_pretrained(ASSETS/"clip_tokenizer", model_max_length=77)], DDPMScheduler(**SCHEDULER))
+    save_diffusers_folder(comp, folder)
+    to_ldm, save = ldm_converter(converter)
+    save(ckpt, to_ldm(comp.denoiser, comp.vae, comp.text_encoders[0], openclip=False))
+
+
+def shared_args(a, data: Path, out: Path, name: str) -> list[str]:
+    "The flags both tools get."
+    return ["--train_data_dir", str(data), "--caption_extension", ".txt", "--resolution", "256", "--train_batch_size", "1",
+            "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "16", "--network_train_unet_only",
+            "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--mixed_precision", a.mixed_precision,
+            "--max_train_steps", str(a.warmup + a.steps), "--seed", "42", "--max_data_loader_n_workers", "0",
+            "--output_dir", str(out), "--output_name", name, "--save_model_as", "safetensors",
+            "--logging_dir", str(out/"logs"), *shlex.split(a.extra)]
+
+
+def step_walltimes(logdir: Path, tag: str = "loss/current") -> dict[int, float]:
+    "{step: wall-clock time} of the per-step loss scalars in the TensorBoard logs under `logdir`."
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = {}
+    for f in Path(logdir).rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0}); acc.Reload()
+        if tag in acc.Tags()["scalars"]: out.update({e.step: e.wall_time for e in acc.Scalars(tag)})
+    return out
+
+
+class GpuSampler(RssSampler):
+    "GPU memory (MiB) of a process from `nvidia-smi`, sampled every 0.5 s."
+    def __init__(self, pid: int): super().__init__(pid, 0.5)
+    def _run(self):
+        while not self._stop.is_set():
+            r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True)
+            mem = sum(float(m) for p, m in (l.split(",") for l in r.stdout.splitlines() if "," in l) if int(p) == self.pid)
+            self.samples.append((time.time(), mem))
+            self._stop.wait(self.interval)
+
+
+def run_one(a, tool: str, cmd: list[str], env: dict, out: Path, cwd=None) -> dict:
+    "Run one training; steps/s from the TensorBoard stamps, memory peaks from the samplers."
+    shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
+    before = load_now()
+    r = _run_with_gpu(cmd, env, cwd, out/"log.txt") if a.device == "cuda" else run_and_measure(cmd, env, cwd, out/"log.txt")
+    if r["rc"]: raise RuntimeError(f"{tool} failed (exit {r['rc']}); see {out/'log.txt'}:\n" + (out/"log.txt").read_text()[-3000:])
+    walls = step_walltimes(out/"logs")
+    last, first = a.warmup + a.steps, a.warmup
+    if last not in walls or first not in walls: raise RuntimeError(f"{tool}: no per-step loss/current scalars in {out/'logs'}")
+    sec = (walls[last] - walls[first]) / a.steps
+    steps_t = [walls[k] - walls[k - 1] for k in range(first + 1, last + 1)]
+    res = {"tool": tool, "s_per_step": sec, "step_times": steps_t, "peak_rss": r["peak_rss"], "wall": r["wall"],
+           "train_rss": max((m for t, m in r["sampler"].samples if walls[1] <= t <= walls[last]), default=float("nan")),
+           "load": f"{before} -> {load_now()}"}
+    if "gpu" in r: res["train_gpu"] = max((m for t, m in r["gpu"].samples if walls[1] <= t <= walls[last]), default=float("nan"))
+    return res
+
+
+def _run_with_gpu(cmd, env, cwd, log):
+    "`run_and_measure` plus a GPU-memory sampler."
+    out = open(log, "w")
+    t0 = time.time()
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    with RssSampler(p.pid) as rss, GpuSampler(p.pid) as gpu:
+        _, status, usage = os.wait4(p.pid, 0)
+    out.close()
+    return {"rc": os.waitstatus_to_exitcode(status), "wall": time.time() - t0, "peak_rss": usage.ru_maxrss / 1024,
+            "sampler": rss, "gpu": gpu}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench_dir", default=os.environ.get("BENCH_DIR", str(Path.home()/".cache/lora_kit_bench")),
+                   help="the folder setup_sd_scripts.sh filled (sd-scripts/, sdvenv/, tokenizers/); the model and runs go here too")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rounds", type=int, default=2, help="A B rounds (order alternates each round)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed first steps")
+    p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads per run on CPU (0: leave torch's default)")
+    p.add_argument("--mixed_precision", default="no", help="passed to both (bf16 on a GPU)")
+    p.add_argument("--extra", default="", help="more flags for both, e.g. \"--sdpa --gradient_checkpointing\"")
+    p.add_argument("--ldm_convert", default="/work/scratch/single_file/ldm_convert.py",
+                   help="file with diffusers_to_ldm_checkpoint/save_ldm_checkpoint, until lora_kit has them")
+    p.add_argument("--only", choices=["lora_kit", "sd-scripts"], help="run one tool only (dry runs)")
+    a = p.parse_args(argv)
+    bench = Path(a.bench_dir)
+    sd_src, sd_py, tok = bench/"sd-scripts", bench/"sdvenv/bin/python", bench/"tokenizers"
+    if not (sd_src/"train_network.py").is_file() or not sd_py.is_file():
+        sys.exit(f"sd-scripts is not set up in {bench}: run BENCH_DIR={bench} bash bench/setup_sd_scripts.sh")
+    ckpt, folder = bench/"sd15_random.safetensors", bench/"sd15_random_diffusers"
+    if not ckpt.is_file() or not (folder/"unet").is_dir():
+        print("writing the random-weight SD1.5-shaped model (once)…", flush=True)
+        make_model(ckpt, folder, a.ldm_convert)
+    data = write_dataset(bench/"data", n=8, res=256)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if a.threads: env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    if a.device == "cpu": env["CUDA_VISIBLE_DEVICES"] = ""
+    from lora_kit.models import check_model_path
+    lk_model = ckpt if not check_model_path(str(ckpt)) else folder     # the checkpoint itself once lora_kit loads it
+    runs = {
+        "lora_kit": lambda out: run_one(a, "lora_kit", [sys.executable, "-m", "lora_kit.cli", "train_network",
+                                        "--pretrained_model_name_or_path", str(lk_model), *shared_args(a, data, out, "lk")],
+                                        {**env, "PYTHONPATH": str(REPO)}, out),
+        "sd-scripts": lambda out: run_one(a, "sd-scripts", [str(sd_py), "train_network.py", "--pretrained_model_name_or_path", str(ckpt),
+                                          "--tokenizer_cache_dir", str(tok), *shared_args(a, data, out, "sds")], env, out, cwd=sd_src),
+    }
+    tools = [a.only] if a.only else list(runs)
+    print(f"device {a.device}, threads {a.threads or 'default'}, lora_kit model {lk_model.name}, {a.warmup} warm-up + "
+          f"{a.steps} timed steps; extra flags: {a.extra or '-'}; load before: {load_now()}", flush=True)
+    res = {t: [] for t in tools}
+    for r in range(a.rounds):
+        for tool in (tools if r % 2 == 0 else tools[::-1]):
+            o = runs[tool](bench/"runs"/f"{tool}_{r}")
+            res[tool].append(o)
+            gpu = f", GPU {o['train_gpu']:.0f} MiB" if "train_gpu" in o else ""
+            print(f"  round {r + 1} {tool:10s}: {1 / o['s_per_step']:.4f} steps/s ({o['s_per_step']:.2f} s/step; steps "
+                  f"{', '.join(f'{t:.2f}' for t in o['step_times'])}), RSS while training {o['train_rss']:.0f} MiB, "
+                  f"whole-run peak RSS {o['peak_rss']:.0f} MiB{gpu}, wall {o['wall']:.0f} s, load {o['load']}", flush=True)
+    summary = {t: (median([o["s_per_step"] for o in rs]), median([o["train_rss"] for o in rs]), median([o["peak_rss"] for o in rs]))
+               for t, rs in res.items()}
+    for t, (s, m, pk) in summary.items():
+        print(f"{t:10s}: {1 / s:.4f} steps/s, RSS while training {m:.0f} MiB, whole-run peak RSS {pk:.0f} MiB")
+    if len(summary) == 2:
+        (s_lk, m_lk, pk_lk), (s_sd, m_sd, pk_sd) = summary["lora_kit"], summary["sd-scripts"]
+        pair = [y["s_per_step"] / x["s_per_step"] for x, y in zip(res["lora_kit"], res["sd-scripts"])]
+        print(f"speed lora_kit / sd-scripts: {s_sd / s_lk:.3f}× (per round {', '.join(f'{x:.3f}' for x in pair)}; target ≥ 1.0)")
+        print(f"memory lora_kit / sd-scripts: {m_lk / m_sd:.3f}× while training, {pk_lk / pk_sd:.3f}× whole-run peak (target ≤ 1.0)")
+        if a.device == "cuda":
+            g = {t: median([o["train_gpu"] for o in rs]) for t, rs in res.items()}
+            print(f"GPU memory lora_kit / sd-scripts: {g['lora_kit'] / g['sd-scripts']:.3f}× ({g['lora_kit']:.0f} vs {g['sd-scripts']:.0f} MiB)")
+    print(f"load after: {load_now()}")
+
+
+if __name__ == "__main__":
+    main()
