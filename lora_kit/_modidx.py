@@ -505,5 +505,4 @@ d = { 'settings': { 'branch': 'main',
                              'lora_kit.ui.option_widget': ('ui.html#option_widget', 'lora_kit/ui.py'),
                              'lora_kit.ui.png_bytes': ('ui.html#png_bytes', 'lora_kit/ui.py'),
                              'lora_kit.ui.read_field': ('ui.html#read_field', 'lora_kit/ui.py'),
-                             'lora_kit.ui.show_field': ('ui.html#show_field', 'lora_kit/ui.py'),
-                             'lora_kit.ui.small_image_warning': ('ui.html#small_image_warning', 'lora_kit/ui.py')}}}
+                             'lora_kit.ui.show_field': ('ui.html#show_field', 'lora_kit/ui.py')}}}

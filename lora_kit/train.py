@@ -144,18 +144,17 @@ def _version() -> str:
     from lora_kit import __version__
     return __version__
 
-# %% ../nbs/06_train.ipynb #083d3c13
+# %% ../nbs/06_train.ipynb #dbfff954
 def dataset_metadata(datasets: list) -> dict:
-    "`ss_dataset_dirs`, `ss_reg_dataset_dirs` and `ss_tag_frequency` of the training datasets, as sd-scripts computes them."
-    items = {e.item.path: e.item for d in datasets for e in d.entries}.values()
+    "`ss_dataset_dirs`, `ss_reg_dataset_dirs` and `ss_tag_frequency` of the training datasets, as sd-scripts writes them."
     dirs, reg_dirs, tags = {}, {}, {}
-    for it in items:
-        name = os.path.basename(str(it.subset.image_dir))
-        info = (reg_dirs if it.subset.is_reg else dirs).setdefault(name, {"n_repeats": it.subset.num_repeats, "img_count": 0})
-        info["img_count"] += 1
-        freq = tags.setdefault(name, {})
-        for t in (t.strip().lower() for t in (it.caption or "").split(",")):
-            if t: freq[t] = freq.get(t, 0) + 1
+    for d in datasets:
+        images, subsets = d.plan.images, d.plan.spec.subsets
+        for idx, n in images.img_count.items():
+            sub = subsets[idx]
+            name = os.path.basename(str(sub.image_dir or sub.metadata_file))
+            (reg_dirs if sub.is_reg else dirs)[name] = {"n_repeats": sub.num_repeats, "img_count": n}
+        for name, freq in images.tag_frequency.items(): tags.setdefault(name, {}).update(freq)
     return {"ss_dataset_dirs": json.dumps(dirs), "ss_reg_dataset_dirs": json.dumps(reg_dirs), "ss_tag_frequency": json.dumps(tags)}
 
 # %% ../nbs/06_train.ipynb #1f773b9b
