@@ -28,7 +28,7 @@ from .optim import make_optimizer, make_scheduler
 __all__ = ['check_all', 'machine_problems', 'resume_problems', 'count_steps', 'lora_filename', 'state_dirname', 'epoch_to_remove',
            'step_to_remove', 'training_metadata', 'dataset_metadata', 'modelspec', 'TrainState', 'Callback',
            'TrainingStopped', 'LossLog', 'plot_loss', 'output_lock', 'sigterm_as_interrupt', 'build_network',
-           'save_state', 'load_state', 'train']
+           'save_state', 'load_state', 'cpu_threads', 'train']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def check_all(cfg: TrainConfig):
@@ -414,7 +414,13 @@ def _cache(cfg, comp, datasets):
     if cfg.cache_text_encoder_outputs:
         for d in datasets: cache_text_encoder_outputs(d, lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length))
 
-# %% ../nbs/06_train.ipynb #d68ed9d8
+# %% ../nbs/06_train.ipynb #5b30935d
+def cpu_threads(device) -> int:
+    "On a CPU, use `OMP_NUM_THREADS` threads (1 if unset); returns the number of threads in use."
+    if torch.device(device).type == "cpu": torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return torch.get_num_threads()
+
+# %% ../nbs/06_train.ipynb #c5b7079e
 def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
           progress: bool = True) -> TrainState:   # False: no tqdm bar (e.g. a notebook view shows its own)
     "Train a LoRA as `cfg` says; returns the final state (its `saved` lists the files written)."
@@ -424,6 +430,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
     if cfg.seed is None: cfg.seed = random.randint(0, 2**32 - 1)
     set_seed(cfg.seed)
     acc = _accelerator(cfg)
+    cpu_threads(acc.device)
     with output_lock(cfg, acc.is_main_process), sigterm_as_interrupt():
         comp = comp or load_components(cfg)
         return _run(cfg, comp, acc, datasets, summary, [LossLog(), *callbacks], progress)
