@@ -147,7 +147,7 @@ def main(argv=None):
         make_model(ckpt, folder, a.ldm_convert)
     data = write_dataset(bench/"data", n=8, res=256)
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if a.threads: env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     if a.device == "cpu": env["CUDA_VISIBLE_DEVICES"] = ""
     from lora_kit.models import check_model_path
