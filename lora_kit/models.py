@@ -21,13 +21,13 @@ from .config import ASSETS, OPTIONS, TrainConfig
 
 # %% auto #0
 __all__ = ['UNET_TARGETS', 'UNET_CONV_TARGETS', 'TE_TARGETS', 'FAMILIES', 'TINY_UNET', 'TINY_VAE', 'TINY_TEXT', 'SCHEDULER',
-           'CONFIGS', 'FILE_KINDS', 'PREFIX_CLIP', 'PREFIX_OC', 'HUB_ID', 'MODEL_SOURCES', 'Components', 'SDFamily',
-           'tiny_components', 'load_tokenizer', 'detect_family', 'check_family', 'MissingWeightsError',
-           'prepare_ldm_state_dict', 'load_vae', 'load_single_file', 'write_config_dir', 'tiny_config_dir',
-           'config_dir_for', 'ModelNotFoundError', 'hub_cache_dir', 'resolve_hub_id', 'is_builtin', 'resolve_model',
-           'family_of_folder', 'detect_model', 'check_vae_path', 'check_model_path', 'ModelSource', 'model_source',
-           'check_model', 'load_components', 'load_diffusers_folder', 'save_diffusers_folder', 'save_model',
-           'configure_denoiser']
+           'CONFIGS', 'FILE_KINDS', 'PREFIX_CLIP', 'PREFIX_OC', 'HUB_ID', 'MODEL_SOURCES', 'SD_EXTENSIONS',
+           'Components', 'SDFamily', 'tiny_components', 'load_tokenizer', 'detect_family', 'check_family',
+           'MissingWeightsError', 'prepare_ldm_state_dict', 'load_vae', 'load_single_file', 'write_config_dir',
+           'tiny_config_dir', 'config_dir_for', 'ModelNotFoundError', 'hub_cache_dir', 'resolve_hub_id', 'is_builtin',
+           'resolve_model', 'family_of_folder', 'detect_model', 'check_vae_path', 'check_model_path', 'ModelSource',
+           'model_source', 'check_model', 'load_components', 'load_diffusers_folder', 'save_diffusers_folder',
+           'save_model', 'configure_denoiser']
 
 # %% ../nbs/02_models.ipynb #9d10a54f
 @dataclass
@@ -393,12 +393,15 @@ def model_source(name: str|None) -> ModelSource|None:
     "The registered source that loads `name`, or None for SD 1.x/2.x."
     return next((s for s in MODEL_SOURCES if name and s.claims(name)), None)
 
-# %% ../nbs/02_models.ipynb #608de2a4
+# %% ../nbs/02_models.ipynb #6428043b
+SD_EXTENSIONS = ("cache_text_encoder_outputs",)   # sd3-script options lora_kit also implements for SD 1.x/2.x (frozen text encoder)
+
+# %% ../nbs/02_models.ipynb #767cb9a5
 def check_model(cfg: TrainConfig) -> list[str]:
     "Problems with the model options of `cfg`, before loading anything."
     if (src := model_source(cfg.pretrained_model_name_or_path)): return src.check(cfg)
     only_other = [f"{o.flag} is an sd3_train_network option (SD3 models); remove it for this SD 1.x/2.x model"
-                  for n, o in OPTIONS.items() if "train_network" not in o.scripts and getattr(cfg, n) != o.default]
+                  for n, o in OPTIONS.items() if o.scripts == ("sd3_train_network",) and n not in SD_EXTENSIONS and getattr(cfg, n) != o.default]
     if cfg.network_module == "networks.lora_sd3": only_other.append("--network_module networks.lora_sd3 is for SD3 models; use networks.lora")
     return check_model_path(cfg.pretrained_model_name_or_path, cfg.v2, cfg.v_parameterization, cfg.vae) + only_other
 

@@ -1,0 +1,288 @@
+"""Pretrain the toy SD1 model from scratch on the toy world (no concept), on ONE CPU thread, reproducibly.
+
+Stages (all seeded; defaults are the full run, ~50 min on one thread of this machine):
+1. VAE: AutoencoderKL on random 32x32 crops of toy images (L1 + MSE + tiny KL); the VAE is fully
+   convolutional (no mid attention), so crops train it 4x faster than full 64 px images.
+2. Cache latents (mean, std of the posterior) of a pool of toy images; scaling_factor = 1 / std(latents).
+3. Text encoder + UNet trained jointly with the SD 1.x objective: DDPM noise (scaled_linear betas), epsilon
+   target, min-SNR-gamma=5 weighting, 10% empty captions (for classifier-free guidance), AdamW (no weight decay,
+   so embedding rows of words never seen -- e.g. "sks" -- stay at their random init), EMA of the weights.
+4. Save an SD 1.5-layout diffusers folder with StableDiffusionPipeline.save_pretrained (safetensors,
+   safety_checker None, PNDMScheduler with SD 1.5's config).
+
+Usage: python pretrain.py --out toy-sd1 [--vae_steps 2000 --unet_steps 3000 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import toymodel as tm
+import toyworld as tw
+
+
+def render_pool(n: int, seed: int, shapes: tuple[str, ...] = tw.SHAPES) -> tuple[torch.Tensor, list[tw.Scene]]:
+    "`n` toy images as a float tensor (n, 3, 64, 64) in [-1, 1] plus their scenes."
+    rng = random.Random(seed)
+    scenes = [tw.sample_scene(rng, shapes) for _ in range(n)]
+    arr = np.stack([np.asarray(tw.render(s)) for s in scenes])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, scenes
+
+
+def vae_pool(n: int, seed: int, p_blob: float = 0.5) -> torch.Tensor:
+    "VAE training images: toy scenes (no concept) mixed with random polygons (`toyworld.random_blob`)."
+    rng = random.Random(seed)
+    imgs = [tw.random_blob(rng) if rng.random() < p_blob else tw.render(tw.sample_scene(rng)) for _ in range(n)]
+    arr = np.stack([np.asarray(im) for im in imgs])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    "One random `size` x `size` crop per image (offsets aligned to the VAE factor 4)."
+    n, _, h, w = x.shape
+    ys = torch.randint(0, (h - size) // 4 + 1, (n,), generator=gen) * 4
+    xs = torch.randint(0, (w - size) // 4 + 1, (n,), generator=gen) * 4
+    return torch.stack([x[i, :, y:y + size, xx:xx + size] for i, (y, xx) in enumerate(zip(ys.tolist(), xs.tolist()))])
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 100, floor: float = 0.1) -> float:
+    "Linear warm-up then cosine decay to `floor` * base."
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train_vae(steps: int, batch: int = 16, crop: int = 32, lr: float = 2e-3, kl_weight: float = 1e-4,
+              pool: int = 6000, seed: int = 0, log=print) -> torch.nn.Module:
+    "Train the toy AutoencoderKL; returns it in eval mode."
+    torch.manual_seed(seed)
+    vae = tm.build_vae()
+    x = vae_pool(pool, seed + 1)
+    gen = torch.Generator().manual_seed(seed + 2)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr)
+        idx = torch.randint(0, pool, (batch,), generator=gen)
+        xb = random_crops(x[idx], crop, gen)
+        post = vae.encode(xb).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+        loss = F.l1_loss(rec, xb) + F.mse_loss(rec, xb) + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"vae step {step} loss {loss.item():.4f} kl {kl.item():.3f} {time.time() - t0:.0f}s "
+                f"(cpu {time.process_time():.0f}s)")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_pool(vae, x: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    "Posterior mean and std of the VAE latents for every image (unscaled)."
+    means, stds = [], []
+    for i in range(0, len(x), batch):
+        post = vae.encode(x[i:i + batch]).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    "Token ids padded to 77 exactly as StableDiffusionPipeline does (pad = <|endoftext|>)."
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    "Min-SNR-gamma loss weight for epsilon prediction: min(SNR, gamma) / SNR (Hang et al. 2023)."
+    ac = alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+class EMA:
+    "Exponential moving average of parameters (decay ramps up as (1+n)/(10+n) early on)."
+
+    def __init__(self, params: list[torch.Tensor], decay: float = 0.999):
+        self.params, self.decay, self.n = list(params), decay, 0
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        "Exchange live and averaged weights (call twice to restore); used to save EMA checkpoints mid-run."
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
+def train_diffusion(unet, text_encoder, tokenizer, lat_mean: torch.Tensor, lat_std: torch.Tensor,
+                    scenes: list[tw.Scene], scaling_factor: float, steps: int, batch: int = 32, lr: float = 1e-3,
+                    p_uncond: float = 0.1, p_drop: float = 0.25, ema_decay: float = 0.999, seed: int = 0,
+                    log=print, checkpoint=None, every: int = 0) -> None:
+    "Jointly train UNet + text encoder on cached latents (in place); EMA weights are copied in at the end."
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    sched = DDPMScheduler.from_config(tm.scheduler_config())  # same betas as the saved PNDM scheduler
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema = EMA(params, ema_decay)
+    unet.train(), text_encoder.train()
+    t0, run = time.time(), 0.0
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr)
+        idx = torch.randint(0, len(scenes), (batch,), generator=gen)
+        lat = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling_factor
+        caps = ["" if rng.random() < p_uncond else tw.random_caption(scenes[i], rng, p_drop) for i in idx.tolist()]
+        cond = text_encoder(tokenize(tokenizer, caps)).last_hidden_state
+        noise = torch.randn(lat.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        pred = unet(sched.add_noise(lat, noise, t), t, cond).sample
+        per = F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))
+        loss = (per * min_snr_weights(sched.alphas_cumprod, t)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        run = 0.98 * run + 0.02 * loss.item() if step else loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"unet step {step} loss(avg) {run:.4f} lr {opt.param_groups[0]['lr']:.2e} {time.time() - t0:.0f}s "
+                f"(cpu {time.process_time():.0f}s)")
+        if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < steps:
+            ema.swap()
+            checkpoint(step + 1)
+            ema.swap()
+    ema.copy_to()
+    unet.eval(), text_encoder.eval()
+
+
+def build_pipeline(vae, text_encoder, tokenizer, unet):
+    "StableDiffusionPipeline from the parts, with SD 1.5's PNDM scheduler and no safety checker."
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=PNDMScheduler.from_config(tm.scheduler_config()), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def save_pipeline(pipe, out: Path) -> None:
+    """`save_pretrained` (safetensors), then store the tokenizer as the classic vocab.json + merges.txt pair.
+
+    transformers 5 writes only tokenizer.json (3.6 MB); SD 1.5 folders ship vocab.json + merges.txt (1.5 MB), which
+    CLIPTokenizer.from_pretrained reads just as well -- this keeps the folder under 25 MB."""
+    import shutil
+
+    pipe.save_pretrained(out, safe_serialization=True)
+    tok = Path(out) / "tokenizer"
+    shutil.rmtree(tok)
+    shutil.copytree(tm.TOKENIZER_DIR, tok)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="toy-sd1")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae_steps", type=int, default=3000)
+    ap.add_argument("--vae_batch", type=int, default=8)
+    ap.add_argument("--vae_lr", type=float, default=1e-3)
+    ap.add_argument("--vae_kl", type=float, default=1e-5)
+    ap.add_argument("--vae_from", default=None, help="reuse the vae/ of an existing folder (experiments)")
+    ap.add_argument("--pool", type=int, default=12000, help="toy images whose latents are cached for the UNet")
+    ap.add_argument("--unet_steps", type=int, default=3600)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--save_every", type=int, default=0, help="also save EMA checkpoints <out>-step<N>")
+    ap.add_argument("--fp16", action="store_true", help="store weights in fp16 (halves the size)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out.parent / f"{out.name}.log", "a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    log(f"args {vars(args)}")
+    times = {}  # wall-clock seconds per stage; process CPU time is logged too (the machine is shared)
+    t = time.time()
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval()
+    else:
+        vae = train_vae(args.vae_steps, args.vae_batch, lr=args.vae_lr, kl_weight=args.vae_kl, seed=args.seed, log=log)
+        vae.save_pretrained(out / "vae")  # saved again (with scaling_factor) with the pipeline
+    times["vae"] = time.time() - t
+
+    t = time.time()
+    x, scenes = render_pool(args.pool, args.seed + 10)
+    lat_mean, lat_std = encode_pool(vae, x)
+    del x
+    sample = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=torch.Generator().manual_seed(args.seed))
+    scaling_factor = round(1.0 / sample.std().item(), 5)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    times["cache"] = time.time() - t
+    log(f"latents {tuple(lat_mean.shape)} mean {sample.mean():.3f} std {sample.std():.3f} -> scaling_factor "
+        f"{scaling_factor}; post std mean {lat_std.mean():.4f}")
+
+    t = time.time()
+    torch.manual_seed(args.seed + 20)
+    tokenizer = tm.load_tokenizer()
+    text_encoder, unet = tm.build_text_encoder(), tm.build_unet()
+    def checkpoint(step: int) -> None:
+        save_pipeline(build_pipeline(vae, text_encoder, tokenizer, unet), out.parent / f"{out.name}-step{step}")
+        log(f"checkpoint {out.name}-step{step}")
+
+    train_diffusion(unet, text_encoder, tokenizer, lat_mean, lat_std, scenes, scaling_factor, args.unet_steps,
+                    batch=args.batch, lr=args.lr, seed=args.seed + 30, log=log, checkpoint=checkpoint,
+                    every=args.save_every)
+    times["unet"] = time.time() - t
+
+    pipe = build_pipeline(vae, text_encoder, tokenizer, unet)
+    if args.fp16:
+        pipe.to(torch.float16)
+    save_pipeline(pipe, out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    times["total"] = sum(times.values())
+    times["cpu_total"] = time.process_time()
+    log(f"saved {out} ({size / 1e6:.1f} MB); times (s) { {k: round(v) for k, v in times.items()} }")
+    (out.parent / f"{out.name}.train.json").write_text(json.dumps({"args": vars(args), "times_s": times,
+                                                                  "bytes": size}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
