@@ -65,7 +65,7 @@ GROUPS = {
     "logging": "logging_dir log_prefix log_with output_config config_file console_log_level",
 }
 
-# %% ../nbs/00_config.ipynb #8150c534
+# %% ../nbs/00_config.ipynb #be249471
 SUPPORTED = set("""
 pretrained_model_name_or_path v2 v_parameterization vae network_weights
 dataset_config train_data_dir reg_data_dir resolution train_batch_size caption_extension dataset_repeats
@@ -158,7 +158,7 @@ def _nearest(word: str, candidates) -> str:
     m = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean --{m[0]}?)" if m else ""
 
-# %% ../nbs/00_config.ipynb #35608836
+# %% ../nbs/00_config.ipynb #ed0728ee
 def _scalar(kind: str, v, flag: str):
     "`v` read as `kind`; raises ValueError with a message naming `flag`."
     try:
@@ -181,7 +181,7 @@ def _scalar(kind: str, v, flag: str):
         if kind == "str":
             if isinstance(v, (dict, list)): raise ValueError
             return str(v)
-    except (ValueError, TypeError): pass
+    except (ValueError, TypeError, OverflowError): pass
     names = {"int": "an integer", "float": "a number", "int_or_float": "an integer or a ratio < 1",
              "bool": "true or false", "str": "a string"}
     raise ValueError(f"{flag}: {v!r} is not {names[kind]}")
