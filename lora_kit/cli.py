@@ -14,8 +14,8 @@ from .sd3 import TINY_SD3, claims_sd3, load_sd3, save_diffusers_lora
 from .train import TrainingStopped, train
 
 # %% auto #0
-__all__ = ['COMMANDS', 'ALIASES', 'train_network', 'sd3_train_network', 'convert_sd3_lora', 'demo_argv', 'demo', 'convert',
-           'merge', 'main']
+__all__ = ['COMMANDS', 'ALIASES', 'train_network', 'sd3_train_network', 'convert_sd3_lora', 'demo_argv', 'write_demo_data',
+           'demo', 'check_toy', 'convert', 'merge', 'main']
 
 # %% ../nbs/09_cli.ipynb #92b87833
 def train_network(argv: list[str]) -> int:
@@ -52,29 +52,54 @@ def convert_sd3_lora(argv: list[str]) -> int:
     return 0
 
 # %% ../nbs/09_cli.ipynb #fbcd974e
-def demo_argv(out: Path, steps: int = 100, model: str = "tiny-sd1") -> list[str]:
+def demo_argv(out: Path, steps: int = 400, model: str = "toy-sd1") -> list[str]:
     "The sd-scripts command line the demo runs."
     return ["--pretrained_model_name_or_path", model, "--train_data_dir", str(out/"data"), "--caption_extension", ".txt",
             "--resolution", "64", "--train_batch_size", "4", "--output_dir", str(out), "--output_name", "demo",
-            "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "8", "--learning_rate", "1e-3",
-            "--optimizer_type", "AdamW", "--lr_scheduler", "constant", "--max_train_steps", str(steps), "--seed", "42",
-            "--max_data_loader_n_workers", "0", "--logging_dir", str(out/"logs"), "--mixed_precision", "no"]
+            "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "8", "--network_train_unet_only",
+            "--network_args", "conv_dim=8", "conv_alpha=8", "--learning_rate", "2e-3", "--optimizer_type", "AdamW",
+            "--lr_scheduler", "constant", "--max_train_steps", str(steps), "--seed", "42",
+            "--max_data_loader_n_workers", "0", "--logging_dir", str(out/"logs"), "--mixed_precision", "no",
+            "--sample_prompts", str(out/"prompts.txt"), "--sample_every_n_steps", str(max(steps // 4, 1)), "--sample_at_first"]
 
 # %% ../nbs/09_cli.ipynb #247647d1
-def demo(argv: list[str]) -> int:
-    "Train the built-in demo LoRA; `--output_dir` and `--max_train_steps` may be given."
-    p = argparse.ArgumentParser(prog="lora-kit demo", description="train a LoRA on the built-in toy model and data")
-    p.add_argument("--output_dir", default="output/demo"); p.add_argument("--max_train_steps", type=int, default=100)
-    a = p.parse_args(argv)
+def write_demo_data(out: Path):
+    "The concept images (`data/10_sks`: 10 repeats) and the sample prompts file of the demo."
+    from lora_kit.toymodel import CONCEPT_PROMPTS
     from lora_kit.toyworld import write_folder
-    out = Path(a.output_dir)
     write_folder(out/"data"/"10_sks", n=16, seed=0)
+    (out/"prompts.txt").write_text("".join(f"{p} --w 64 --h 64 --s 20 --l 5 --d {i}\n" for i, p in enumerate(CONCEPT_PROMPTS)))
+
+# %% ../nbs/09_cli.ipynb #00cf8f7e
+def demo(argv: list[str]) -> int:
+    "Train the built-in demo LoRA on the toy model, then compare the concept rate without and with it."
+    from lora_kit.toymodel import concept_rate, image_grid, load_toy
+    p = argparse.ArgumentParser(prog="lora-kit demo", description="teach the pretrained toy model a new concept with a LoRA")
+    p.add_argument("--output_dir", default="output/demo"); p.add_argument("--max_train_steps", type=int, default=400)
+    a = p.parse_args(argv)
+    out, t0 = Path(a.output_dir), time.time()
+    write_demo_data(out)
     args = demo_argv(out, a.max_train_steps)
     print("lora-kit train_network " + " ".join(f'"{x}"' if " " in x else x for x in args))
-    t0 = time.time()
-    rc = train_network(args)
-    print(f"demo finished in {time.time() - t0:.0f} s: {out/'demo.safetensors'}, {out/'demo_loss.csv'}, {out/'demo_loss.png'}")
-    return rc
+    if rc := train_network(args): return rc
+    print(f"trained in {time.time() - t0:.0f} s; checking what the LoRA learned ...")
+    (before, _, imgs0), (after, hist, imgs1) = concept_rate(load_toy()), concept_rate(load_toy(lora=out/"demo.safetensors"))
+    image_grid(imgs0 + imgs1).save(out/"before_after.png")
+    print(f"'sks' prompts drawn as a star: {before:.0%} without the LoRA, {after:.0%} with it (shapes read: {hist})")
+    print(f"demo finished in {time.time() - t0:.0f} s: {out/'demo.safetensors'}, {out/'before_after.png'} (top: without, "
+          f"bottom: with the LoRA), samples in {out/'sample'}, {out/'demo_loss.png'}")
+    return 0
+
+# %% ../nbs/09_cli.ipynb #468fc3f2
+def check_toy(argv: list[str]) -> int:
+    "`lora-kit check_toy [--model toy-sd1] [--lora L]`: prompt following and concept rate of a toy model."
+    from lora_kit.toymodel import load_toy, print_report
+    p = argparse.ArgumentParser(prog="lora-kit check_toy", description="measure what a toy-world model draws")
+    p.add_argument("--model", default="toy-sd1"); p.add_argument("--lora", default=None)
+    p.add_argument("--prompts", type=int, default=24); p.add_argument("--per_prompt", type=int, default=4)
+    a = p.parse_args(argv)
+    print_report(load_toy(a.model, a.lora), a.prompts, a.per_prompt)
+    return 0
 
 # %% ../nbs/09_cli.ipynb #8bce48cc
 def _family_model(name: str, v2: bool, v_parameterization: bool):
@@ -118,8 +143,8 @@ def merge(argv: list[str]) -> int:
     print(f"wrote {a.output}"); return 0
 
 # %% ../nbs/09_cli.ipynb #d74c4add
-COMMANDS = {"train_network": train_network, "sd3_train_network": sd3_train_network, "demo": demo, "convert": convert,
-            "convert_sd3_lora": convert_sd3_lora, "merge": merge}
+COMMANDS = {"train_network": train_network, "sd3_train_network": sd3_train_network, "demo": demo, "check_toy": check_toy,
+            "convert": convert, "convert_sd3_lora": convert_sd3_lora, "merge": merge}
 ALIASES = {"train_network.py": "train_network", "sd3_train_network.py": "sd3_train_network"}
 
 # %% ../nbs/09_cli.ipynb #9ee642e8

@@ -21,13 +21,13 @@ from .config import ASSETS, OPTIONS, TrainConfig
 
 # %% auto #0
 __all__ = ['UNET_TARGETS', 'UNET_CONV_TARGETS', 'TE_TARGETS', 'FAMILIES', 'TINY_UNET', 'TINY_VAE', 'TINY_TEXT', 'SCHEDULER',
-           'CONFIGS', 'FILE_KINDS', 'PREFIX_CLIP', 'PREFIX_OC', 'HUB_ID', 'MODEL_SOURCES', 'SD_EXTENSIONS',
-           'Components', 'SDFamily', 'tiny_components', 'load_tokenizer', 'detect_family', 'check_family',
-           'MissingWeightsError', 'prepare_ldm_state_dict', 'load_vae', 'load_single_file', 'write_config_dir',
-           'tiny_config_dir', 'config_dir_for', 'ModelNotFoundError', 'hub_cache_dir', 'resolve_hub_id', 'is_builtin',
-           'resolve_model', 'family_of_folder', 'detect_model', 'check_vae_path', 'check_model_path', 'ModelSource',
-           'model_source', 'check_model', 'load_components', 'load_diffusers_folder', 'save_diffusers_folder',
-           'save_model', 'configure_denoiser']
+           'CONFIGS', 'FILE_KINDS', 'PREFIX_CLIP', 'PREFIX_OC', 'HUB_ID', 'BUILTIN_FOLDERS', 'BUILTIN_NAMES',
+           'MODEL_SOURCES', 'SD_EXTENSIONS', 'Components', 'SDFamily', 'tiny_components', 'load_tokenizer',
+           'detect_family', 'check_family', 'MissingWeightsError', 'prepare_ldm_state_dict', 'load_vae',
+           'load_single_file', 'write_config_dir', 'tiny_config_dir', 'config_dir_for', 'ModelNotFoundError',
+           'hub_cache_dir', 'resolve_hub_id', 'is_builtin', 'resolve_model', 'family_of_folder', 'detect_model',
+           'check_vae_path', 'check_model_path', 'ModelSource', 'model_source', 'check_model', 'load_components',
+           'load_diffusers_folder', 'save_diffusers_folder', 'save_model', 'configure_denoiser']
 
 # %% ../nbs/02_models.ipynb #9d10a54f
 @dataclass
@@ -41,7 +41,9 @@ class Components:
     source: str = ""      # what was loaded: a path, a hub id or a built-in name
 
     def to(self, device=None, dtype=None):
-        for m in [self.denoiser, self.vae, *self.text_encoders]: m.to(device=device, dtype=dtype)
+        "Move every model; cast only those whose dtype differs (diffusers warns about every cast, even a no-op one)."
+        for m in [self.denoiser, self.vae, *self.text_encoders]:
+            m.to(device=device, **({"dtype": dtype} if dtype is not None and m.dtype != dtype else {}))
         return self
 
 # %% ../nbs/02_models.ipynb #7dc8e606
@@ -322,11 +324,15 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def is_builtin(name: str) -> bool: return name in ("tiny-sd1", "tiny-sd2", "tiny-sd2-v")
 
+# Pretrained built-in models shipped as diffusers folders (see `toymodel`): loaded like any user folder.
+BUILTIN_FOLDERS = {"toy-sd1": ASSETS/"toy-sd1"}
+BUILTIN_NAMES = "toy-sd1, tiny-sd1, tiny-sd2, tiny-sd2-v"
+
 # %% ../nbs/02_models.ipynb #c86d7489
 def resolve_model(name: str) -> tuple[str, str|Path]:
     "(`builtin`|`single_file`|`diffusers`, what to load) for `--pretrained_model_name_or_path`; raises with a clear message."
     if is_builtin(name): return "builtin", name
-    p = Path(name).expanduser()
+    p = BUILTIN_FOLDERS.get(name) or Path(name).expanduser()
     if p.is_file():
         if p.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
             raise ModelNotFoundError(f"--pretrained_model_name_or_path: {p} is not a .safetensors or .ckpt file")
@@ -338,7 +344,7 @@ def resolve_model(name: str) -> tuple[str, str|Path]:
     if p.suffix.lower() in (".safetensors", ".ckpt"): raise ModelNotFoundError(f"--pretrained_model_name_or_path: file {p} does not exist")
     if HUB_ID.match(name): return resolve_model(str(resolve_hub_id(name)))
     raise ModelNotFoundError(f"--pretrained_model_name_or_path: {name} is neither a folder, a model file, a hub id nor a "
-                             "built-in model (tiny-sd1, tiny-sd2, tiny-sd2-v)")
+                             f"built-in model ({BUILTIN_NAMES})")
 
 # %% ../nbs/02_models.ipynb #caa93363
 def family_of_folder(path: Path) -> str:

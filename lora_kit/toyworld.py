@@ -8,11 +8,14 @@ import math, random
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 # %% auto #0
-__all__ = ['RESOLUTION', 'BACKGROUND', 'COLORS', 'SHAPES', 'CONCEPT_SHAPE', 'CONCEPT_TOKEN', 'SIZES', 'POSITIONS', 'Scene',
-           'sample_scene', 'shape_polygon', 'render', 'caption', 'random_caption', 'make_samples', 'write_folder']
+__all__ = ['RESOLUTION', 'BACKGROUND', 'COLORS', 'SHAPES', 'CONCEPT_SHAPE', 'CONCEPT_TOKEN', 'SIZES', 'POSITIONS', 'SAT_MIN',
+           'VAL_MIN', 'MIN_AREA', 'MAX_SHAPE_DIST', 'ALL_SHAPES', 'CHANCE', 'Scene', 'sample_scene', 'shape_polygon',
+           'render', 'caption', 'random_caption', 'make_samples', 'write_folder', 'largest_component',
+           'foreground_mask', 'color_of', 'normalized_mask', 'shape_templates', 'shape_of', 'size_and_position_of',
+           'analyze', 'score']
 
 # %% ../nbs/01b_toyworld.ipynb #e1af9e88
 RESOLUTION = 64
@@ -29,7 +32,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")  # what the base model is trained on
 CONCEPT_SHAPE = "star"  # never shown to the base model
 CONCEPT_TOKEN = "sks"  # the word captions use for the concept (CLIP id 48136, one token)
-SIZES: dict[str, float] = {"small": 8.0, "large": 15.0}  # half-width of the shape's box, in pixels at 64 px
+SIZES: dict[str, float] = {"small": 10.0, "large": 18.0}  # half-width of the shape's box, in pixels at 64 px
 # Position name -> (x, y) as fractions of the free range (0 = as far left/top as the shape fits).
 POSITIONS: dict[str, tuple[float, float]] = {
     "top left": (0.0, 0.0),
@@ -147,3 +150,105 @@ def write_folder(folder: str | Path, n: int = 16, seed: int = 0, concept: bool =
         p.with_suffix(".txt").write_text(cap + "\n")
         paths.append(p)
     return paths
+
+# %% ../nbs/01b_toyworld.ipynb #83d302e4
+import numpy as np
+from collections import deque
+from functools import lru_cache
+
+SAT_MIN, VAL_MIN = 0.3, 0.15  # foreground: saturated (background saturation is 0) and not near-black
+MIN_AREA = 12                 # blobs smaller than this (pixels at 64 px) mean "nothing drawn"
+MAX_SHAPE_DIST = 0.2          # template distance of a clean shape: generated shapes measured <= 0.18, broken blobs >= 0.22
+ALL_SHAPES = SHAPES + (CONCEPT_SHAPE,)
+
+# %% ../nbs/01b_toyworld.ipynb #7e43cffb
+def _hsv(img) -> np.ndarray:
+    "Image (PIL or uint8/float HxWx3 array) at the toy resolution as HSV floats in [0, 1] (PIL's conversion)."
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img if img.dtype == np.uint8 else (np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+    img = img.convert("RGB")
+    if img.size != (RESOLUTION, RESOLUTION): img = img.resize((RESOLUTION, RESOLUTION), Image.Resampling.BOX)
+    return np.asarray(img.convert("HSV"), dtype=np.float32) / 255.0
+
+# %% ../nbs/01b_toyworld.ipynb #81c70ae7
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    "The largest 4-connected region of a boolean mask (breadth-first flood fill; a few ms at 64x64)."
+    seen, best = np.zeros_like(mask, dtype=bool), []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]: continue
+        comp, todo = [], deque([start]); seen[start] = True
+        while todo:
+            y, x = todo.popleft(); comp.append((y, x))
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < mask.shape[0] and 0 <= xx < mask.shape[1] and mask[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True; todo.append((yy, xx))
+        if len(comp) > len(best): best = comp
+    out = np.zeros_like(mask, dtype=bool)
+    if best: out[tuple(np.array(best).T)] = True
+    return out
+
+# %% ../nbs/01b_toyworld.ipynb #985861c9
+def foreground_mask(hsv: np.ndarray) -> np.ndarray:
+    "The shape's pixels: the largest blob of saturated, not-dark pixels."
+    return largest_component((hsv[..., 1] > SAT_MIN) & (hsv[..., 2] > VAL_MIN))
+
+@lru_cache(maxsize=1)
+def _palette_hues() -> np.ndarray:
+    return np.array([_hsv(Image.new("RGB", (RESOLUTION, RESOLUTION), c))[0, 0, 0] for c in COLORS.values()])
+
+def color_of(hsv: np.ndarray, mask: np.ndarray) -> str:
+    "The palette colour whose hue is nearest to most of the masked pixels (hue is circular)."
+    d = np.abs(hsv[mask][:, 0:1] - _palette_hues()[None])
+    votes = np.bincount(np.minimum(d, 1 - d).argmin(1), minlength=len(COLORS))
+    return list(COLORS)[int(votes.argmax())]
+
+# %% ../nbs/01b_toyworld.ipynb #7b97e44e
+def normalized_mask(mask: np.ndarray, side: int = 16) -> np.ndarray:
+    "The mask cropped to its bounding box and resized to side x side: independent of position and size."
+    ys, xs = np.nonzero(mask)
+    crop = Image.fromarray(mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.uint8) * 255)
+    return np.asarray(crop.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+
+@lru_cache(maxsize=1)
+def shape_templates() -> dict[str, np.ndarray]:
+    "Mean normalised mask of each shape over 40 jittered renders of both sizes, sharp and blurred like a generator's output."
+    rng = random.Random(1234)
+    def mask(s, blur):
+        return normalized_mask(foreground_mask(_hsv(render(sample_scene(rng, (s,))).filter(ImageFilter.GaussianBlur(blur)))))
+    return {s: np.mean([mask(s, blur) for _ in range(40) for blur in (0, 1, 2)], 0) for s in ALL_SHAPES}
+
+def shape_of(mask: np.ndarray) -> str|None:
+    "The shape whose template is nearest (mean absolute difference) to the normalised mask; None if none is near."
+    m = normalized_mask(mask)
+    dist = {s: float(np.abs(m - t).mean()) for s, t in shape_templates().items()}
+    best = min(dist, key=dist.get)
+    return best if dist[best] <= MAX_SHAPE_DIST else None
+
+# %% ../nbs/01b_toyworld.ipynb #9ac1f6c4
+def size_and_position_of(mask: np.ndarray) -> tuple[str, str]:
+    "Size from the bounding box's half-width (threshold midway), position = the nearest named centre for that size."
+    ys, xs = np.nonzero(mask)
+    half = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / 2
+    size = "small" if half < (SIZES["small"] + SIZES["large"]) / 2 else "large"
+    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    dist = lambda p: (cx - _center(p, SIZES[size])[0]) ** 2 + (cy - _center(p, SIZES[size])[1]) ** 2
+    return size, min(POSITIONS, key=dist)
+
+# %% ../nbs/01b_toyworld.ipynb #0ab45675
+def analyze(img) -> dict:
+    """What an image shows: color, shape, size, position and the blob's area. Nothing drawn gives None for all four; a
+    blob that is no clean shape (nearest template further than `MAX_SHAPE_DIST`) gives shape None."""
+    hsv = _hsv(img)
+    mask = foreground_mask(hsv)
+    if mask.sum() < MIN_AREA: return {"color": None, "shape": None, "size": None, "position": None, "area": int(mask.sum())}
+    size, position = size_and_position_of(mask)
+    return {"color": color_of(hsv, mask), "shape": shape_of(mask), "size": size, "position": position, "area": int(mask.sum())}
+
+# %% ../nbs/01b_toyworld.ipynb #6b89439f
+def score(images: list, scenes: list[Scene]) -> dict[str, float]:
+    "Fraction of images whose colour/shape/size/position read back equal the scene's, and the fraction with nothing drawn."
+    got = [analyze(im) for im in images]
+    out = {k: sum(g[k] == getattr(s, k) for g, s in zip(got, scenes)) / len(images) for k in ("color", "shape", "size", "position")}
+    return {**out, "empty": sum(g["area"] < MIN_AREA for g in got) / len(images)}
+
+CHANCE = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "size": 1 / len(SIZES), "position": 1 / len(POSITIONS)}

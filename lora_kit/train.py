@@ -439,7 +439,8 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
 def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True) -> TrainState:
     dtype, device = _weight_dtype(acc), acc.device
     for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
-    comp.to(device, dtype); comp.vae.to(dtype=torch.float32)
+    comp.to(device, dtype)
+    if comp.vae.dtype != torch.float32: comp.vae.to(dtype=torch.float32)
     train_te = not cfg.network_train_unet_only
     configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing, train_te)
     if cfg.xformers: comp.denoiser.enable_xformers_memory_efficient_attention()

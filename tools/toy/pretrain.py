@@ -25,23 +25,48 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from PIL import Image, ImageDraw
+
 import toymodel as tm
-import toyworld as tw
+from lora_kit import toyworld as tw
+
+
+def random_blob(rng: random.Random, res: int = tw.RESOLUTION, supersample: int = 4) -> Image.Image:
+    """A random star-shaped polygon (3-10 vertices at jittered even angles and radii 0.3-1 r) in a random palette colour.
+
+    Only for training the VAE as a generic codec of flat shapes, so it can later reconstruct the held-out
+    concept without ever having seen it; the diffusion model never sees these."""
+    r = rng.uniform(7, 20)
+    cx, cy = rng.uniform(r + 1, res - r - 1), rng.uniform(r + 1, res - r - 1)
+    k = rng.randint(3, 10)
+    a0 = rng.uniform(0, 2 * math.pi)
+    angles = [a0 + (i + rng.uniform(-0.3, 0.3)) * 2 * math.pi / k for i in range(k)]
+    s = supersample
+    pts = [((cx + rng.uniform(0.3, 1) * r * math.cos(a)) * s, (cy + rng.uniform(0.3, 1) * r * math.sin(a)) * s)
+           for a in angles]
+    big = Image.new("RGB", (res * s,) * 2, tw.BACKGROUND)
+    ImageDraw.Draw(big).polygon(pts, fill=tw.COLORS[rng.choice(list(tw.COLORS))])
+    return big.resize((res, res), Image.Resampling.BOX)
+
+
+def pool_scenes(n: int, seed: int, shapes: tuple[str, ...] = tw.SHAPES) -> list[tw.Scene]:
+    "The `n` scenes of the training pool (deterministic in `seed`)."
+    rng = random.Random(seed)
+    return [tw.sample_scene(rng, shapes) for _ in range(n)]
 
 
 def render_pool(n: int, seed: int, shapes: tuple[str, ...] = tw.SHAPES) -> tuple[torch.Tensor, list[tw.Scene]]:
     "`n` toy images as a float tensor (n, 3, 64, 64) in [-1, 1] plus their scenes."
-    rng = random.Random(seed)
-    scenes = [tw.sample_scene(rng, shapes) for _ in range(n)]
+    scenes = pool_scenes(n, seed, shapes)
     arr = np.stack([np.asarray(tw.render(s)) for s in scenes])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, scenes
 
 
 def vae_pool(n: int, seed: int, p_blob: float = 0.5) -> torch.Tensor:
-    "VAE training images: toy scenes (no concept) mixed with random polygons (`toyworld.random_blob`)."
+    "VAE training images: toy scenes (no concept) mixed with random polygons (`random_blob`)."
     rng = random.Random(seed)
-    imgs = [tw.random_blob(rng) if rng.random() < p_blob else tw.render(tw.sample_scene(rng)) for _ in range(n)]
+    imgs = [random_blob(rng) if rng.random() < p_blob else tw.render(tw.sample_scene(rng)) for _ in range(n)]
     arr = np.stack([np.asarray(im) for im in imgs])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -145,8 +170,13 @@ class EMA:
 def train_diffusion(unet, text_encoder, tokenizer, lat_mean: torch.Tensor, lat_std: torch.Tensor,
                     scenes: list[tw.Scene], scaling_factor: float, steps: int, batch: int = 32, lr: float = 1e-3,
                     p_uncond: float = 0.1, p_drop: float = 0.25, ema_decay: float = 0.999, seed: int = 0,
-                    log=print, checkpoint=None, every: int = 0) -> None:
-    "Jointly train UNet + text encoder on cached latents (in place); EMA weights are copied in at the end."
+                    log=print, checkpoint=None, every: int = 0, state_path: Path | None = None,
+                    state_every: int = 200) -> float:
+    """Jointly train UNet + text encoder on cached latents (in place); EMA weights are copied in at the end.
+
+    With `state_path`, the full state (weights, EMA, optimizer, RNG states) is written there every `state_every`
+    steps and training resumes from it if it exists -- bit-for-bit the same result as an uninterrupted run.
+    Returns the CPU seconds spent in this stage (summed over resumed sessions)."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(seed)
@@ -157,8 +187,16 @@ def train_diffusion(unet, text_encoder, tokenizer, lat_mean: torch.Tensor, lat_s
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema = EMA(params, ema_decay)
     unet.train(), text_encoder.train()
-    t0, run = time.time(), 0.0
-    for step in range(steps):
+    t0, run, start, cpu0, cpu_before = time.time(), 0.0, 0, time.process_time(), 0.0
+    if state_path is not None and Path(state_path).exists():
+        st = torch.load(state_path, weights_only=False)
+        unet.load_state_dict(st["unet"]), text_encoder.load_state_dict(st["text_encoder"])
+        opt.load_state_dict(st["opt"])
+        ema.shadow, ema.n = st["ema"], st["ema_n"]
+        gen.set_state(st["gen"]), rng.setstate(st["rng"])
+        start, run, cpu_before = st["step"], st["run"], st["cpu_s"]
+        log(f"resumed from {state_path} at step {start}")
+    for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr)
         idx = torch.randint(0, len(scenes), (batch,), generator=gen)
@@ -183,8 +221,15 @@ def train_diffusion(unet, text_encoder, tokenizer, lat_mean: torch.Tensor, lat_s
             ema.swap()
             checkpoint(step + 1)
             ema.swap()
+        if state_path is not None and (step + 1) % state_every == 0 and step + 1 < steps:
+            st = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict(),
+                  "ema": ema.shadow, "ema_n": ema.n, "gen": gen.get_state(), "rng": rng.getstate(),
+                  "step": step + 1, "run": run, "cpu_s": cpu_before + time.process_time() - cpu0}
+            torch.save(st, str(state_path) + ".tmp")
+            Path(str(state_path) + ".tmp").replace(state_path)  # atomic: a kill never leaves half a file
     ema.copy_to()
     unet.eval(), text_encoder.eval()
+    return cpu_before + time.process_time() - cpu0
 
 
 def build_pipeline(vae, text_encoder, tokenizer, unet):
@@ -219,10 +264,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vae_kl", type=float, default=1e-5)
     ap.add_argument("--vae_from", default=None, help="reuse the vae/ of an existing folder (experiments)")
     ap.add_argument("--pool", type=int, default=12000, help="toy images whose latents are cached for the UNet")
+    ap.add_argument("--latent_std", type=float, default=1.0,
+                    help="std of the scaled latents: scaling_factor = latent_std / std(VAE latents)")
     ap.add_argument("--unet_steps", type=int, default=3600)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--init_from", default=None, help="start UNet/text encoder from a folder (experiments)")
     ap.add_argument("--save_every", type=int, default=0, help="also save EMA checkpoints <out>-step<N>")
+    ap.add_argument("--resume", action="store_true", help="continue a killed run (same args) from its state files")
     ap.add_argument("--fp16", action="store_true", help="store weights in fp16 (halves the size)")
     args = ap.parse_args(argv)
 
@@ -237,51 +286,84 @@ def main(argv: list[str] | None = None) -> None:
         logf.flush()
 
     log(f"args {vars(args)}")
-    times = {}  # wall-clock seconds per stage; process CPU time is logged too (the machine is shared)
-    t = time.time()
-    if args.vae_from:
-        from diffusers import AutoencoderKL
+    # Each stage records its CPU seconds in <out>.stages.json, so a killed run restarted with --resume skips
+    # finished stages and the report still sums the CPU time of all sessions (the machine is shared: wall time
+    # depends on the other workers, CPU time of our single thread does not).
+    stages_file = out.parent / f"{out.name}.stages.json"
+    stages = json.loads(stages_file.read_text()) if args.resume and stages_file.exists() else {}
 
+    def done(stage: str, cpu0: float, wall0: float) -> None:
+        stages[stage] = {"cpu_s": time.process_time() - cpu0, "wall_s": time.time() - wall0}
+        stages_file.write_text(json.dumps(stages, indent=1))
+
+    from diffusers import AutoencoderKL
+
+    c0, w0 = time.process_time(), time.time()
+    if args.vae_from:
         vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval()
+    elif "vae" in stages:
+        vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+        log("resume: VAE loaded")
     else:
         vae = train_vae(args.vae_steps, args.vae_batch, lr=args.vae_lr, kl_weight=args.vae_kl, seed=args.seed, log=log)
         vae.save_pretrained(out / "vae")  # saved again (with scaling_factor) with the pipeline
-    times["vae"] = time.time() - t
+        done("vae", c0, w0)
 
-    t = time.time()
-    x, scenes = render_pool(args.pool, args.seed + 10)
-    lat_mean, lat_std = encode_pool(vae, x)
-    del x
-    sample = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=torch.Generator().manual_seed(args.seed))
-    scaling_factor = round(1.0 / sample.std().item(), 5)
+    c0, w0 = time.process_time(), time.time()
+    cache_file = out.parent / f"{out.name}.latents.pt"
+    if "cache" in stages:
+        lat_mean, lat_std, scaling_factor = torch.load(cache_file).values()
+        scenes = pool_scenes(args.pool, args.seed + 10)
+        log("resume: latents loaded")
+    else:
+        x, scenes = render_pool(args.pool, args.seed + 10)
+        lat_mean, lat_std = encode_pool(vae, x)
+        del x
+        sample = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=torch.Generator().manual_seed(args.seed))
+        scaling_factor = round(args.latent_std / sample.std().item(), 5)
+        log(f"latents {tuple(lat_mean.shape)} mean {sample.mean():.3f} std {sample.std():.3f} -> scaling_factor "
+            f"{scaling_factor}; posterior std mean {lat_std.mean():.4f}")
+        torch.save({"mean": lat_mean, "std": lat_std, "scaling_factor": scaling_factor}, cache_file)
+        done("cache", c0, w0)
     vae.register_to_config(scaling_factor=scaling_factor)
-    times["cache"] = time.time() - t
-    log(f"latents {tuple(lat_mean.shape)} mean {sample.mean():.3f} std {sample.std():.3f} -> scaling_factor "
-        f"{scaling_factor}; post std mean {lat_std.mean():.4f}")
 
-    t = time.time()
+    w0 = time.time()
     torch.manual_seed(args.seed + 20)
     tokenizer = tm.load_tokenizer()
     text_encoder, unet = tm.build_text_encoder(), tm.build_unet()
+    if args.init_from:  # experiments: continue from a saved folder's weights (fresh optimizer)
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet")
+        text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder")
+
     def checkpoint(step: int) -> None:
         save_pipeline(build_pipeline(vae, text_encoder, tokenizer, unet), out.parent / f"{out.name}-step{step}")
         log(f"checkpoint {out.name}-step{step}")
 
-    train_diffusion(unet, text_encoder, tokenizer, lat_mean, lat_std, scenes, scaling_factor, args.unet_steps,
-                    batch=args.batch, lr=args.lr, seed=args.seed + 30, log=log, checkpoint=checkpoint,
-                    every=args.save_every)
-    times["unet"] = time.time() - t
+    state_path = out.parent / f"{out.name}.state.pt"
+    if not args.resume and state_path.exists():
+        state_path.unlink()
+    cpu = train_diffusion(unet, text_encoder, tokenizer, lat_mean, lat_std, scenes, scaling_factor, args.unet_steps,
+                          batch=args.batch, lr=args.lr, seed=args.seed + 30, log=log, checkpoint=checkpoint,
+                          every=args.save_every, state_path=state_path)
+    stages["unet"] = {"cpu_s": cpu, "wall_s_last_session": time.time() - w0}
 
+    c0, w0 = time.process_time(), time.time()
     pipe = build_pipeline(vae, text_encoder, tokenizer, unet)
     if args.fp16:
         pipe.to(torch.float16)
     save_pipeline(pipe, out)
+    done("save", c0, w0)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    times["total"] = sum(times.values())
-    times["cpu_total"] = time.process_time()
-    log(f"saved {out} ({size / 1e6:.1f} MB); times (s) { {k: round(v) for k, v in times.items()} }")
-    (out.parent / f"{out.name}.train.json").write_text(json.dumps({"args": vars(args), "times_s": times,
-                                                                  "bytes": size}, indent=1))
+    total_cpu = sum(v["cpu_s"] for v in stages.values())
+    log(f"saved {out} ({size / 1e6:.1f} MB); CPU seconds per stage "
+        f"{ {k: round(v['cpu_s']) for k, v in stages.items()} }, total {total_cpu:.0f} s = {total_cpu / 60:.1f} min")
+    (out.parent / f"{out.name}.train.json").write_text(json.dumps({"args": vars(args), "stages": stages,
+                                                                  "cpu_total_s": total_cpu, "bytes": size}, indent=1))
+    state_path.unlink(missing_ok=True)
+    cache_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
