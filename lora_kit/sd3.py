@@ -650,6 +650,10 @@ def check_sd3(cfg: TrainConfig) -> list[str]:
     for w in ("clip_l", "clip_g", "t5xxl", "vae"):
         f = getattr(cfg, w)
         if f and not (Path(f).is_file() and f.endswith(".safetensors")): out.append(f"--{w}: {f} is not a .safetensors file")
+    drops = [f"--{n}" for n in ("clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate") if getattr(cfg, n)]
+    if drops and cfg.cache_text_encoder_outputs:
+        out.append(f"{', '.join(drops)} with --cache_text_encoder_outputs: lora_kit drops encoder outputs only when encoding, so the "
+                   "cache would freeze the dropout; remove one of them")
     if cfg.weighting_scheme not in WEIGHTING_SCHEMES: out.append(f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}")
     if cfg.training_shift is not None and cfg.training_shift <= 0: out.append("--training_shift must be positive")
     if cfg.blocks_to_swap: print(f"note: --blocks_to_swap {cfg.blocks_to_swap} ignored: lora_kit keeps the whole MMDiT on its device (block swapping only saves GPU memory)")
