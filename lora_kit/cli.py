@@ -27,7 +27,7 @@ def train_network(argv: list[str]) -> int:
         print(f"wrote {cfg.config_file}"); return 0
     cfg = make_config(argv)
     state = train(cfg, [SampleCallback(cfg)])
-    print(f"saved {state.saved[-1]} after {state.step} steps")
+    if state.saved: print(f"saved {state.saved[-1]} after {state.step} steps")   # only the main process saves
     return 0
 
 # %% ../nbs/09_cli.ipynb #2e2d554d
@@ -156,11 +156,14 @@ def main(argv: list[str]|None = None) -> int:
     cmd = ALIASES.get(argv[0], argv[0])
     if cmd not in COMMANDS:
         print(f"lora-kit: unknown command {argv[0]!r}; use one of {', '.join(COMMANDS)}", file=sys.stderr); return 2
+    quiet = os.environ.get("RANK", "0") != "0"     # another process of a multi-process run says the same
     try: return COMMANDS[cmd](argv[1:])
     except ConfigError as e:
-        print("lora-kit: cannot start training:", *[f"  - {p}" for p in e.problems], sep="\n", file=sys.stderr); return 2
+        if not quiet: print("lora-kit: cannot start training:", *[f"  - {p}" for p in e.problems], sep="\n", file=sys.stderr)
+        return 2
     except TrainingStopped as e:
-        print(f"lora-kit: {e}", file=sys.stderr); return 130 if "interrupted" in str(e) else 1
+        if not quiet: print(f"lora-kit: {e}", file=sys.stderr)
+        return 130 if "interrupted" in str(e) else 1
 
 # %% ../nbs/09_cli.ipynb #0cdb94f5
 #| eval: false

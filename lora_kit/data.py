@@ -1187,8 +1187,8 @@ class TrainDataset(torch.utils.data.Dataset):
 # %% ../nbs/01_data.ipynb #5e486177
 class BucketBatchSampler(B.BucketBatchSampler):
     "Batch sampler for a `TrainDataset`: lists of (index, epoch, slot) within one bucket."
-    def __init__(self, dataset: TrainDataset, seed: int = 0):
-        super().__init__(dataset.buckets, dataset.batch_size, sdscripts_dataset_seed(seed), order_shuffle=True)
+    def __init__(self, dataset: TrainDataset, seed: int = 0, batch_size: int|None = None):
+        super().__init__(dataset.buckets, batch_size or dataset.batch_size, sdscripts_dataset_seed(seed), order_shuffle=True)
         dataset.seed = seed
 
     def __iter__(self):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from .config import OPTIONS, ConfigError, TrainConfig, parse_resolution, validate
@@ -27,8 +27,8 @@ from .optim import make_optimizer, make_scheduler
 # %% auto #0
 __all__ = ['check_all', 'machine_problems', 'resume_problems', 'count_steps', 'lora_filename', 'state_dirname', 'epoch_to_remove',
            'step_to_remove', 'training_metadata', 'dataset_metadata', 'modelspec', 'TrainState', 'Callback',
-           'TrainingStopped', 'LossLog', 'plot_loss', 'output_lock', 'sigterm_as_interrupt', 'build_network',
-           'save_state', 'load_state', 'cpu_threads', 'train']
+           'TrainingStopped', 'LossLog', 'plot_loss', 'output_lock', 'stop_signals', 'build_network', 'process_share',
+           'rows_loss', 'average_gradients', 'save_state', 'load_state', 'cpu_threads', 'train']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def check_all(cfg: TrainConfig):
@@ -118,7 +118,7 @@ _SS_MINIMUM = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_networ
 
 # %% ../nbs/06_train.ipynb #c046c128
 def training_metadata(cfg: TrainConfig, family, summary, steps: int, epochs: int, optimizer, session_id: str, started: float,
-                      datasets: list = ()) -> dict:
+                      datasets: list = (), num_processes: int = 1) -> dict:
     "`ss_*` and `modelspec.*` metadata for a LoRA trained with `cfg`, with sd-scripts' key set (`--no_metadata`: its minimum)."
     opt_args = "(" + ",".join(cfg.optimizer_args or []) + ")" if cfg.optimizer_args else ""
     md = {f"ss_{n}": getattr(cfg, n) for n in _SS_FROM_CFG}
@@ -129,7 +129,7 @@ def training_metadata(cfg: TrainConfig, family, summary, steps: int, epochs: int
                "ss_network_dim": cfg.network_dim or 4, "ss_v2": bool(family.v2), "ss_base_model_version": family.base_model_version,
                "ss_sd_scripts_commit_hash": f"lora_kit {_version()}", "ss_debiased_estimation": bool(cfg.debiased_estimation_loss),
                "ss_optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}{opt_args}",
-               "ss_batch_size_per_device": cfg.train_batch_size, "ss_total_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps,
+               "ss_batch_size_per_device": cfg.train_batch_size, "ss_total_batch_size": cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps,
                "ss_resolution": str(parse_resolution(cfg.resolution)) if cfg.resolution else None,
                "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(summary.buckets.items()))}}),
                "ss_sd_model_name": os.path.basename(str(cfg.pretrained_model_name_or_path)), **dataset_metadata(datasets)})
@@ -283,18 +283,22 @@ def output_lock(cfg: TrainConfig, enabled: bool = True):
 
 # %% ../nbs/06_train.ipynb #b4112a9c
 @contextmanager
-def sigterm_as_interrupt():
-    "Within this block, SIGTERM raises KeyboardInterrupt (only possible in the main thread)."
-    if threading.current_thread() is not threading.main_thread(): yield; return
-    def handler(signum, frame): raise KeyboardInterrupt
-    old = signal.signal(signal.SIGTERM, handler)
-    try: yield
-    finally: signal.signal(signal.SIGTERM, old)
+def stop_signals(distributed: bool = False):
+    "Within this block SIGTERM raises KeyboardInterrupt; `distributed`: SIGTERM and SIGINT set the yielded event instead."
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread(): yield stop; return   # handlers need the main thread
+    def interrupt(signum, frame): raise KeyboardInterrupt
+    handler = (lambda signum, frame: stop.set()) if distributed else interrupt
+    old = {s: signal.signal(s, handler) for s in ((signal.SIGTERM, signal.SIGINT) if distributed else (signal.SIGTERM,))}
+    try: yield stop
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
 
 # %% ../nbs/06_train.ipynb #914e9315
 def _accelerator(cfg: TrainConfig) -> Accelerator:
     "The accelerator for `cfg`; logs go to `--logging_dir/{--log_prefix}{timestamp}` as in sd-scripts."
-    if PartialState().num_processes == 1:      # fresh state, so one session can train again with other precision
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()   # several CPU processes: gloo
+    if PartialState(cpu=cpu).num_processes == 1:      # fresh state, so one session can train again with other precision
         AcceleratorState._reset_state(); GradientState._reset_state()
     log_dir = str(Path(cfg.logging_dir)/f"{cfg.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}") if cfg.logging_dir else None
     log_with = cfg.log_with or ("tensorboard" if log_dir else None)
@@ -304,7 +308,7 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
     if mp == "fp16" and not torch.cuda.is_available():
         print("note: --mixed_precision fp16 needs a GPU; training in float32 on this CPU (use bf16 for mixed precision on a CPU)")
         mp = "no"
-    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                        log_with=log_with, project_dir=log_dir)
 
 # %% ../nbs/06_train.ipynb #df29cac8
@@ -336,14 +340,62 @@ def _conv_names(comp) -> set:
     return {n for n, m in conv.loras.items() if isinstance(m.lora_down, torch.nn.Conv2d) and m.lora_down.kernel_size != (1, 1)}
 
 # %% ../nbs/06_train.ipynb #2b472665
-class _SkippingBatchSampler(torch.utils.data.Sampler):
-    "Wraps a batch sampler; `skip` leaves out the first batches of the next epoch without loading them (to resume mid-epoch)."
-    def __init__(self, inner): self.inner, self.skip = inner, 0
+def process_share(batch: list, num_processes: int, rank: int) -> list[tuple]:
+    "This process's items of a global batch, as (item, offset, batch length, counts): a contiguous block of ceil(n/N) items."
+    n = len(batch)
+    size = math.ceil(n / num_processes)
+    lo = rank * size
+    return [(k, lo, n, True) for k in batch[lo:lo + size]] or [(batch[0], 0, n, False)]
+
+# %% ../nbs/06_train.ipynb #9b446cb2
+class _ProcessBatches(torch.utils.data.Sampler):
+    "This process's share of each global batch; `skip` leaves out the first batches of the next epoch without loading them (to resume mid-epoch)."
+    def __init__(self, inner, num_processes: int = 1, rank: int = 0): self.inner, self.num_processes, self.rank, self.skip = inner, num_processes, rank, 0
     def set_epoch(self, epoch: int): self.inner.set_epoch(epoch)
     def __iter__(self):
         skip, self.skip = self.skip, 0
-        return itertools.islice(iter(self.inner), skip, None)
+        return (process_share(b, self.num_processes, self.rank) for b in itertools.islice(iter(self.inner), skip, None))
     def __len__(self): return len(self.inner)
+
+# %% ../nbs/06_train.ipynb #ee4c17dc
+class _ProcessRows(torch.utils.data.Dataset):
+    "A dataset whose items say where they sit in the global batch (`rows`: offset, length); stand-ins get loss weight 0."
+    def __init__(self, dataset): self.dataset = dataset
+    def __len__(self): return len(self.dataset)
+    def __getitem__(self, key):
+        item, offset, n, counts = key
+        out = {**self.dataset[item], "rows": (offset, n)}
+        if not counts: out["loss_weight"] = 0.0
+        return out
+
+def _collate_rows(samples: list[dict]) -> dict:
+    return {**collate(samples), "rows": samples[0]["rows"]}
+
+# %% ../nbs/06_train.ipynb #b4a3fd4c
+def rows_loss(objective, predict, latents: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+    "Per-sample loss of the rows `offset…` of a global batch of `n`, with the noise and timesteps drawn for all `n`."
+    b = latents.shape[0]
+    if offset == 0 and b == n: return objective(predict, latents)
+    rows = slice(offset, offset + b)
+    full = latents.new_zeros((n, *latents.shape[1:]))
+    full[rows] = latents
+    def predict_rows(noisy, t):
+        out = noisy.new_zeros(noisy.shape)
+        out[rows] = predict(noisy[rows], t[rows])
+        return out
+    return objective(predict_rows, full)[rows]
+
+# %% ../nbs/06_train.ipynb #72e15a74
+def average_gradients(params: list, accelerator) -> None:
+    "Average the gradients of `params` over all processes (in place); no-op with one process."
+    n = accelerator.num_processes
+    if n == 1 or not params: return
+    grads = [p.grad.float().flatten() if p.grad is not None else p.new_zeros(p.numel(), dtype=torch.float32) for p in params]
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    flat = accelerator.reduce(torch.cat([*grads, has]), "sum")
+    total, has = flat[:-len(params)] / n, flat[-len(params):]
+    for p, g, h in zip(params, total.split([p.numel() for p in params]), has):
+        p.grad = g.view_as(p).to(p.dtype) if h > 0 else None
 
 # %% ../nbs/06_train.ipynb #ac0f38ef
 def _batches(loaders, epoch: int, skip: int = 0):
@@ -357,12 +409,13 @@ def _batches(loaders, epoch: int, skip: int = 0):
 def save_state(state: TrainState, folder: Path) -> Path:
     "Write a resumable state (accelerate `save_state` + `train_state.json`) to `folder`, atomically."
     acc, folder = state.accelerator, Path(folder)
+    tmp = folder.with_name(f".{folder.name}.partial")    # one name for all processes; the output lock keeps it ours
+    if acc.is_main_process: shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))          # the main process writes the model and optimizer, every process its random generators
     acc.wait_for_everyone()
     if acc.is_main_process:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
         try:
-            acc.save_state(str(tmp))
             (tmp/"train_state.json").write_text(json.dumps({"current_epoch": state.epoch, "current_step": state.step, "loss_history": state.history}))
             old = folder.with_name(tmp.name + ".old")
             if folder.exists(): folder.rename(old)
@@ -380,7 +433,7 @@ def load_state(state: TrainState, folder: Path):
     state.history = [tuple(h) for h in info.get("loss_history", [])]
     if state.step >= state.max_steps:
         raise ConfigError([f"--resume {folder}: the state is at step {state.step}, nothing left to do with --max_train_steps {state.max_steps}; raise it"])
-    print(f"resumed from {folder} at step {state.step}")
+    state.accelerator.print(f"resumed from {folder} at step {state.step}")
 
 # %% ../nbs/06_train.ipynb #51b467dc
 def _prune(path: Path):
@@ -405,14 +458,14 @@ def _save_point(state: TrainState, metadata, callbacks, epoch: int|None = None, 
         if cfg.save_state and old_state is not None: _prune(state_dirname(cfg, **kw_state))
 
 # %% ../nbs/06_train.ipynb #67af0d77
-def _cache(cfg, comp, datasets):
+def _cache(cfg, comp, datasets, progress: bool = True):
     "Fill the datasets' latent and text-encoder caches as the options ask."
     fam = comp.family
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         vae_id = vae_fingerprint(comp.vae)
-        for d in datasets: cache_latents(d, lambda px: fam.encode_images(comp, px), vae_id, cfg.cache_latents_to_disk, cfg.vae_batch_size)
+        for d in datasets: cache_latents(d, lambda px: fam.encode_images(comp, px), vae_id, cfg.cache_latents_to_disk, cfg.vae_batch_size, progress=progress)
     if cfg.cache_text_encoder_outputs:
-        for d in datasets: cache_text_encoder_outputs(d, lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length))
+        for d in datasets: cache_text_encoder_outputs(d, lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length), progress=progress)
 
 # %% ../nbs/06_train.ipynb #5b30935d
 def cpu_threads(device) -> int:
@@ -425,18 +478,20 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
           progress: bool = True) -> TrainState:   # False: no tqdm bar (e.g. a notebook view shows its own)
     "Train a LoRA as `cfg` says; returns the final state (its `saved` lists the files written)."
     datasets, summary, warnings = check_all(cfg)
-    for w in warnings: print("warning:", w)
-    print(summary)
-    if cfg.seed is None: cfg.seed = random.randint(0, 2**32 - 1)
-    set_seed(cfg.seed)
     acc = _accelerator(cfg)
+    for w in warnings: acc.print("warning:", w)
+    acc.print(summary)
+    if cfg.seed is None: cfg.seed = broadcast_object_list([random.randint(0, 2**32 - 1)])[0]   # one seed for all processes
+    set_seed(cfg.seed)
     cpu_threads(acc.device)
-    with output_lock(cfg, acc.is_main_process), sigterm_as_interrupt():
-        comp = comp or load_components(cfg)
-        return _run(cfg, comp, acc, datasets, summary, [LossLog(), *callbacks], progress)
+    with output_lock(cfg, acc.is_main_process), stop_signals(acc.num_processes > 1) as signalled:
+        try:
+            comp = comp or load_components(cfg)
+            return _run(cfg, comp, acc, datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [], progress, signalled)
+        finally: acc.end_training()
 
 # %% ../nbs/06_train.ipynb #3cc747f8
-def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True) -> TrainState:
+def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None) -> TrainState:
     dtype, device = _weight_dtype(acc), acc.device
     for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
     comp.to(device, dtype)
@@ -451,25 +506,30 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True) -> TrainSt
     groups = network.param_groups({"lora_te": te_lr, "lora_unet": cfg.unet_lr}, cfg.learning_rate)
     if not groups: raise ConfigError(["nothing to train: every LoRA part has learning rate 0"])
     optimizer = make_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args)
-    loaders = [torch.utils.data.DataLoader(d, batch_sampler=_SkippingBatchSampler(BucketBatchSampler(d, cfg.seed)), collate_fn=collate,
+    nproc = acc.num_processes
+    loaders = [torch.utils.data.DataLoader(_ProcessRows(d), collate_fn=_collate_rows,
+                                           batch_sampler=_ProcessBatches(BucketBatchSampler(d, cfg.seed, d.batch_size * nproc), nproc, acc.process_index),
                                            num_workers=min(cfg.max_data_loader_n_workers, os.cpu_count() or 1),
                                            persistent_workers=cfg.persistent_data_loader_workers and cfg.max_data_loader_n_workers > 0,
                                            generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
                for d in datasets]
-    _cache(cfg, comp, datasets)
-    steps, epochs = count_steps(summary.batches_per_epoch, cfg, acc.num_processes)
+    with acc.main_process_first(): _cache(cfg, comp, datasets, progress and acc.is_local_main_process)
+    global_batches = sum(len(dl) for dl in loaders)
+    steps, epochs = count_steps(global_batches, cfg)
     if cfg.save_n_epoch_ratio: cfg.save_every_n_epochs = math.floor(epochs / cfg.save_n_epoch_ratio) or 1
-    scheduler = make_scheduler(cfg.lr_scheduler, optimizer, steps, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
+    # accelerate steps a prepared scheduler once per process at each update: count in those ticks (sd-scripts' get_scheduler_fix)
+    warmup = cfg.lr_warmup_steps if isinstance(cfg.lr_warmup_steps, float) else (cfg.lr_warmup_steps or 0) * nproc
+    scheduler = make_scheduler(cfg.lr_scheduler, optimizer, steps * nproc, warmup, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
     network, optimizer, scheduler = acc.prepare(network, optimizer, scheduler)
     objective = OBJECTIVES[comp.family.objective](cfg)
-    per_epoch = math.ceil(summary.batches_per_epoch / acc.num_processes / cfg.gradient_accumulation_steps)
+    per_epoch = math.ceil(global_batches / cfg.gradient_accumulation_steps)
     state = TrainState(cfg, comp, acc.unwrap_model(network), acc, steps, epochs, per_epoch, started=time.time())
     if cfg.resume: load_state(state, cfg.resume)
     for d in datasets: d.max_train_steps = steps
     first_epoch, done_in_epoch = divmod(state.step, per_epoch)
     session = str(uuid.uuid4())
     metadata = lambda: training_metadata(cfg, comp.family, summary, steps, epochs, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                         session, state.started, datasets)
+                                         session, state.started, datasets, nproc)
     if acc.is_main_process and acc.log_with:
         acc.init_trackers(cfg.log_tracker_name or "network_train", config={k: v for k, v in cfg.to_dict(changed_only=True).items() if isinstance(v, (int, float, str, bool))})
     _emit(callbacks, "on_train_start", state)
@@ -483,6 +543,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True) -> TrainSt
                 if not acc.sync_gradients: continue
                 _after_step(state, loss, scheduler, bar, callbacks, metadata)
                 for d in datasets: d.step.value = state.step   # token warm-up follows the global step
+                if _signalled(state, signalled): raise KeyboardInterrupt
                 if state.step >= steps or state.stop: break
             if state.step >= steps or state.stop: break
             epoch_losses = [h[2] for h in state.history if h[1] == state.epoch]
@@ -497,13 +558,20 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True) -> TrainSt
         path = _save_stopped(state, metadata, callbacks)
         raise TrainingStopped(f"the loss became NaN/inf at step {state.step + 1} (epoch {state.epoch}); the LoRA before that step "
                               f"is saved in {path}. Try a lower --learning_rate, --max_grad_norm 1.0 or --mixed_precision bf16") from None
-    finally:
-        bar.close()
-        acc.end_training()
+    finally: bar.close()
     if cfg.save_state or cfg.save_state_on_train_end: save_state(state, state_dirname(cfg))
     _save(state, lora_filename(cfg), metadata(), callbacks)
     _emit(callbacks, "on_train_end", state)
     return state
+
+# %% ../nbs/06_train.ipynb #dc50051a
+def _signalled(state: TrainState, signalled) -> bool:
+    "With several processes: whether any got a stop signal (all then stop at this step); a callback's `state.stop` reaches all."
+    acc = state.accelerator
+    if acc.num_processes == 1: return False
+    flags = acc.reduce(torch.tensor([float(signalled.is_set()), float(state.stop)], device=acc.device), "sum")
+    state.stop = bool(flags[1])
+    return bool(flags[0])
 
 # %% ../nbs/06_train.ipynb #d6ed27bf
 def _save_stopped(state: TrainState, metadata, callbacks) -> Path:
@@ -521,18 +589,23 @@ def _step(cfg, comp, network, objective, optimizer, scheduler, acc, batch, train
         else:
             with torch.set_grad_enabled(train_te), acc.autocast():
                 cond = fam.encode_text(comp, batch["captions"], cfg.clip_skip, cfg.max_token_length)
+        offset, n = batch["rows"]
         with acc.autocast():
-            per_sample = objective(lambda noisy, t: fam.predict(comp, noisy, t, cond), latents)
-        loss = (per_sample * batch["loss_weights"].to(per_sample.device)).mean()
-        if not torch.isfinite(loss):
+            per_sample = rows_loss(objective, lambda noisy, t: fam.predict(comp, noisy, t, cond), latents, offset, n)
+        # the mean over the global batch once the processes' gradients are averaged
+        loss = (per_sample * batch["loss_weights"].to(per_sample.device)).sum() * acc.num_processes / n
+        total = acc.reduce(loss.detach(), "mean") if acc.num_processes > 1 else loss.detach()   # the same on every process
+        if not torch.isfinite(total):
             if cfg.on_nan_loss != "skip": raise FloatingPointError("non-finite loss")
-            print(f"warning: the loss is {loss.item()}; skipping this batch (--on_nan_loss skip)")
+            acc.print(f"warning: the loss is {total.item()}; skipping this batch (--on_nan_loss skip)")
             optimizer.zero_grad(set_to_none=True)
-            return loss.detach()
+            return total
         acc.backward(loss)
-        if acc.sync_gradients and cfg.max_grad_norm: acc.clip_grad_norm_(network.parameters(), cfg.max_grad_norm)
+        if acc.sync_gradients:
+            average_gradients([p for p in network.parameters() if p.requires_grad], acc)
+            if cfg.max_grad_norm: acc.clip_grad_norm_(network.parameters(), cfg.max_grad_norm)
         optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return total
 
 # %% ../nbs/06_train.ipynb #1d2bfe61
 _LR_NAMES = {"lora_te": "textencoder", "lora_unet": "unet"}

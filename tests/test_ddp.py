@@ -1,0 +1,61 @@
+"""Data parallel on CPU over gloo: `torchrun --nproc_per_node 2 -m lora_kit.cli train_network` trains the LoRA that one
+process trains with a batch twice as large, and only the main process writes files."""
+import os, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lora_kit.lora import load_lora
+from lora_kit.toyworld import write_folder
+
+if not (dist.is_available() and dist.is_gloo_available()):
+    pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)
+
+# SGD, not Adam: an update proportional to the gradient keeps float rounding (the all-reduce sums in another order)
+# at float32 scale, where Adam's g/sqrt(v) can blow up a rounding difference on a near-zero gradient to ±lr.
+ARGS = ["--pretrained_model_name_or_path", "tiny-sd1", "--caption_extension", ".txt", "--resolution", "64",
+        "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "4", "--optimizer_type", "SGDNesterov",
+        "--learning_rate", "0.5", "--max_train_steps", "3", "--seed", "7", "--cache_latents", "--max_data_loader_n_workers", "0",
+        "--mixed_precision", "no"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    write_folder(d / "1_sks", n=4, seed=3)                       # 4 different images: 2 global batches of 2 per epoch
+    return d
+
+
+def test_two_processes_equal_one_with_twice_the_batch(tmp_path, data):
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "lora_kit.cli", "train_network", *ARGS, "--train_data_dir", str(data), "--train_batch_size", "1",
+                        "--output_dir", str(ddp), "--output_name", "run", "--save_every_n_steps", "2", "--save_state"],
+                       capture_output=True, text=True, env=env, timeout=900)     # a free 2-core machine needs well under a minute; a loaded one more
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("saved ") == 1 and "after 3 steps" in r.stdout    # one process reports
+    files = sorted(p.name for p in ddp.iterdir())
+    assert files == ["run-state", "run-step00000002-state", "run-step00000002.safetensors", "run.safetensors",
+                     "run_loss.csv", "run_loss.png"], files                # one set of files, no lock or partial state left
+    assert {p.name for p in (ddp / "run-state").iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl", "train_state.json"}
+
+    from lora_kit.config import make_config
+    from lora_kit.train import train
+    torch.set_num_threads(1)
+    train(make_config([*ARGS, "--train_data_dir", str(data), "--train_batch_size", "2", "--output_dir", str(single),
+                       "--output_name", "run"]), progress=False)
+    a, md = load_lora(ddp / "run.safetensors")
+    b, _ = load_lora(single / "run.safetensors")
+    assert md["ss_steps"] == "3" and md["ss_total_batch_size"] == "2"
+    assert a.keys() == b.keys()
+    # Same samples, noise and timesteps per sample: the runs differ only by float32 rounding (the gradient is summed
+    # over the batch in another order, then averaged over processes), ~1e-7 relative per step. 1e-5 of the weights'
+    # scale leaves room for that and is far below what training moved them (checked below), so a wrong shard,
+    # noise or step count fails.
+    scale = max(v.abs().max().item() for k, v in b.items() if k.endswith(".weight"))      # not the .alpha constants
+    moved = max(v.abs().max().item() for k, v in b.items() if k.endswith("lora_up.weight"))   # lora_up starts at 0
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved > 1e-3 * scale and diff <= 1e-5 * scale, (diff, moved, scale)
