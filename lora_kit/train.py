@@ -25,10 +25,10 @@ import lora_kit.sd3  # registers the SD3 family (its model source and the "flow"
 from .optim import make_optimizer, make_scheduler
 
 # %% auto #0
-__all__ = ['check_all', 'machine_problems', 'resume_problems', 'count_steps', 'lora_filename', 'state_dirname', 'epoch_to_remove',
-           'step_to_remove', 'training_metadata', 'dataset_metadata', 'modelspec', 'TrainState', 'Callback',
-           'TrainingStopped', 'LossLog', 'plot_loss', 'output_lock', 'sigterm_as_interrupt', 'build_network',
-           'save_state', 'load_state', 'cpu_threads', 'train']
+__all__ = ['check_all', 'machine_problems', 'resume_problems', 'count_steps', 'initial_step', 'starting_point', 'lora_filename',
+           'state_dirname', 'epoch_to_remove', 'step_to_remove', 'training_metadata', 'dataset_metadata', 'modelspec',
+           'TrainState', 'Callback', 'TrainingStopped', 'LossLog', 'plot_loss', 'output_lock', 'sigterm_as_interrupt',
+           'build_network', 'save_state', 'load_state', 'cpu_threads', 'train']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def check_all(cfg: TrainConfig):
@@ -77,6 +77,26 @@ def count_steps(batches_per_epoch: int, cfg: TrainConfig, num_processes: int = 1
     per_epoch = math.ceil(batches_per_epoch / num_processes / cfg.gradient_accumulation_steps)
     steps = cfg.max_train_epochs * per_epoch if cfg.max_train_epochs else cfg.max_train_steps
     return steps, math.ceil(steps / per_epoch)
+
+# %% ../nbs/06_train.ipynb #944d0a3b
+def initial_step(cfg: TrainConfig, per_epoch: int, resumed_step: int = 0) -> int:
+    "sd-scripts' initial step: `--initial_step`, else from `--initial_epoch`, else the resumed state's step."
+    if cfg.initial_step is not None: return cfg.initial_step
+    if cfg.initial_epoch is not None: return (cfg.initial_epoch - 1) * per_epoch
+    return resumed_step
+
+def starting_point(cfg: TrainConfig, per_epoch: int, resumed_step: int = 0) -> tuple[int, int, int]:
+    "(step counter, first epoch counted from 0, steps of that epoch to skip) for `--initial_step/--initial_epoch` or a resume."
+    initial = initial_step(cfg, per_epoch, resumed_step)
+    if (cfg.initial_step is not None or cfg.initial_epoch is not None) and not cfg.skip_until_initial_step:
+        return 0, initial // per_epoch, 0
+    return initial, *divmod(initial, per_epoch)
+
+# %% ../nbs/06_train.ipynb #3e6bc9ea
+def _start_problem(cfg: TrainConfig, start: int, max_steps: int) -> str|None:
+    if start < max_steps: return None
+    flag = "--initial_step" if cfg.initial_step is not None else "--initial_epoch" if cfg.initial_epoch is not None else f"--resume {cfg.resume}"
+    return f"{flag} starts at step {start}: nothing left to do with --max_train_steps {max_steps}; raise it"
 
 # %% ../nbs/06_train.ipynb #b883636e
 def lora_filename(cfg: TrainConfig, epoch: int|None = None, step: int|None = None) -> Path:
@@ -378,8 +398,6 @@ def load_state(state: TrainState, folder: Path):
     info = json.loads((Path(folder)/"train_state.json").read_text()) if (Path(folder)/"train_state.json").exists() else {}
     state.step = info.get("current_step", 0)
     state.history = [tuple(h) for h in info.get("loss_history", [])]
-    if state.step >= state.max_steps:
-        raise ConfigError([f"--resume {folder}: the state is at step {state.step}, nothing left to do with --max_train_steps {state.max_steps}; raise it"])
     print(f"resumed from {folder} at step {state.step}")
 
 # %% ../nbs/06_train.ipynb #51b467dc
@@ -442,6 +460,8 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True) -> TrainSt
     comp.to(device, dtype); comp.vae.to(dtype=torch.float32)
     train_te = not cfg.network_train_unet_only
     configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing, train_te)
+    for m in [comp.denoiser, *comp.text_encoders]:   # checkpointed layers act only in training mode (sd-scripts sets it too)
+        if getattr(m, "is_gradient_checkpointing", False): m.train()
     if cfg.xformers: comp.denoiser.enable_xformers_memory_efficient_attention()
     network = build_network(cfg, comp)
     network.to(device).train()
@@ -464,8 +484,10 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True) -> TrainSt
     per_epoch = math.ceil(summary.batches_per_epoch / acc.num_processes / cfg.gradient_accumulation_steps)
     state = TrainState(cfg, comp, acc.unwrap_model(network), acc, steps, epochs, per_epoch, started=time.time())
     if cfg.resume: load_state(state, cfg.resume)
+    if (p := _start_problem(cfg, initial_step(cfg, per_epoch, state.step), steps)): raise ConfigError([p])
+    state.step, first_epoch, done_in_epoch = starting_point(cfg, per_epoch, state.step)
+    state.history = [h for h in state.history if h[0] <= state.step]
     for d in datasets: d.max_train_steps = steps
-    first_epoch, done_in_epoch = divmod(state.step, per_epoch)
     session = str(uuid.uuid4())
     metadata = lambda: training_metadata(cfg, comp.family, summary, steps, epochs, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                                          session, state.started, datasets)
@@ -540,6 +562,7 @@ _LR_NAMES = {"lora_te": "textencoder", "lora_unet": "unet"}
 def _after_step(state: TrainState, loss, scheduler, bar, callbacks, metadata):
     "Bookkeeping after an optimizer step: averages, logs, progress, periodic saves, callbacks."
     cfg = state.cfg
+    norms = state.network.apply_max_norm_regularization(cfg.scale_weight_norms) if cfg.scale_weight_norms else None
     state.step += 1
     state.loss = loss.item()
     window = ([h[2] for h in state.history] + [state.loss])[-state.steps_per_epoch:]
@@ -551,6 +574,7 @@ def _after_step(state: TrainState, loss, scheduler, bar, callbacks, metadata):
     state.history.append((state.step, state.epoch, state.loss, state.avg_loss, lrs[0]))
     bar.update(1); bar.set_postfix(loss=f"{state.loss:.4f}", avr_loss=f"{state.avg_loss:.4f}")
     logs = {"loss/current": state.loss, "loss/average": state.avg_loss, **{f"lr/{k}": v for k, v in state.lrs.items()}}
+    if norms: logs.update(zip(("max_norm/keys_scaled", "norm/avg_key_norm", "max_norm/max_key_norm"), norms))
     try: state.accelerator.log(logs, step=state.step)
     except Exception as e: print(f"warning: logging failed at step {state.step} ({type(e).__name__}: {e}); training continues")
     if cfg.save_every_n_steps and state.step % cfg.save_every_n_steps == 0 and state.step < state.max_steps:
