@@ -89,6 +89,7 @@ metadata_title metadata_author metadata_description metadata_license metadata_ta
 metadata_merged_from metadata_trigger_phrase metadata_preprocessor
 clip_l clip_g t5xxl t5xxl_max_token_length apply_lg_attn_mask apply_t5_attn_mask clip_l_dropout_rate clip_g_dropout_rate
 t5_dropout_rate weighting_scheme logit_mean logit_std mode_scale training_shift blocks_to_swap
+min_timestep max_timestep scale_weight_norms initial_step initial_epoch
 """.split())
 
 # %% ../nbs/00_config.ipynb #5a280cfa
@@ -261,8 +262,9 @@ def _flatten_toml(data: dict):
 # %% ../nbs/00_config.ipynb #c81a7bc4
 _POSITIVE = "network_dim train_batch_size gradient_accumulation_steps max_train_steps max_train_epochs save_every_n_epochs " \
             "save_every_n_steps sample_every_n_steps sample_every_n_epochs clip_skip save_last_n_epochs save_last_n_steps " \
-            "save_last_n_epochs_state save_last_n_steps_state".split()
-_NONNEGATIVE = "learning_rate unet_lr noise_offset min_snr_gamma max_grad_norm prior_loss_weight max_data_loader_n_workers".split()
+            "save_last_n_epochs_state save_last_n_steps_state initial_epoch".split()
+_NONNEGATIVE = "learning_rate unet_lr noise_offset min_snr_gamma max_grad_norm prior_loss_weight max_data_loader_n_workers " \
+               "scale_weight_norms initial_step".split()
 
 # %% ../nbs/00_config.ipynb #846a6129
 def _range_problems(c) -> list[str]:
@@ -276,6 +278,15 @@ def _range_problems(c) -> list[str]:
     if c.network_alpha is not None and c.network_alpha < 0: out.append(f"--network_alpha must not be negative, got {c.network_alpha}")
     if any(v < 0 for v in c.text_encoder_lr or []): out.append("--text_encoder_lr must not be negative")
     if isinstance(c.lr_warmup_steps, (int, float)) and c.lr_warmup_steps < 0: out.append("--lr_warmup_steps must not be negative")
+    return out + _timestep_problems(c.min_timestep, c.max_timestep)
+
+# %% ../nbs/00_config.ipynb #b9eef8ec
+def _timestep_problems(lo: int|None, hi: int|None) -> list[str]:
+    out = []
+    if lo is not None and not 0 <= lo <= 999: out.append(f"--min_timestep must be between 0 and 999, got {lo}")
+    if hi is not None and not 1 <= hi <= 1000: out.append(f"--max_timestep must be between 1 and 1000, got {hi}")
+    if not out and (lo or 0) > (1000 if hi is None else hi):
+        out.append(f"--min_timestep {lo} is above --max_timestep {1000 if hi is None else hi}: timesteps are drawn from [min, max); swap them")
     return out
 
 # %% ../nbs/00_config.ipynb #9ee5306b

@@ -35,13 +35,20 @@ class LoRAModule(nn.Module):
             self.lora_up = nn.Linear(dim, org_module.out_features, bias=False)
         alpha = dim if alpha is None or alpha == 0 else float(alpha)
         self.register_buffer("alpha", torch.tensor(alpha))
+        self.scale = alpha / dim
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.multiplier, self.dropout, self.rank_dropout, self.module_dropout = 1.0, dropout, rank_dropout, module_dropout
         self._org = [org_module]            # a list, so the base layer is not registered as a submodule
 
-    @property
-    def scale(self) -> float: return float(self.alpha) / self.lora_dim
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.scale = float(self.alpha) / self.lora_dim          # a loaded `.alpha` changes the scale
+
+    def delta_weight(self, dtype: torch.dtype|None = None) -> torch.Tensor:
+        "The update this LoRA adds to the layer's weight, `alpha/dim · up @ down` (a 3×3 kernel for a 3×3 conv LoRA)."
+        up, down = (w.to(dtype or w.dtype) for w in (self.lora_up.weight, self.lora_down.weight))
+        return torch.einsum("or,ri...->oi...", up.flatten(1), down) * self.scale
 
     def apply_to(self):
         "Route the original layer's forward through this LoRA."
@@ -200,6 +207,25 @@ class LoRANetwork(nn.Module):
                 for p in params: p.requires_grad_(False)
         return groups
 
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm: float) -> tuple[int, float, float]:
+        "`--scale_weight_norms`: shrink each module whose update norm exceeds `max_norm`; (modules scaled, mean norm, max norm)."
+        scaled, norms = 0, []
+        for m in self.loras.values():
+            norm = m.delta_weight().norm()
+            ratio = _max_norm_ratio(norm, max_norm)
+            if ratio != 1:
+                scaled += 1
+                m.lora_up.weight.mul_(ratio ** 0.5); m.lora_down.weight.mul_(ratio ** 0.5)
+            norms.append((norm * ratio).item())
+        return scaled, sum(norms) / len(norms), max(norms)
+
+# %% ../nbs/03_lora.ipynb #650b6a77
+def _max_norm_ratio(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    "sd-scripts' scaling ratio for an update of Frobenius norm `norm` (1 if within `max_norm`)."
+    norm = norm.clamp(min=max_norm / 2)
+    return (norm.clamp(max=max_norm) / norm).cpu()
+
 # %% ../nbs/03_lora.ipynb #20a8cb7e
 def model_hashes(tensors: dict, metadata: dict) -> tuple[str, str]:
     "(sshs_model_hash, sshs_legacy_hash) as sd-scripts' `precalculate_safetensors_hashes` computes them."
@@ -300,6 +326,5 @@ def merge_lora(targets: list, state: dict, strength: float = 1.0):
     net = LoRANetwork(targets, dims=dims, alphas=alphas)
     load_into(net, state)
     for m in net.loras.values():
-        org, up, down = m._org[0], m.lora_up.weight.float(), m.lora_down.weight.float()
-        delta = torch.einsum("or,ri...->oi...", up.flatten(1), down)
-        org.weight += (strength * m.scale * delta).reshape(org.weight.shape).to(org.weight.dtype)
+        org = m._org[0]
+        org.weight += (strength * m.delta_weight(torch.float32)).reshape(org.weight.shape).to(org.weight.dtype)

@@ -27,9 +27,11 @@ def sample_noise(latents: torch.Tensor, noise_offset: float|None = None, generat
     return noise
 
 # %% ../nbs/04_loss.ipynb #683dd4bd
-def sample_timesteps(n: int, num_train_timesteps: int = 1000, generator=None, device=None) -> torch.Tensor:
-    "Uniform integer timesteps in [0, num_train_timesteps)."
-    return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device).long()
+def sample_timesteps(n: int, min_timestep: int = 0, max_timestep: int = 1000, generator=None, device=None) -> torch.Tensor:
+    "Uniform integer timesteps in [min_timestep, max_timestep), or all `max_timestep` if the range is empty (sd-scripts' `get_timesteps`)."
+    if min_timestep < max_timestep: t = torch.randint(min_timestep, max_timestep, (n,), generator=generator)
+    else: t = torch.full((n,), max_timestep)
+    return t.long().to(device)
 
 # %% ../nbs/04_loss.ipynb #9f1c3ad5
 def diffusion_target(sched: DDPMScheduler, latents, noise, timesteps) -> torch.Tensor:
@@ -56,22 +58,25 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/04_loss.ipynb #dd274736
 def sd_loss(sched: DDPMScheduler, predict, latents: torch.Tensor, noise_offset: float|None = None,
-            min_snr_gamma: float|None = None, generator=None) -> torch.Tensor:
+            min_snr_gamma: float|None = None, generator=None, min_timestep: int|None = None,
+            max_timestep: int|None = None) -> torch.Tensor:
     "Per-sample SD 1.x/2.x loss; `predict(noisy, timesteps)` is the model call."
     noise = sample_noise(latents, noise_offset, generator)
-    t = sample_timesteps(latents.shape[0], sched.config.num_train_timesteps, generator, latents.device)
+    t_min, t_max = min_timestep or 0, sched.config.num_train_timesteps if max_timestep is None else max_timestep
+    t = sample_timesteps(latents.shape[0], t_min, t_max, generator, latents.device)
     loss = per_sample_mse(predict(sched.add_noise(latents, noise, t), t), diffusion_target(sched, latents, noise, t))
     return loss * min_snr_weight(sched, t, min_snr_gamma) if min_snr_gamma else loss
 
 # %% ../nbs/04_loss.ipynb #128edee8
 class DDPMObjective:
-    "SD 1.x/2.x objective from `--v_parameterization`, `--noise_offset`, `--min_snr_gamma`."
+    "SD 1.x/2.x objective from `--v_parameterization`, `--noise_offset`, `--min_snr_gamma`, `--min_timestep`, `--max_timestep`."
     def __init__(self, cfg):
         self.sched = training_scheduler(v_prediction=bool(cfg.v_parameterization))
         self.noise_offset, self.min_snr_gamma = cfg.noise_offset, cfg.min_snr_gamma
+        self.timesteps = dict(min_timestep=cfg.min_timestep, max_timestep=cfg.max_timestep)
 
     def __call__(self, predict, latents: torch.Tensor, generator=None) -> torch.Tensor:
-        return sd_loss(self.sched, predict, latents, self.noise_offset, self.min_snr_gamma, generator)
+        return sd_loss(self.sched, predict, latents, self.noise_offset, self.min_snr_gamma, generator, **self.timesteps)
 
 # %% ../nbs/04_loss.ipynb #637f3e38
 OBJECTIVES = {"ddpm": DDPMObjective}

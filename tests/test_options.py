@@ -107,3 +107,129 @@ def test_readme_lists_exactly_the_unsupported_flags():
     section = readme.split("## sd-scripts options not supported yet", 1)[1].split("\n## ", 1)[0]
     listed = {f for f in OPTIONS if f"`--{f}`" in section}
     assert {f"--{f}" for f in listed} == set(unsupported_flags("train_network"))
+
+
+def lora_state(out, name="x"):
+    return load_lora(out / f"{name}.safetensors")[0]
+
+
+def test_clip_skip_uses_the_penultimate_layer_through_the_final_norm(data, tmp_path):
+    from lora_kit.models import tiny_components
+    comp = tiny_components("tiny-sd1")
+    te, caps = comp.text_encoders[0], ["a red sks", "a blue circle"]
+    ids = comp.tokenizers[0](caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = te(ids, output_hidden_states=True).hidden_states
+        ref = getattr(te, "text_model", te).final_layer_norm(hidden[-2])      # sd-scripts: hidden_states[-clip_skip] + final_layer_norm
+        skip2 = comp.family.encode_text(comp, caps, clip_skip=2)["encoder_hidden_states"]
+        plain = comp.family.encode_text(comp, caps)["encoder_hidden_states"]
+    torch.testing.assert_close(skip2, ref)
+    assert not torch.allclose(skip2, plain)
+    # in training, the last text-encoder layer is then unused: its LoRA gets no gradient and stays at zero
+    last = f"lora_te_text_model_encoder_layers_{te.config.num_hidden_layers - 1}_mlp_fc2.lora_up.weight"
+    run(data, tmp_path / "a", "--output_name", "x", "--clip_skip", "2", steps=2)
+    run(data, tmp_path / "b", "--output_name", "x", steps=2)
+    assert lora_state(tmp_path / "a")[last].abs().sum() == 0 and lora_state(tmp_path / "b")[last].abs().sum() > 0
+
+
+class CountCalls:
+    "Counts calls of one LoRA layer in the UNet and one in the text encoder (forward hooks do not see recomputation)."
+    def __init__(self): self.calls = {"unet": 0, "te": 0}
+    def on_train_start(self, state):
+        c = state.comp
+        self.checkpointing = (c.denoiser.is_gradient_checkpointing, c.text_encoders[0].is_gradient_checkpointing)
+        self.count(c.denoiser.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q, "unet")
+        self.count(next(m for n, m in c.text_encoders[0].named_modules() if n.endswith("layers.0.mlp.fc1")), "te")
+    def count(self, layer, key):
+        forward = layer.forward
+        def counted(*a, **kw): self.calls[key] += 1; return forward(*a, **kw)
+        layer.forward = counted
+    def __getattr__(self, name): return lambda *a: None
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_update(data, tmp_path):
+    from lora_kit.train import train
+    counts = {}
+    for flag in ("", "--gradient_checkpointing"):
+        cb = CountCalls()
+        argv = ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(data), "--caption_extension", ".txt",
+                "--resolution", "64", "--train_batch_size", "2", "--network_module", "networks.lora", "--network_dim", "4",
+                "--learning_rate", "1e-3", "--max_train_steps", "1", "--seed", "1", "--max_data_loader_n_workers", "0",
+                "--output_dir", str(tmp_path / (flag or "plain")), "--output_name", "x", *([flag] if flag else [])]
+        train(make_config(argv), callbacks=[cb], progress=False)
+        counts[flag] = (cb.checkpointing, cb.calls)
+    assert counts[""] == ((False, False), {"unet": 1, "te": 1})
+    assert counts["--gradient_checkpointing"] == ((True, True), {"unet": 2, "te": 2}), "forward not recomputed in backward"
+    a, b = lora_state(tmp_path / "plain"), lora_state(tmp_path / "--gradient_checkpointing")
+    assert any(v.abs().sum() > 0 for k, v in a.items() if k.startswith("lora_te_") and "lora_up" in k)
+    for k in a: torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pair")
+    write_folder(d / "1_sks", n=2, seed=0)        # 2 images, 1 repeat: one batch of 2, or two batches of 1
+    return d
+
+
+def update_norm(out) -> float:
+    "Norm of the first SGD update: lora_up starts at zero (and lora_down gets no gradient in that step)."
+    return torch.cat([v.flatten() for k, v in lora_state(out).items() if "lora_up" in k]).norm().item()
+
+
+def test_gradient_accumulation_and_max_grad_norm(pair, tmp_path, monkeypatch):
+    import lora_kit.loss
+    from lora_kit.models import FAMILIES
+    # noise, timesteps and latents depend only on the image, so a batch of 2 and two batches of 1 see the same examples
+    monkeypatch.setattr(lora_kit.loss, "sample_noise", lambda latents, *a, **kw: torch.cos(3 * latents))
+    monkeypatch.setattr(lora_kit.loss, "sample_timesteps", lambda n, *a, device=None, **kw: torch.full((n,), 500, device=device))
+    monkeypatch.setattr(type(FAMILIES["sd1"]), "encode_images",
+                        lambda self, comp, px: comp.vae.encode(px.to(comp.vae.device)).latent_dist.mode() * comp.vae.config.scaling_factor)
+    sgd = ("--output_name", "x", "--optimizer_type", "SGD", "--learning_rate", "1", "--network_alpha", "64")
+    one_batch = run(pair, tmp_path / "b2", *sgd, "--max_grad_norm", "0", steps=1)
+    accumulated = run(pair, tmp_path / "ga", *sgd, "--max_grad_norm", "0", "--train_batch_size", "1", "--gradient_accumulation_steps", "2", steps=1)
+    run(pair, tmp_path / "b1", *sgd, "--max_grad_norm", "0", "--train_batch_size", "1", steps=1)
+    run(pair, tmp_path / "clip", *sgd, "--max_grad_norm", "1e-3", steps=1)
+    # sd-scripts counts optimizer steps: 2 batches per epoch / 2 accumulated = 1 step per epoch, 1 step in total
+    assert (accumulated.steps_per_epoch, accumulated.step, len(accumulated.history)) == (1, 1, 1) == (one_batch.steps_per_epoch, one_batch.step, 1)
+    a, b, single = lora_state(tmp_path / "ga"), lora_state(tmp_path / "b2"), lora_state(tmp_path / "b1")
+    for k in a: torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)      # updates are ~1e-3..1e-1
+    assert any(not torch.allclose(single[k], b[k], rtol=1e-3) for k in b), "one image alone gives the same update: the test cannot tell"
+    # --max_grad_norm 0 does not clip (sd-scripts' default would clip at 1.0); 1e-3 clips the gradient norm to 1e-3
+    assert update_norm(tmp_path / "b2") > 1.5
+    assert update_norm(tmp_path / "clip") == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_scale_weight_norms_and_scheduler_power(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from lora_kit.lora import LoRAModule
+    common = ("--output_name", "x", "--learning_rate", "1e-2", "--lr_scheduler", "polynomial", "--lr_scheduler_power", "2")
+    s = run(data, tmp_path / "n", *common, "--scale_weight_norms", "0.01", "--logging_dir", str(tmp_path / "logs"), steps=3)
+    run(data, tmp_path / "free", *common, steps=3)
+    def norms(out):
+        state = lora_state(out)
+        return [((state[f"{n}.lora_up.weight"].flatten(1) @ state[f"{n}.lora_down.weight"].flatten(1)) * state[f"{n}.alpha"] / state[f"{n}.lora_down.weight"].shape[0]).norm().item()
+                for n in {k.split(".")[0] for k in state}]
+    assert max(norms(tmp_path / "n")) <= 0.01 * (1 + 1e-4) < max(norms(tmp_path / "free"))
+    ev = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent)); ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    assert {"max_norm/keys_scaled", "norm/avg_key_norm", "max_norm/max_key_norm"} <= tags
+    assert ev.Scalars("max_norm/keys_scaled")[-1].value > 0 and ev.Scalars("max_norm/max_key_norm")[-1].value == pytest.approx(0.01, rel=1e-4)
+    # --lr_scheduler_power reaches the schedule: polynomial decay (1 - step/3)^2 to lr_end 1e-7
+    lr = lambda k: (1e-2 - 1e-7) * (1 - k / 3) ** 2 + 1e-7
+    assert [h[4] for h in s.history] == pytest.approx([lr(1), lr(2), lr(3)])
+
+
+def test_initial_step_and_epoch(data, tmp_path):
+    from lora_kit.config import ConfigError
+    # 5 steps per epoch; --skip_until_initial_step: the counter starts at 6, epoch 2, the schedule starts from 0
+    fresh = run(data, tmp_path / "f", "--output_name", "x", "--lr_scheduler", "linear", steps=10)
+    skip = run(data, tmp_path / "s", "--output_name", "x", "--lr_scheduler", "linear", "--initial_step", "6", "--skip_until_initial_step", steps=10)
+    assert [(h[0], h[1]) for h in skip.history] == [(7, 2), (8, 2), (9, 2), (10, 2)]
+    assert skip.history[0][4] == pytest.approx(fresh.history[0][4])
+    # without it only the epoch number moves on: epoch 2 from its start, the counter from 0, until the last epoch ends
+    epoch = run(data, tmp_path / "e", "--output_name", "x", "--initial_epoch", "2", steps=10)
+    assert [(h[0], h[1]) for h in epoch.history] == [(k, 2) for k in range(1, 6)]
+    assert load_lora(tmp_path / "e" / "x.safetensors")[1]["ss_steps"] == "5"
+    with pytest.raises(ConfigError, match="--initial_step starts at step 10: nothing left to do with --max_train_steps 10"):
+        run(data, tmp_path / "late", "--initial_step", "10", "--skip_until_initial_step", steps=10)
