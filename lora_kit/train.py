@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .config import OPTIONS, ConfigError, TrainConfig, parse_resolution, validate
 from .data import BucketBatchSampler, DatasetError, cache_latents, cache_text_encoder_outputs, collate, load_datasets, vae_fingerprint
 from .lora import (LoRANetwork, SAVE_DTYPES, atomic_path, dims_from_state, load_into, load_lora, parse_network_args, save_lora)
-from .loss import OBJECTIVES
+from .loss import OBJECTIVES, ddpm_only_problems
 from .models import check_model, configure_denoiser, load_components, model_source
 import lora_kit.sd3  # registers the SD3 family (its model source and the "flow" objective)
 from .optim import make_optimizer, make_scheduler
@@ -37,6 +37,7 @@ def check_all(cfg: TrainConfig):
     problems = validate(cfg) + check_model(cfg) + machine_problems(cfg)
     if not cfg.output_dir: problems.append("--output_dir is required: where the LoRA files are written")
     src = model_source(cfg.pretrained_model_name_or_path)
+    if src: problems += ddpm_only_problems(cfg, src.name)
     try: parse_network_args(cfg.network_args, src and src.network_args)
     except ValueError as e: problems.append(str(e))
     data = None

@@ -233,3 +233,30 @@ def test_initial_step_and_epoch(data, tmp_path):
     assert load_lora(tmp_path / "e" / "x.safetensors")[1]["ss_steps"] == "5"
     with pytest.raises(ConfigError, match="--initial_step starts at step 10: nothing left to do with --max_train_steps 10"):
         run(data, tmp_path / "late", "--initial_step", "10", "--skip_until_initial_step", steps=10)
+
+
+def test_sd_scripts_noise_and_loss_options_train_and_are_recorded(data, tmp_path):
+    "The DDPM noise/loss flags reach a real run (finite loss, a trained LoRA) and its sd-scripts metadata."
+    flags = ("--loss_type", "smooth_l1", "--huber_schedule", "exponential", "--huber_c", "0.2", "--multires_noise_iterations", "3",
+             "--noise_offset", "0.05", "--adaptive_noise_scale", "0.01", "--noise_offset_random_strength", "--ip_noise_gamma", "0.1",
+             "--debiased_estimation_loss", "--zero_terminal_snr", "--v_pred_like_loss", "0.1")
+    with pytest.warns(UserWarning, match="--zero_terminal_snr without --v_parameterization"):
+        result = run(data, tmp_path, "--output_name", "x", *flags, steps=2)
+    assert all(torch.isfinite(torch.tensor(h[2])) for h in result.history)
+    meta = load_lora(tmp_path / "x.safetensors")[1]
+    assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"], meta["ss_multires_noise_iterations"]) == ("smooth_l1", "exponential", "0.2", "3")
+    assert (meta["ss_zero_terminal_snr"], meta["ss_debiased_estimation"], meta["ss_ip_noise_gamma"]) == ("True", "True", "0.1")
+
+
+def test_sd3_refuses_the_ddpm_noise_and_loss_options(tmp_path):
+    from lora_kit.config import ConfigError
+    from lora_kit.train import check_all
+    write_folder(tmp_path / "img" / "1_sks", n=1, seed=0)
+    argv = lambda model, module: ["--pretrained_model_name_or_path", model, "--network_module", module, "--train_data_dir",
+                                  str(tmp_path / "img"), "--resolution", "64", "--output_dir", str(tmp_path / "out"),
+                                  "--noise_offset", "0.1", "--min_snr_gamma", "5", "--loss_type", "l1"]
+    with pytest.raises(ConfigError) as e: check_all(make_config(argv("tiny-sd3", "networks.lora_sd3"), check=False))
+    text = str(e.value)
+    assert "--noise_offset is an SD 1.x/2.x noise/loss option; sd-scripts ignores it for sd3" in text
+    assert "--min_snr_gamma" in text and "--loss_type l1: lora_kit trains sd3 with l2 only" in text
+    check_all(make_config(argv("tiny-sd1", "networks.lora")))       # the same options are fine for SD 1.x
