@@ -540,8 +540,10 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     steps, epochs = count_steps(global_batches, cfg)
     if cfg.save_n_epoch_ratio: cfg.save_every_n_epochs = math.floor(epochs / cfg.save_n_epoch_ratio) or 1
     # accelerate steps a prepared scheduler once per process at each update: count in those ticks (sd-scripts' get_scheduler_fix)
-    warmup = cfg.lr_warmup_steps if isinstance(cfg.lr_warmup_steps, float) else (cfg.lr_warmup_steps or 0) * nproc
-    scheduler = make_scheduler(cfg.lr_scheduler, optimizer, steps * nproc, warmup, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
+    ticks = lambda n: n if isinstance(n, float) else (n or 0) * nproc
+    scheduler = make_scheduler(cfg.lr_scheduler, optimizer, steps * nproc, ticks(cfg.lr_warmup_steps), cfg.lr_scheduler_num_cycles,
+                               cfg.lr_scheduler_power, ticks(cfg.lr_decay_steps), cfg.lr_scheduler_timescale,
+                               cfg.lr_scheduler_min_lr_ratio, cfg.lr_scheduler_type, cfg.lr_scheduler_args)
     network, optimizer, scheduler = acc.prepare(network, optimizer, scheduler)
     objective = OBJECTIVES[comp.family.objective](cfg)
     per_epoch = math.ceil(global_batches / cfg.gradient_accumulation_steps)

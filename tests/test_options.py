@@ -1,5 +1,6 @@
 "train_network options that need a real (tiny) training run: resume, pruning, seed, what is trained, precision, logs."
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,14 @@ def test_sd3_refuses_the_ddpm_noise_and_loss_options(tmp_path):
     assert "--noise_offset is an SD 1.x/2.x noise/loss option; sd-scripts ignores it for sd3" in text
     assert "--min_snr_gamma" in text and "--loss_type l1: lora_kit trains sd3 with l2 only" in text
     check_all(make_config(argv("tiny-sd1", "networks.lora")))       # the same options are fine for SD 1.x
+
+
+def test_warmup_stable_decay_and_custom_scheduler_drive_training(data, tmp_path):
+    "The lr each step trains with follows --lr_scheduler warmup_stable_decay's definition; --lr_scheduler_type replaces it."
+    st = run(data, tmp_path/"wsd", "--lr_scheduler", "warmup_stable_decay", "--lr_warmup_steps", "2", "--lr_decay_steps", "0.5",
+             "--lr_scheduler_min_lr_ratio", "0.1", steps=8)
+    ratio = [h[4] / 1e-3 for h in st.history]
+    decay = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(1, 5)]
+    assert ratio == pytest.approx([0.55, 1.0, 1.0, 1.0] + decay)
+    st = run(data, tmp_path/"step", "--lr_scheduler_type", "StepLR", "--lr_scheduler_args", "step_size=3", "gamma=0.5", steps=7)
+    assert [h[4] / 1e-3 for h in st.history] == pytest.approx([1, 1, 0.5, 0.5, 0.5, 0.25, 0.25])
