@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_kit.config import make_config
+from lora_kit.config import ConfigError, make_config
 from lora_kit.lora import load_lora
 from lora_kit.toyworld import write_folder
 from lora_kit.train import machine_problems, train
@@ -272,3 +272,27 @@ def test_warmup_stable_decay_and_custom_scheduler_drive_training(data, tmp_path)
     assert ratio == pytest.approx([0.55, 1.0, 1.0, 1.0] + decay)
     st = run(data, tmp_path/"step", "--lr_scheduler_type", "StepLR", "--lr_scheduler_args", "step_size=3", "gamma=0.5", steps=7)
     assert [h[4] / 1e-3 for h in st.history] == pytest.approx([1, 1, 0.5, 0.5, 0.5, 0.25, 0.25])
+
+
+def test_base_weights_are_merged_before_training(data, tmp_path):
+    "--base_weights with --base_weights_multiplier: at the first step the UNet equals tiny-sd1 with that LoRA merged by hand."
+    from lora_kit.lora import merge_lora
+    from lora_kit.models import tiny_components
+    from lora_kit.train import Callback
+    run(data, tmp_path/"a", "--output_name", "base", steps=2)
+    base = tmp_path/"a"/"base.safetensors"
+    seen = {}
+    class Grab(Callback):
+        def on_train_start(self, state): seen.update({k: v.clone() for k, v in state.comp.denoiser.state_dict().items()})
+    argv = ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(data), "--caption_extension", ".txt",
+            "--resolution", "64", "--network_module", "networks.lora", "--max_train_steps", "1", "--output_dir", str(tmp_path/"b"),
+            "--max_data_loader_n_workers", "0", "--base_weights", str(base), "--base_weights_multiplier", "0.5"]
+    train(make_config(argv), callbacks=[Grab()])
+    ref = tiny_components("tiny-sd1")
+    plain = {k: v.clone() for k, v in ref.denoiser.state_dict().items()}
+    merge_lora(ref.family.lora_targets(ref, conv=True), load_lora(base)[0], 0.5)
+    merged = ref.denoiser.state_dict()
+    assert any(not torch.equal(plain[k], merged[k]) for k in plain)
+    assert all(torch.allclose(seen[k], merged[k], atol=1e-6) for k in merged)
+    with pytest.raises(ConfigError, match="--base_weights: file .*missing.safetensors does not exist"):
+        train(make_config(argv[:-4] + ["--base_weights", str(tmp_path/"missing.safetensors")]))
