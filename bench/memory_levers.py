@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/memory_levers.py [--resolution 128] [--steps 4] [--workdir DIR]
 
 Model `mid_sd1`: an SD1-shaped diffusers folder with seeded random weights, written once under --workdir: the mid
-UNet of common.py (18 M parameters, here with cross-attention width 768), Stable Diffusion 1.5's VAE (84 M) and
+UNet of common.py with cross-attention width 768 (19 M parameters), Stable Diffusion 1.5's VAE (84 M) and
 CLIP-L text encoder (123 M), so the models the caching levers take out of the training step are full size.
 Each configuration is one `lora-kit train_network` run in its own subprocess (`python -m lora_kit.cli`): 4 toy-world
 images, batch 2, UNet-only LoRA dim 8 (`--cache_text_encoder_outputs` needs `--network_train_unet_only`, so every
