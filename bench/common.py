@@ -84,6 +84,16 @@ def run_worker(script: Path, args: list[str], threads: int) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def step_walltimes(logdir: Path, tag: str = "loss/current") -> dict[int, float]:
+    "{step: wall-clock time} of the per-step loss scalars in the TensorBoard logs under `logdir`."
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = {}
+    for f in Path(logdir).rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0}); acc.Reload()
+        if tag in acc.Tags()["scalars"]: out.update({e.step: e.wall_time for e in acc.Scalars(tag)})
+    return out
+
+
 def median(xs: list[float]) -> float:
     xs = sorted(xs)
     n = len(xs)
@@ -99,6 +109,12 @@ MID_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=
 MID_TEXT = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, vocab_size=49408,
                 max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 RESOLUTION = {"tiny": 64, "mid": 256}
+# Stable Diffusion 1.5's VAE and CLIP-L text encoder configs (runwayml/stable-diffusion-v1-5).
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+                scaling_factor=0.18215)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+                 hidden_act="quick_gelu", max_position_embeddings=77, vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
 def bench_components(model: str, seed: int = 0):

@@ -18,17 +18,13 @@ import argparse, os, shlex, shutil, subprocess, sys, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RssSampler, load_now, median, run_and_measure, write_dataset
+from common import (REPO, SD15_TEXT, SD15_VAE, RssSampler, load_now, median, run_and_measure, step_walltimes,
+                    write_dataset)
 
-# Stable Diffusion 1.5's component configs (runwayml/stable-diffusion-v1-5), for a random-weight model of that shape.
+# Stable Diffusion 1.5's UNet config (runwayml/stable-diffusion-v1-5), for a random-weight model of that shape.
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
-                scaling_factor=0.18215)
-SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
-                 hidden_act="quick_gelu", max_position_embeddings=77, vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
 def ldm_converter(path: str):
@@ -68,16 +64,6 @@ def shared_args(a, data: Path, out: Path, name: str) -> list[str]:
             "--max_train_steps", str(a.warmup + a.steps), "--seed", "42", "--max_data_loader_n_workers", "0",
             "--output_dir", str(out), "--output_name", name, "--save_model_as", "safetensors",
             "--logging_dir", str(out/"logs"), *shlex.split(a.extra)]
-
-
-def step_walltimes(logdir: Path, tag: str = "loss/current") -> dict[int, float]:
-    "{step: wall-clock time} of the per-step loss scalars in the TensorBoard logs under `logdir`."
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    out = {}
-    for f in Path(logdir).rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0}); acc.Reload()
-        if tag in acc.Tags()["scalars"]: out.update({e.step: e.wall_time for e in acc.Scalars(tag)})
-    return out
 
 
 class GpuSampler(RssSampler):
