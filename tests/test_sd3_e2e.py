@@ -132,3 +132,29 @@ def test_loss_falls_on_fixed_eval_batch(tmp_path):
     train(cfg, [ev], progress=False)
     before, after = ev.losses
     assert after < 0.95 * before, (before, after)
+
+
+def test_samples_during_training(tmp_path):
+    "`--sample_prompts` with `--sample_every_n_steps`: sd-scripts' file names under output_dir/sample, PNGs of the asked size."
+    from PIL import Image
+    from lora_kit.sample import sample_filename
+    write_folder(tmp_path / "img" / "1_sks", n=2, seed=0)
+    (tmp_path / "prompts.txt").write_text("a red sks --w 64 --h 48 --s 4 --d 7\n# a comment line\na blue sks --n green --w 32 --h 64 --s 2 --l 5\n")
+    out = tmp_path / "out"
+    run_cli("sd3_train_network", "--pretrained_model_name_or_path", "tiny-sd3", "--train_data_dir", str(tmp_path / "img"),
+            "--caption_extension", ".txt", "--resolution", "64", "--train_batch_size", "1", "--network_module", "networks.lora_sd3",
+            "--max_train_steps", "5", "--output_dir", str(out), "--output_name", "smp", "--sample_prompts", str(tmp_path / "prompts.txt"),
+            "--sample_every_n_steps", "2", "--max_data_loader_n_workers", "0")
+    files = sorted(p.name for p in (out / "sample").iterdir())
+    tags = [f"{s:06d}" for s in (2, 4, 5)]                          # every 2 steps, and once at the end of training
+    assert len(files) == 6, files
+    for tag in tags:
+        first, second = [f for f in files if f.startswith(f"smp_{tag}_")]
+        ts = first.split("_")[3]
+        assert len(ts) == 14 and ts.isdigit()                        # %Y%m%d%H%M%S, shared by the images of one sampling
+        assert first == sample_filename("smp", tag, 0, ts, 7) and second == sample_filename("smp", tag, 1, ts)
+    for f in files:
+        Image.open(out / "sample" / f).verify()                      # a complete, valid PNG
+        img = Image.open(out / "sample" / f)
+        assert img.format == "PNG" and img.size == ((64, 48) if "_00_" in f else (32, 64))
+        assert min(hi - lo for lo, hi in img.getextrema()) > 0      # not a blank image
