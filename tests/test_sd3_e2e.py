@@ -158,3 +158,49 @@ def test_samples_during_training(tmp_path):
         img = Image.open(out / "sample" / f)
         assert img.format == "PNG" and img.size == ((64, 48) if "_00_" in f else (32, 64))
         assert min(hi - lo for lo, hi in img.getextrema()) > 0      # not a blank image
+
+
+def _te_cache_run(folder: Path, out: Path, flag: str):
+    "Train 3 steps on tiny-sd3 with a text-encoder cache flag; returns (text-encoder forward calls, losses)."
+    from lora_kit.config import make_config
+    from lora_kit.sd3 import tiny_sd3_components
+    from lora_kit.train import train
+    cfg = make_config(["--pretrained_model_name_or_path", "tiny-sd3", "--network_module", "networks.lora_sd3", "--train_data_dir", str(folder),
+                       "--caption_extension", ".txt", "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "3", "--seed", "0",
+                       "--network_train_unet_only", flag, "--max_data_loader_n_workers", "0", "--output_dir", str(out), "--output_name", "te"])
+    comp, calls = tiny_sd3_components("tiny-sd3"), []
+    for te in comp.text_encoders: te.register_forward_hook(lambda *a: calls.append(1))
+    train(cfg, comp=comp, progress=False)
+    return len(calls), [float(r["loss"]) for r in csv.DictReader(open(out / "te_loss.csv"))]
+
+
+def test_text_encoder_outputs_disk_cache(tmp_path):
+    """--cache_text_encoder_outputs_to_disk writes sd-scripts' <stem>_sd3_te.npz next to each image; the next run reads them
+    without a text-encoder forward; training matches the in-memory --cache_text_encoder_outputs exactly."""
+    import numpy as np
+    write_folder(tmp_path / "img" / "1_sks", n=3, seed=0)
+    calls_mem, loss_mem = _te_cache_run(tmp_path / "img", tmp_path / "o1", "--cache_text_encoder_outputs")
+    calls_first, loss_first = _te_cache_run(tmp_path / "img", tmp_path / "o2", "--cache_text_encoder_outputs_to_disk")
+    images = sorted((tmp_path / "img" / "1_sks").glob("*.png"))
+    files = sorted((tmp_path / "img" / "1_sks").glob("*_sd3_te.npz"))
+    assert [f.name for f in files] == [i.stem + "_sd3_te.npz" for i in images]
+    with np.load(files[0]) as z:                                   # sd-scripts' Sd3TextEncoderOutputsCachingStrategy arrays
+        assert {"lg_out", "lg_pooled", "t5_out", "clip_l_attn_mask", "clip_g_attn_mask", "t5_attn_mask",
+                "apply_lg_attn_mask", "apply_t5_attn_mask"} <= set(z.files)
+        assert z["lg_out"].dtype == np.float32 and z["t5_out"].shape[0] == 256 and not z["apply_t5_attn_mask"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    calls_second, loss_second = _te_cache_run(tmp_path / "img", tmp_path / "o3", "--cache_text_encoder_outputs_to_disk")
+    assert calls_mem > 0 and calls_first > 0 and calls_second == 0    # the second run never runs a text encoder
+    assert [f.stat().st_mtime_ns for f in files] == stamps            # and rewrites nothing
+    assert len(loss_mem) == 3 and loss_first == loss_mem and loss_second == loss_mem
+    images[0].with_suffix(".txt").write_text("a caption that changed")
+    calls_changed, _ = _te_cache_run(tmp_path / "img", tmp_path / "o4", "--cache_text_encoder_outputs_to_disk")
+    assert calls_changed > 0 and files[0].stat().st_mtime_ns != stamps[0] and [f.stat().st_mtime_ns for f in files[1:]] == stamps[1:]
+
+
+def test_text_encoder_disk_cache_refused_for_sd1():
+    "sd-scripts' train_network.py has no --cache_text_encoder_outputs_to_disk: refused for SD 1.x/2.x before loading."
+    from lora_kit.config import make_config
+    from lora_kit.models import check_model
+    cfg = make_config(["--pretrained_model_name_or_path", "tiny-sd1", "--cache_text_encoder_outputs_to_disk"], check=False)
+    assert any(p.startswith("--cache_text_encoder_outputs_to_disk is an sd3_train_network option") for p in check_model(cfg))
