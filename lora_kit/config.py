@@ -77,7 +77,8 @@ token_warmup_step max_token_length flip_aug color_aug random_crop
 cache_latents cache_latents_to_disk cache_text_encoder_outputs cache_text_encoder_outputs_to_disk vae_batch_size
 network_module network_dim network_alpha network_args network_train_unet_only network_train_text_encoder_only
 optimizer_type optimizer_args learning_rate unet_lr text_encoder_lr lr_scheduler lr_warmup_steps
-lr_scheduler_num_cycles lr_scheduler_power max_grad_norm max_train_steps max_train_epochs gradient_accumulation_steps
+lr_scheduler_num_cycles lr_scheduler_power lr_scheduler_type lr_scheduler_args lr_decay_steps lr_scheduler_timescale
+lr_scheduler_min_lr_ratio base_weights base_weights_multiplier max_grad_norm max_train_steps max_train_epochs gradient_accumulation_steps
 seed mixed_precision gradient_checkpointing sdpa clip_skip noise_offset min_snr_gamma
 output_dir output_name save_model_as save_precision save_every_n_epochs save_every_n_steps no_metadata training_comment
 sample_prompts sample_every_n_steps sample_every_n_epochs sample_at_first sample_sampler
@@ -90,6 +91,9 @@ metadata_merged_from metadata_trigger_phrase metadata_preprocessor
 clip_l clip_g t5xxl t5xxl_max_token_length apply_lg_attn_mask apply_t5_attn_mask clip_l_dropout_rate clip_g_dropout_rate
 t5_dropout_rate weighting_scheme logit_mean logit_std mode_scale training_shift blocks_to_swap
 min_timestep max_timestep scale_weight_norms initial_step initial_epoch
+loss_type huber_schedule huber_c huber_scale multires_noise_iterations multires_noise_discount noise_offset_random_strength
+adaptive_noise_scale ip_noise_gamma ip_noise_gamma_random_strength scale_v_pred_loss_like_noise_pred v_pred_like_loss
+debiased_estimation_loss zero_terminal_snr
 """.split())
 
 # %% ../nbs/00_config.ipynb #5a280cfa
@@ -262,9 +266,9 @@ def _flatten_toml(data: dict):
 # %% ../nbs/00_config.ipynb #c81a7bc4
 _POSITIVE = "network_dim train_batch_size gradient_accumulation_steps max_train_steps max_train_epochs save_every_n_epochs " \
             "save_every_n_steps sample_every_n_steps sample_every_n_epochs clip_skip save_last_n_epochs save_last_n_steps " \
-            "save_last_n_epochs_state save_last_n_steps_state initial_epoch".split()
+            "save_last_n_epochs_state save_last_n_steps_state initial_epoch multires_noise_iterations".split()
 _NONNEGATIVE = "learning_rate unet_lr noise_offset min_snr_gamma max_grad_norm prior_loss_weight max_data_loader_n_workers " \
-               "scale_weight_norms initial_step".split()
+               "scale_weight_norms initial_step ip_noise_gamma".split()
 
 # %% ../nbs/00_config.ipynb #846a6129
 def _range_problems(c) -> list[str]:
@@ -278,7 +282,7 @@ def _range_problems(c) -> list[str]:
     if c.network_alpha is not None and c.network_alpha < 0: out.append(f"--network_alpha must not be negative, got {c.network_alpha}")
     if any(v < 0 for v in c.text_encoder_lr or []): out.append("--text_encoder_lr must not be negative")
     if isinstance(c.lr_warmup_steps, (int, float)) and c.lr_warmup_steps < 0: out.append("--lr_warmup_steps must not be negative")
-    return out + _timestep_problems(c.min_timestep, c.max_timestep)
+    return out + _timestep_problems(c.min_timestep, c.max_timestep) + _loss_problems(c)
 
 # %% ../nbs/00_config.ipynb #b9eef8ec
 def _timestep_problems(lo: int|None, hi: int|None) -> list[str]:
@@ -287,6 +291,19 @@ def _timestep_problems(lo: int|None, hi: int|None) -> list[str]:
     if hi is not None and not 1 <= hi <= 1000: out.append(f"--max_timestep must be between 1 and 1000, got {hi}")
     if not out and (lo or 0) > (1000 if hi is None else hi):
         out.append(f"--min_timestep {lo} is above --max_timestep {1000 if hi is None else hi}: timesteps are drawn from [min, max); swap them")
+    return out
+
+# %% ../nbs/00_config.ipynb #096ecd8c
+def _loss_problems(c) -> list[str]:
+    out = []
+    if c.adaptive_noise_scale is not None and c.noise_offset is None:
+        out.append("--adaptive_noise_scale requires --noise_offset (it is added to the offset, as in sd-scripts)")
+    if c.scale_v_pred_loss_like_noise_pred and not c.v_parameterization:
+        out.append("--scale_v_pred_loss_like_noise_pred can be enabled only with --v_parameterization")
+    if c.v_pred_like_loss and c.v_parameterization:
+        out.append("--v_pred_like_loss cannot be enabled with --v_parameterization: the loss is already a v-prediction loss")
+    if c.loss_type in ("huber", "smooth_l1"):
+        out += [f"--{n} must be positive with --loss_type {c.loss_type}, got {getattr(c, n)}" for n in ("huber_c", "huber_scale") if getattr(c, n) <= 0]
     return out
 
 # %% ../nbs/00_config.ipynb #9ee5306b

@@ -10,8 +10,8 @@ import torch
 from diffusers.optimization import get_scheduler
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULERS', 'parse_optimizer_args', 'optimizer_class', 'make_optimizer', 'warmup_steps',
-           'make_scheduler']
+__all__ = ['OPTIMIZERS', 'SCHEDULERS', 'parse_literal_args', 'optimizer_class', 'make_optimizer', 'warmup_steps',
+           'custom_scheduler', 'schedule_kwargs', 'make_scheduler']
 
 # %% ../nbs/05_optim.ipynb #64029544
 OPTIMIZERS = {  # lower-case name: (module, class, pip package, fixed kwargs)
@@ -38,14 +38,14 @@ OPTIMIZERS = {  # lower-case name: (module, class, pip package, fixed kwargs)
 }
 
 # %% ../nbs/05_optim.ipynb #a68fa1b1
-def parse_optimizer_args(args: list[str]|None) -> dict:
-    "`--optimizer_args k=v …` as a dict; values are Python literals, as in sd-scripts."
+def parse_literal_args(args: list[str]|None, flag: str = "--optimizer_args") -> dict:
+    "`--optimizer_args k=v …` (or `--lr_scheduler_args`) as a dict; values are Python literals, as in sd-scripts."
     out = {}
     for a in args or []:
         k, eq, v = a.partition("=")
-        if not eq: raise ValueError(f"--optimizer_args: {a!r} must be key=value, e.g. weight_decay=0.01")
+        if not eq: raise ValueError(f"{flag}: {a!r} must be key=value, e.g. weight_decay=0.01")
         try: out[k.strip()] = ast.literal_eval(v.strip())
-        except (ValueError, SyntaxError): raise ValueError(f"--optimizer_args: cannot read the value of {a!r} (use Python literals: 0.01, True, (0.9,0.99))") from None
+        except (ValueError, SyntaxError): raise ValueError(f"{flag}: cannot read the value of {a!r} (use Python literals: 0.01, True, (0.9,0.99))") from None
     return out
 
 # %% ../nbs/05_optim.ipynb #3d88a71b
@@ -67,7 +67,7 @@ def optimizer_class(name: str):
 def make_optimizer(name: str, groups: list[dict], lr: float, args: list[str]|None = None) -> torch.optim.Optimizer:
     "The optimizer sd-scripts would build for `--optimizer_type name --optimizer_args args`."
     cls, fixed = optimizer_class(name)
-    kw = {**fixed, **parse_optimizer_args(args)}
+    kw = {**fixed, **parse_literal_args(args)}
     key = (name or "AdamW").lower()
     if key.startswith("sgdnesterov"): kw.setdefault("momentum", 0.9)
     if key == "adafactor":
@@ -84,20 +84,54 @@ def make_optimizer(name: str, groups: list[dict], lr: float, args: list[str]|Non
     except TypeError as e: raise ValueError(f"--optimizer_args not accepted by {cls.__name__}: {e}") from None
 
 # %% ../nbs/05_optim.ipynb #4bd96ad5
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "adafactor")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant", "adafactor")
 
 # %% ../nbs/05_optim.ipynb #d65dc68e
 def warmup_steps(lr_warmup_steps: int|float, total_steps: int) -> int:
-    "sd-scripts' warmup: a ratio of `total_steps` if a float, else a count."
+    "sd-scripts' warmup (or decay) length: a ratio of `total_steps` if a float, else a count."
     return int(lr_warmup_steps * total_steps) if isinstance(lr_warmup_steps, float) else int(lr_warmup_steps or 0)
 
 # %% ../nbs/05_optim.ipynb #9de7d9b8
-def make_scheduler(name: str, optimizer, total_steps: int, lr_warmup_steps=0, num_cycles: int = 1, power: float = 1.0):
-    "The learning-rate schedule for `--lr_scheduler name`."
-    warm = warmup_steps(lr_warmup_steps, total_steps)
+def custom_scheduler(type_name: str, optimizer, kwargs: dict):
+    "`--lr_scheduler_type`: a class of `torch.optim.lr_scheduler`, or a dotted path to any scheduler class."
+    module, _, cls = type_name.rpartition(".")
+    try: return getattr(importlib.import_module(module or "torch.optim.lr_scheduler"), cls)(optimizer, **kwargs)
+    except (ImportError, AttributeError) as e: raise ValueError(f"--lr_scheduler_type {type_name}: cannot load it ({e})") from None
+    except TypeError as e: raise ValueError(f"--lr_scheduler_args not accepted by {type_name}: {e}") from None
+
+# %% ../nbs/05_optim.ipynb #e1260686
+def schedule_kwargs(name: str, total: int, warm: int, decay: int, num_cycles: int, power: float,
+                    timescale: int|None, min_lr_ratio: float|None) -> dict:
+    "The keyword arguments sd-scripts passes to transformers' schedule function `name`."
+    if name == "constant": return {}
+    if name == "constant_with_warmup": return {"num_warmup_steps": warm}
+    if name == "inverse_sqrt": return {"num_warmup_steps": warm, "timescale": timescale}
+    kw = {"num_warmup_steps": warm, "num_training_steps": total}
+    if name == "cosine_with_restarts": return {**kw, "num_cycles": num_cycles}
+    if name == "polynomial": return {**kw, "power": power}
+    if name == "cosine_with_min_lr": return {**kw, "num_cycles": num_cycles / 2, "min_lr_rate": min_lr_ratio}
+    if name == "warmup_stable_decay":
+        return {"num_warmup_steps": warm, "num_stable_steps": total - warm - decay, "num_decay_steps": decay,
+                "num_cycles": num_cycles / 2, "min_lr_ratio": min_lr_ratio or 0.0}
+    return kw
+
+# %% ../nbs/05_optim.ipynb #723b7c1e
+def make_scheduler(name: str, optimizer, total_steps: int, lr_warmup_steps=0, num_cycles: int = 1, power: float = 1.0,
+                   decay_steps=0, timescale: int|None = None, min_lr_ratio: float|None = None,
+                   scheduler_type: str = "", scheduler_args: list[str]|None = None):
+    "The learning-rate schedule for `--lr_scheduler name` (or `--lr_scheduler_type`) with sd-scripts' arguments."
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+    warm, extra = warmup_steps(lr_warmup_steps, total_steps), parse_literal_args(scheduler_args, "--lr_scheduler_args")
+    def no_warmup(what):
+        if warm: raise ValueError(f"{what} does not use warmup: remove --lr_warmup_steps or use constant_with_warmup")
+    if scheduler_type: no_warmup(f"--lr_scheduler_type {scheduler_type}"); return custom_scheduler(scheduler_type, optimizer, extra)
     if name not in SCHEDULERS: raise ValueError(f"--lr_scheduler {name!r} is not supported; use one of {', '.join(SCHEDULERS)}")
-    if name in ("constant", "adafactor") and warm: raise ValueError(f"--lr_scheduler {name} does not use warmup: remove --lr_warmup_steps or use constant_with_warmup")
+    if name in ("constant", "adafactor"): no_warmup(f"--lr_scheduler {name}")
     if name == "adafactor" or type(optimizer).__name__ == "Adafactor" and optimizer.defaults.get("relative_step"):
         from transformers.optimization import AdafactorSchedule
         return AdafactorSchedule(optimizer)
-    return get_scheduler(name, optimizer, num_warmup_steps=warm, num_training_steps=total_steps, num_cycles=num_cycles, power=power)
+    if name == "piecewise_constant": return get_scheduler(name, optimizer, step_rules=extra.get("step_rules"))
+    kw = schedule_kwargs(name, total_steps, warm, warmup_steps(decay_steps, total_steps), num_cycles, power, timescale, min_lr_ratio)
+    try: return TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)](optimizer, **kw, **extra)
+    except TypeError as e: raise ValueError(f"--lr_scheduler_args not accepted by {name}: {e}") from None

@@ -19,25 +19,40 @@ from tqdm.auto import tqdm
 from .config import OPTIONS, ConfigError, TrainConfig, parse_resolution, validate
 from .data import (BucketBatchSampler, DatasetError, cache_latents, cache_text_encoder_outputs, cache_text_encoder_outputs_to_disk,
                            collate, load_datasets, vae_fingerprint)
-from .lora import (LoRANetwork, SAVE_DTYPES, atomic_path, dims_from_state, load_into, load_lora, parse_network_args, save_lora)
-from .loss import OBJECTIVES
+from .lora import (LoRANetwork, SAVE_DTYPES, atomic_path, dims_from_state, load_into, load_lora, merge_lora, parse_network_args,
+                           save_lora)
+from .loss import OBJECTIVES, ddpm_only_problems
 from .models import check_model, configure_denoiser, load_components, model_source
 import lora_kit.sd3  # registers the SD3 family (its model source and the "flow" objective)
 from .optim import make_optimizer, make_scheduler
 
 # %% auto #0
-__all__ = ['check_all', 'machine_problems', 'resume_problems', 'count_steps', 'initial_step', 'starting_point', 'lora_filename',
-           'state_dirname', 'epoch_to_remove', 'step_to_remove', 'training_metadata', 'dataset_metadata', 'modelspec',
-           'TrainState', 'Callback', 'TrainingStopped', 'LossLog', 'plot_loss', 'output_lock', 'stop_signals',
-           'build_network', 'process_share', 'rows_loss', 'average_gradients', 'save_state', 'load_state',
-           'cpu_threads', 'train']
+__all__ = ['lora_file_problems', 'merge_base_weights', 'check_all', 'machine_problems', 'resume_problems', 'count_steps',
+           'initial_step', 'starting_point', 'lora_filename', 'state_dirname', 'epoch_to_remove', 'step_to_remove',
+           'training_metadata', 'dataset_metadata', 'modelspec', 'TrainState', 'Callback', 'TrainingStopped', 'LossLog',
+           'plot_loss', 'output_lock', 'stop_signals', 'build_network', 'process_share', 'rows_loss',
+           'average_gradients', 'save_state', 'load_state', 'cpu_threads', 'train']
 
 # %% ../nbs/06_train.ipynb #95681ebd
+def lora_file_problems(cfg: TrainConfig) -> list[str]:
+    "Missing `--network_weights` / `--base_weights` files, reported before anything loads."
+    files = [("--network_weights", cfg.network_weights)] * bool(cfg.network_weights) + [("--base_weights", p) for p in cfg.base_weights or []]
+    return [f"{flag}: file {p} does not exist" for flag, p in files if not Path(p).is_file()]
+
+# %% ../nbs/06_train.ipynb #41047b36
+def merge_base_weights(cfg: TrainConfig, comp):
+    "`--base_weights` LoRA files merged into the model before training, each at its `--base_weights_multiplier` (default 1.0)."
+    mults = cfg.base_weights_multiplier or []
+    for i, path in enumerate(cfg.base_weights or []):
+        merge_lora(comp.family.lora_targets(comp, conv=True), load_lora(path)[0], mults[i] if i < len(mults) else 1.0)
+
+# %% ../nbs/06_train.ipynb #12087795
 def check_all(cfg: TrainConfig):
     "Validate options, model path, network args and datasets together; returns (datasets, summary, warnings)."
-    problems = validate(cfg) + check_model(cfg) + machine_problems(cfg)
+    problems = validate(cfg) + check_model(cfg) + machine_problems(cfg) + lora_file_problems(cfg)
     if not cfg.output_dir: problems.append("--output_dir is required: where the LoRA files are written")
     src = model_source(cfg.pretrained_model_name_or_path)
+    if src: problems += ddpm_only_problems(cfg, src.name)
     try: parse_network_args(cfg.network_args, src and src.network_args)
     except ValueError as e: problems.append(str(e))
     data = None
@@ -517,6 +532,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
 def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None) -> TrainState:
     dtype, device = _weight_dtype(acc), acc.device
     for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
+    merge_base_weights(cfg, comp)
     comp.to(device, dtype)
     if comp.vae.dtype != torch.float32: comp.vae.to(dtype=torch.float32)
     train_te = not cfg.network_train_unet_only
@@ -543,8 +559,10 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     steps, epochs = count_steps(global_batches, cfg)
     if cfg.save_n_epoch_ratio: cfg.save_every_n_epochs = math.floor(epochs / cfg.save_n_epoch_ratio) or 1
     # accelerate steps a prepared scheduler once per process at each update: count in those ticks (sd-scripts' get_scheduler_fix)
-    warmup = cfg.lr_warmup_steps if isinstance(cfg.lr_warmup_steps, float) else (cfg.lr_warmup_steps or 0) * nproc
-    scheduler = make_scheduler(cfg.lr_scheduler, optimizer, steps * nproc, warmup, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
+    ticks = lambda n: n if isinstance(n, float) else (n or 0) * nproc
+    scheduler = make_scheduler(cfg.lr_scheduler, optimizer, steps * nproc, ticks(cfg.lr_warmup_steps), cfg.lr_scheduler_num_cycles,
+                               cfg.lr_scheduler_power, ticks(cfg.lr_decay_steps), cfg.lr_scheduler_timescale,
+                               cfg.lr_scheduler_min_lr_ratio, cfg.lr_scheduler_type, cfg.lr_scheduler_args)
     network, optimizer, scheduler = acc.prepare(network, optimizer, scheduler)
     objective = OBJECTIVES[comp.family.objective](cfg)
     per_epoch = math.ceil(global_batches / cfg.gradient_accumulation_steps)

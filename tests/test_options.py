@@ -1,11 +1,12 @@
 "train_network options that need a real (tiny) training run: resume, pruning, seed, what is trained, precision, logs."
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from lora_kit.config import make_config
+from lora_kit.config import ConfigError, make_config
 from lora_kit.lora import load_lora
 from lora_kit.toyworld import write_folder
 from lora_kit.train import machine_problems, train
@@ -233,3 +234,65 @@ def test_initial_step_and_epoch(data, tmp_path):
     assert load_lora(tmp_path / "e" / "x.safetensors")[1]["ss_steps"] == "5"
     with pytest.raises(ConfigError, match="--initial_step starts at step 10: nothing left to do with --max_train_steps 10"):
         run(data, tmp_path / "late", "--initial_step", "10", "--skip_until_initial_step", steps=10)
+
+
+def test_sd_scripts_noise_and_loss_options_train_and_are_recorded(data, tmp_path):
+    "The DDPM noise/loss flags reach a real run (finite loss, a trained LoRA) and its sd-scripts metadata."
+    flags = ("--loss_type", "smooth_l1", "--huber_schedule", "exponential", "--huber_c", "0.2", "--multires_noise_iterations", "3",
+             "--noise_offset", "0.05", "--adaptive_noise_scale", "0.01", "--noise_offset_random_strength", "--ip_noise_gamma", "0.1",
+             "--debiased_estimation_loss", "--zero_terminal_snr", "--v_pred_like_loss", "0.1")
+    with pytest.warns(UserWarning, match="--zero_terminal_snr without --v_parameterization"):
+        result = run(data, tmp_path, "--output_name", "x", *flags, steps=2)
+    assert all(torch.isfinite(torch.tensor(h[2])) for h in result.history)
+    meta = load_lora(tmp_path / "x.safetensors")[1]
+    assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"], meta["ss_multires_noise_iterations"]) == ("smooth_l1", "exponential", "0.2", "3")
+    assert (meta["ss_zero_terminal_snr"], meta["ss_debiased_estimation"], meta["ss_ip_noise_gamma"]) == ("True", "True", "0.1")
+
+
+def test_sd3_refuses_the_ddpm_noise_and_loss_options(tmp_path):
+    from lora_kit.config import ConfigError
+    from lora_kit.train import check_all
+    write_folder(tmp_path / "img" / "1_sks", n=1, seed=0)
+    argv = lambda model, module: ["--pretrained_model_name_or_path", model, "--network_module", module, "--train_data_dir",
+                                  str(tmp_path / "img"), "--resolution", "64", "--output_dir", str(tmp_path / "out"),
+                                  "--noise_offset", "0.1", "--min_snr_gamma", "5", "--loss_type", "l1"]
+    with pytest.raises(ConfigError) as e: check_all(make_config(argv("tiny-sd3", "networks.lora_sd3"), check=False))
+    text = str(e.value)
+    assert "--noise_offset is an SD 1.x/2.x noise/loss option; sd-scripts ignores it for sd3" in text
+    assert "--min_snr_gamma" in text and "--loss_type l1: lora_kit trains sd3 with l2 only" in text
+    check_all(make_config(argv("tiny-sd1", "networks.lora")))       # the same options are fine for SD 1.x
+
+
+def test_warmup_stable_decay_and_custom_scheduler_drive_training(data, tmp_path):
+    "The lr each step trains with follows --lr_scheduler warmup_stable_decay's definition; --lr_scheduler_type replaces it."
+    st = run(data, tmp_path/"wsd", "--lr_scheduler", "warmup_stable_decay", "--lr_warmup_steps", "2", "--lr_decay_steps", "0.5",
+             "--lr_scheduler_min_lr_ratio", "0.1", steps=8)
+    ratio = [h[4] / 1e-3 for h in st.history]
+    decay = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(1, 5)]
+    assert ratio == pytest.approx([0.55, 1.0, 1.0, 1.0] + decay)
+    st = run(data, tmp_path/"step", "--lr_scheduler_type", "StepLR", "--lr_scheduler_args", "step_size=3", "gamma=0.5", steps=7)
+    assert [h[4] / 1e-3 for h in st.history] == pytest.approx([1, 1, 0.5, 0.5, 0.5, 0.25, 0.25])
+
+
+def test_base_weights_are_merged_before_training(data, tmp_path):
+    "--base_weights with --base_weights_multiplier: at the first step the UNet equals tiny-sd1 with that LoRA merged by hand."
+    from lora_kit.lora import merge_lora
+    from lora_kit.models import tiny_components
+    from lora_kit.train import Callback
+    run(data, tmp_path/"a", "--output_name", "base", steps=2)
+    base = tmp_path/"a"/"base.safetensors"
+    seen = {}
+    class Grab(Callback):
+        def on_train_start(self, state): seen.update({k: v.clone() for k, v in state.comp.denoiser.state_dict().items()})
+    argv = ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", str(data), "--caption_extension", ".txt",
+            "--resolution", "64", "--network_module", "networks.lora", "--max_train_steps", "1", "--output_dir", str(tmp_path/"b"),
+            "--max_data_loader_n_workers", "0", "--base_weights", str(base), "--base_weights_multiplier", "0.5"]
+    train(make_config(argv), callbacks=[Grab()])
+    ref = tiny_components("tiny-sd1")
+    plain = {k: v.clone() for k, v in ref.denoiser.state_dict().items()}
+    merge_lora(ref.family.lora_targets(ref, conv=True), load_lora(base)[0], 0.5)
+    merged = ref.denoiser.state_dict()
+    assert any(not torch.equal(plain[k], merged[k]) for k in plain)
+    assert all(torch.allclose(seen[k], merged[k], atol=1e-6) for k in merged)
+    with pytest.raises(ConfigError, match="--base_weights: file .*missing.safetensors does not exist"):
+        train(make_config(argv[:-4] + ["--base_weights", str(tmp_path/"missing.safetensors")]))
