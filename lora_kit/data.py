@@ -35,8 +35,9 @@ __all__ = ['logger', 'GENERAL', 'DATASET', 'SUBSET', 'DB', 'FT', 'CN', 'KIND_LAB
            'sdscripts_dataset_seed', 'batches_per_epoch', 'steps_per_epoch', 'max_train_steps_for_epochs',
            'num_train_epochs', 'scan_dataset', 'color_aug', 'TrainDataset', 'BucketBatchSampler', 'collate',
            'latents_npz_path', 'vae_fingerprint', 'latent_cache_key', 'load_cached_latents', 'save_cached_latents',
-           'cache_latents', 'text_cacheable', 'cache_text_encoder_outputs', 'DataSummary', 'cli_values',
-           'option_problems', 'load_datasets']
+           'cache_latents', 'text_cacheable', 'cache_text_encoder_outputs', 'weights_fingerprint', 'text_cache_key',
+           'TextDiskCache', 'cache_text_encoder_outputs_to_disk', 'DataSummary', 'cli_values', 'option_problems',
+           'load_datasets']
 
 # %% ../nbs/01_data.ipynb #f4d56957
 logger = logging.getLogger(__name__)
@@ -1297,6 +1298,56 @@ def cache_text_encoder_outputs(ds: TrainDataset, encode: Callable[[list], dict],
         for j, c in enumerate(chunk): ds.text_cond[c] = {n: v[j].detach().cpu() for n, v in cond.items()}
     return len(captions)
 
+# %% ../nbs/01_data.ipynb #d5e0d609
+def weights_fingerprint(modules: list, max_values: int = 4096) -> str:
+    "A short hash of the modules' weights: names, shapes and up to `max_values` evenly spaced values of every tensor (fast for T5-XXL)."
+    import hashlib
+    h = hashlib.blake2b(digest_size=8)
+    for m in modules:
+        for k, v in m.state_dict().items():
+            flat = v.detach().reshape(-1)
+            h.update(f"{k}{tuple(v.shape)}".encode()); h.update(flat[::max(1, flat.numel() // max_values)].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+# %% ../nbs/01_data.ipynb #b4a90ded
+def text_cache_key(caption: str, te_id: str, settings: str) -> str:
+    "What cached text-encoder outputs depend on: the processed caption, the text encoders (`weights_fingerprint`) and the encoding settings."
+    import hashlib
+    return f"{hashlib.blake2b(caption.encode(), digest_size=12).hexdigest()}|{te_id}|{settings}"
+
+# %% ../nbs/01_data.ipynb #b5d9cc8a
+@dataclass
+class TextDiskCache:
+    "A family's text-encoder output files: how to make their arrays and how to turn them into the loop's conditioning."
+    suffix: str                          # the file is <image stem><suffix>
+    encode: Callable[[list], list]       # captions -> one dict of numpy arrays (the file's contents) per caption
+    to_cond: Callable[[dict], dict]      # a file's arrays -> conditioning tensors
+    keys: tuple                          # arrays a valid file must hold
+    te_id: str                           # weights_fingerprint of the text encoders
+    settings: str = ""                   # encoding options the outputs depend on
+
+# %% ../nbs/01_data.ipynb #3cb48adb
+@torch.no_grad()
+def cache_text_encoder_outputs_to_disk(ds: TrainDataset, disk: TextDiskCache, batch_size: int = 8, progress: bool = True) -> int:
+    "Fill `ds`'s text cache from valid files next to the images, encoding and writing the others; returns how many files were written."
+    from tqdm.auto import tqdm
+    todo: dict = {}                      # caption -> files to write
+    for i, item in enumerate(ds.plan.images.items):
+        cap, path = ds.caption(i, random.Random(0), 1), os.path.splitext(item.path)[0] + disk.suffix
+        z = _read_npz(path)
+        if z.get("lora_kit_key") == text_cache_key(cap, disk.te_id, disk.settings) and all(k in z for k in disk.keys):
+            ds.text_cond.setdefault(cap, disk.to_cond(z))
+        else: todo.setdefault(cap, []).append(path)
+    captions = sorted(todo)
+    for k in tqdm(range(0, len(captions), batch_size), desc="caching text encoder outputs to disk", disable=not progress):
+        chunk = captions[k:k + batch_size]
+        for cap, arrays in zip(chunk, disk.encode(chunk)):
+            arrays = {**arrays, "lora_kit_key": np.array(text_cache_key(cap, disk.te_id, disk.settings))}
+            for path in todo[cap]:
+                with atomic_path(path) as tmp, open(tmp, "wb") as f: np.savez(f, **arrays)
+            ds.text_cond[cap] = disk.to_cond(arrays)
+    return sum(len(v) for v in todo.values())
+
 # %% ../nbs/01_data.ipynb #6f8f0fc2
 @dataclass
 class DataSummary:
@@ -1325,11 +1376,12 @@ def option_problems(cfg: TrainConfig, specs: list) -> list[str]:
     if (cfg.cache_latents or cfg.cache_latents_to_disk) and any(s.random_crop or s.color_aug for s in subs):
         problems.append("--cache_latents / --cache_latents_to_disk cannot be used with random_crop or color_aug "
                         "(the augmentation would be frozen in the cache); turn one of them off")
-    if cfg.cache_text_encoder_outputs:
+    if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
+        flag = "--cache_text_encoder_outputs" + ("_to_disk" if cfg.cache_text_encoder_outputs_to_disk else "")
         if not cfg.network_train_unet_only:
-            problems.append("--cache_text_encoder_outputs needs a frozen text encoder: add --network_train_unet_only")
+            problems.append(f"{flag} needs a frozen text encoder: add --network_train_unet_only")
         if not all(text_cacheable(s) for s in subs):
-            problems.append("--cache_text_encoder_outputs cannot be used when captions change per step (shuffle_caption, "
+            problems.append(f"{flag} cannot be used when captions change per step (shuffle_caption, "
                             "caption_dropout_rate, caption_dropout_every_n_epochs, caption_tag_dropout_rate, token_warmup_step, enable_wildcard)")
     return problems
 

@@ -8,6 +8,7 @@ import contextlib, json, math, random, string, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,18 +22,20 @@ from .config import ASSETS, TrainConfig
 from .lora import MappedTargets, atomic_path, load_lora
 from .loss import OBJECTIVES
 from .models import MODEL_SOURCES, Components, ModelSource
+from .data import TextDiskCache, weights_fingerprint
 
 # %% auto #0
 __all__ = ['VAE_SCALE_FACTOR', 'VAE_SHIFT_FACTOR', 'WEIGHTING_SCHEMES', 'TINY_CLIP_L', 'TINY_CLIP_G', 'TINY_T5', 'TINY_MMDIT',
-           'TINY_VAE', 'TINY_SD3', 'CLIP_L', 'CLIP_G', 'T5XXL', 'SD3_NETWORK_ARGS', 'TE_PREFIXES', 'SAI_PREFIXES',
-           'SD3_VAE', 'T5_TOKENIZER_ID', 'COMPONENT_NAMES', 'QK_NORMS', 'sample_u', 'shift_u', 'loss_weight',
-           'flow_loss', 'FlowObjective', 'clip_encoder', 't5_encoder', 'clip_tokenizers', 'tiny_t5_tokenizer',
-           'flow_scheduler', 'tiny_sd3_components', 'tokenize_sd3', 'encode_sd3', 'drop_encoders', 'sd3_context',
-           'SD3Family', 'mmdit_layers', 'mmdit_lora_table', 'parse_emb_dims', 'parse_blocks', 'parse_bool',
-           'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces', 'kohya_to_diffusers',
-           'apply_kohya_lora', 'save_diffusers_lora', 'is_sd3_file', 'claims_sd3', 'load_sd3', 'load_sd3_folder',
-           'file_components', 'missing_components', 'mmdit_config', 'sd3_mmdit', 'sd3_vae', 't5_tokenizer_for',
-           'load_sd3_file', 'mmdit_to_sai', 'sd3_single_file_state', 'save_sd3_single_file', 'check_sd3']
+           'TINY_VAE', 'TINY_SD3', 'CLIP_L', 'CLIP_G', 'T5XXL', 'SD3_TE_ARRAYS', 'SD3_NETWORK_ARGS', 'TE_PREFIXES',
+           'SAI_PREFIXES', 'SD3_VAE', 'T5_TOKENIZER_ID', 'COMPONENT_NAMES', 'QK_NORMS', 'sample_u', 'shift_u',
+           'loss_weight', 'flow_loss', 'FlowObjective', 'clip_encoder', 't5_encoder', 'clip_tokenizers',
+           'tiny_t5_tokenizer', 'flow_scheduler', 'tiny_sd3_components', 'tokenize_sd3', 'encode_sd3', 'drop_encoders',
+           'sd3_context', 'SD3Family', 'sd3_text_disk_cache', 'mmdit_layers', 'mmdit_lora_table', 'parse_emb_dims',
+           'parse_blocks', 'parse_bool', 'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces',
+           'kohya_to_diffusers', 'apply_kohya_lora', 'save_diffusers_lora', 'is_sd3_file', 'claims_sd3', 'load_sd3',
+           'load_sd3_folder', 'file_components', 'missing_components', 'mmdit_config', 'sd3_mmdit', 'sd3_vae',
+           't5_tokenizer_for', 'load_sd3_file', 'mmdit_to_sai', 'sd3_single_file_state', 'save_sd3_single_file',
+           'check_sd3']
 
 # %% ../nbs/04b_sd3.ipynb #774f1ea4
 VAE_SCALE_FACTOR, VAE_SHIFT_FACTOR = 1.5305, 0.0609   # sd-scripts library/sd3_models.py SDVAE
@@ -234,6 +237,10 @@ class SD3Family:
         if any(self.dropout_rates): lg, t5_out, pooled = drop_encoders(lg, t5_out, pooled, comp.text_encoders[0].config.hidden_size, self.dropout_rates)
         return {"context": sd3_context(lg, t5_out), "pooled": pooled}
 
+    def text_disk_cache(self, comp: Components) -> TextDiskCache:
+        "`--cache_text_encoder_outputs_to_disk` in sd-scripts' `<image stem>_sd3_te.npz` files."
+        return sd3_text_disk_cache(self, comp)
+
     @torch.no_grad()
     def encode_images(self, comp: Components, pixels: torch.Tensor) -> torch.Tensor:
         "Latents of images in [-1, 1], shifted and scaled for the MMDiT."
@@ -274,6 +281,23 @@ class SD3Family:
 
     @property
     def modelspec_architecture(self) -> str: return f"stable-diffusion-3-{self.model_type}/lora"
+
+# %% ../nbs/04b_sd3.ipynb #7fcab0c2
+SD3_TE_ARRAYS = ("lg_out", "lg_pooled", "t5_out", "clip_l_attn_mask", "clip_g_attn_mask", "t5_attn_mask", "apply_lg_attn_mask", "apply_t5_attn_mask")
+
+def sd3_text_disk_cache(fam: SD3Family, comp: Components) -> TextDiskCache:
+    "SD3's text-encoder output files: sd-scripts' arrays per caption, and the MMDiT conditioning made from them."
+    def encode(captions: list[str]) -> list[dict]:
+        tokens = tokenize_sd3(comp.tokenizers, captions, fam.t5xxl_max_token_length)
+        lg, t5_out, pooled = (t.detach().float().cpu().numpy() for t in encode_sd3(comp.text_encoders, tokens, fam.apply_lg_attn_mask, fam.apply_t5_attn_mask))
+        (_, l_mask), (_, g_mask), (_, t5_mask) = tokens
+        return [dict(lg_out=lg[i], lg_pooled=pooled[i], t5_out=t5_out[i], clip_l_attn_mask=l_mask[i].numpy(), clip_g_attn_mask=g_mask[i].numpy(),
+                     t5_attn_mask=t5_mask[i].numpy(), apply_lg_attn_mask=np.array(fam.apply_lg_attn_mask), apply_t5_attn_mask=np.array(fam.apply_t5_attn_mask))
+                for i in range(len(captions))]
+    def to_cond(z: dict) -> dict:
+        return {"context": sd3_context(torch.from_numpy(z["lg_out"]), torch.from_numpy(z["t5_out"])), "pooled": torch.from_numpy(z["lg_pooled"])}
+    settings = f"t5xxl_max_token_length={fam.t5xxl_max_token_length},apply_lg_attn_mask={fam.apply_lg_attn_mask},apply_t5_attn_mask={fam.apply_t5_attn_mask}"
+    return TextDiskCache("_sd3_te.npz", encode, to_cond, SD3_TE_ARRAYS, weights_fingerprint(comp.text_encoders), settings)
 
 # %% ../nbs/04b_sd3.ipynb #0ea45f40
 def _kohya(path: str, prefix: str = "lora_unet") -> str: return f"{prefix}.{path}".replace(".", "_")
@@ -651,7 +675,7 @@ def check_sd3(cfg: TrainConfig) -> list[str]:
         f = getattr(cfg, w)
         if f and not (Path(f).is_file() and f.endswith(".safetensors")): out.append(f"--{w}: {f} is not a .safetensors file")
     drops = [f"--{n}" for n in ("clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate") if getattr(cfg, n)]
-    if drops and cfg.cache_text_encoder_outputs:
+    if drops and (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
         out.append(f"{', '.join(drops)} with --cache_text_encoder_outputs: lora_kit drops encoder outputs only when encoding, so the "
                    "cache would freeze the dropout; remove one of them")
     if cfg.weighting_scheme not in WEIGHTING_SCHEMES: out.append(f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}")

@@ -17,7 +17,8 @@ from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from .config import OPTIONS, ConfigError, TrainConfig, parse_resolution, validate
-from .data import BucketBatchSampler, DatasetError, cache_latents, cache_text_encoder_outputs, collate, load_datasets, vae_fingerprint
+from .data import (BucketBatchSampler, DatasetError, cache_latents, cache_text_encoder_outputs, cache_text_encoder_outputs_to_disk,
+                           collate, load_datasets, vae_fingerprint)
 from .lora import (LoRANetwork, SAVE_DTYPES, atomic_path, dims_from_state, load_into, load_lora, merge_lora, parse_network_args,
                            save_lora)
 from .loss import OBJECTIVES, ddpm_only_problems
@@ -498,7 +499,10 @@ def _cache(cfg, comp, datasets, progress: bool = True):
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         vae_id = vae_fingerprint(comp.vae)
         for d in datasets: cache_latents(d, lambda px: fam.encode_images(comp, px), vae_id, cfg.cache_latents_to_disk, cfg.vae_batch_size, progress=progress)
-    if cfg.cache_text_encoder_outputs:
+    if cfg.cache_text_encoder_outputs_to_disk:      # implies --cache_text_encoder_outputs, as in sd-scripts
+        disk = fam.text_disk_cache(comp)
+        for d in datasets: cache_text_encoder_outputs_to_disk(d, disk, progress=progress)
+    elif cfg.cache_text_encoder_outputs:
         for d in datasets: cache_text_encoder_outputs(d, lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length), progress=progress)
 
 # %% ../nbs/06_train.ipynb #5b30935d

@@ -132,3 +132,73 @@ def test_loss_falls_on_fixed_eval_batch(tmp_path):
     train(cfg, [ev], progress=False)
     before, after = ev.losses
     assert after < 0.95 * before, (before, after)
+
+
+def test_samples_during_training(tmp_path):
+    "`--sample_prompts` with `--sample_every_n_steps`: sd-scripts' file names under output_dir/sample, PNGs of the asked size."
+    from PIL import Image
+    from lora_kit.sample import sample_filename
+    write_folder(tmp_path / "img" / "1_sks", n=2, seed=0)
+    (tmp_path / "prompts.txt").write_text("a red sks --w 64 --h 48 --s 4 --d 7\n# a comment line\na blue sks --n green --w 32 --h 64 --s 2 --l 5\n")
+    out = tmp_path / "out"
+    run_cli("sd3_train_network", "--pretrained_model_name_or_path", "tiny-sd3", "--train_data_dir", str(tmp_path / "img"),
+            "--caption_extension", ".txt", "--resolution", "64", "--train_batch_size", "1", "--network_module", "networks.lora_sd3",
+            "--max_train_steps", "5", "--output_dir", str(out), "--output_name", "smp", "--sample_prompts", str(tmp_path / "prompts.txt"),
+            "--sample_every_n_steps", "2", "--max_data_loader_n_workers", "0")
+    files = sorted(p.name for p in (out / "sample").iterdir())
+    tags = [f"{s:06d}" for s in (2, 4, 5)]                          # every 2 steps, and once at the end of training
+    assert len(files) == 6, files
+    for tag in tags:
+        first, second = [f for f in files if f.startswith(f"smp_{tag}_")]
+        ts = first.split("_")[3]
+        assert len(ts) == 14 and ts.isdigit()                        # %Y%m%d%H%M%S, shared by the images of one sampling
+        assert first == sample_filename("smp", tag, 0, ts, 7) and second == sample_filename("smp", tag, 1, ts)
+    for f in files:
+        Image.open(out / "sample" / f).verify()                      # a complete, valid PNG
+        img = Image.open(out / "sample" / f)
+        assert img.format == "PNG" and img.size == ((64, 48) if "_00_" in f else (32, 64))
+        assert min(hi - lo for lo, hi in img.getextrema()) > 0      # not a blank image
+
+
+def _te_cache_run(folder: Path, out: Path, flag: str):
+    "Train 3 steps on tiny-sd3 with a text-encoder cache flag; returns (text-encoder forward calls, losses)."
+    from lora_kit.config import make_config
+    from lora_kit.sd3 import tiny_sd3_components
+    from lora_kit.train import train
+    cfg = make_config(["--pretrained_model_name_or_path", "tiny-sd3", "--network_module", "networks.lora_sd3", "--train_data_dir", str(folder),
+                       "--caption_extension", ".txt", "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "3", "--seed", "0",
+                       "--network_train_unet_only", flag, "--max_data_loader_n_workers", "0", "--output_dir", str(out), "--output_name", "te"])
+    comp, calls = tiny_sd3_components("tiny-sd3"), []
+    for te in comp.text_encoders: te.register_forward_hook(lambda *a: calls.append(1))
+    train(cfg, comp=comp, progress=False)
+    return len(calls), [float(r["loss"]) for r in csv.DictReader(open(out / "te_loss.csv"))]
+
+
+def test_text_encoder_outputs_disk_cache(tmp_path):
+    """--cache_text_encoder_outputs_to_disk writes sd-scripts' <stem>_sd3_te.npz next to each image; the next run reads them
+    without a text-encoder forward; training matches the in-memory --cache_text_encoder_outputs exactly.
+    (Invalidation by caption, text encoders and settings: nbs/01_data and nbs/04b_sd3.)"""
+    import numpy as np
+    write_folder(tmp_path / "img" / "1_sks", n=3, seed=0)
+    calls_mem, loss_mem = _te_cache_run(tmp_path / "img", tmp_path / "o1", "--cache_text_encoder_outputs")
+    calls_first, loss_first = _te_cache_run(tmp_path / "img", tmp_path / "o2", "--cache_text_encoder_outputs_to_disk")
+    images = sorted((tmp_path / "img" / "1_sks").glob("*.png"))
+    files = sorted((tmp_path / "img" / "1_sks").glob("*_sd3_te.npz"))
+    assert [f.name for f in files] == [i.stem + "_sd3_te.npz" for i in images]
+    with np.load(files[0]) as z:                                   # sd-scripts' Sd3TextEncoderOutputsCachingStrategy arrays
+        assert {"lg_out", "lg_pooled", "t5_out", "clip_l_attn_mask", "clip_g_attn_mask", "t5_attn_mask",
+                "apply_lg_attn_mask", "apply_t5_attn_mask"} <= set(z.files)
+        assert z["lg_out"].dtype == np.float32 and z["t5_out"].shape[0] == 256 and not z["apply_t5_attn_mask"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    calls_second, loss_second = _te_cache_run(tmp_path / "img", tmp_path / "o3", "--cache_text_encoder_outputs_to_disk")
+    assert calls_mem > 0 and calls_first > 0 and calls_second == 0    # the second run never runs a text encoder
+    assert [f.stat().st_mtime_ns for f in files] == stamps            # and rewrites nothing
+    assert len(loss_mem) == 3 and loss_first == loss_mem and loss_second == loss_mem
+
+
+def test_text_encoder_disk_cache_refused_for_sd1():
+    "sd-scripts' train_network.py has no --cache_text_encoder_outputs_to_disk: refused for SD 1.x/2.x before loading."
+    from lora_kit.config import make_config
+    from lora_kit.models import check_model
+    cfg = make_config(["--pretrained_model_name_or_path", "tiny-sd1", "--cache_text_encoder_outputs_to_disk"], check=False)
+    assert any(p.startswith("--cache_text_encoder_outputs_to_disk is an sd3_train_network option") for p in check_model(cfg))
