@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save, save_file
 from .checkpoint import atomic_path
 
 # %% auto #0
-__all__ = ['NETWORK_ARGS', 'SAVE_DTYPES', 'PEFT_PREFIXES', 'LoRAModule', 'MappedLoRAModule', 'MappedTargets',
+__all__ = ['LORAPLUS_ARGS', 'NETWORK_ARGS', 'SAVE_DTYPES', 'PEFT_PREFIXES', 'LoRAModule', 'MappedLoRAModule', 'MappedTargets',
            'parse_network_args', 'lora_name', 'LoRANetwork', 'model_hashes', 'save_lora', 'load_lora',
            'dims_from_state', 'load_into', 'count_peft_layers', 'peft_paths', 'to_peft', 'from_peft', 'merge_lora']
 
@@ -118,7 +118,8 @@ class MappedTargets:
     dims: dict
 
 # %% ../nbs/03_lora.ipynb #9832c422
-NETWORK_ARGS = {"conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float}
+LORAPLUS_ARGS = {"loraplus_lr_ratio": float, "loraplus_unet_lr_ratio": float, "loraplus_text_encoder_lr_ratio": float}
+NETWORK_ARGS = {"conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float, **LORAPLUS_ARGS}
 
 # %% ../nbs/03_lora.ipynb #0892e392
 def parse_network_args(args: list[str]|None, table: dict|None = None) -> dict:
@@ -157,7 +158,7 @@ class LoRANetwork(nn.Module):
                  dropout=None, rank_dropout=None, module_dropout=None, dims: dict|None = None, alphas: dict|None = None):
         super().__init__()
         self.loras: dict[str, LoRAModule] = {}   # also registered as children, so state_dict keys are kohya's
-        self.prefixes = []
+        self.prefixes, self.loraplus_ratios = [], {}
         for t in targets:
             if isinstance(t, MappedTargets):
                 self.prefixes.append(t.prefix)
@@ -195,16 +196,26 @@ class LoRANetwork(nn.Module):
     def modules_with(self, prefix: str) -> list[LoRAModule]:
         return [m for n, m in self.loras.items() if n.startswith(prefix + "_")]
 
+    def set_loraplus_lr_ratio(self, network_args: dict):
+        "LoRA+ ratios from parsed `network_args`; the unet/text-encoder ratio falls back to `loraplus_lr_ratio` (sd-scripts' `or`)."
+        every = network_args.get("loraplus_lr_ratio")
+        self.loraplus_ratios = {"lora_unet": network_args.get("loraplus_unet_lr_ratio") or every,
+                                "lora_te": network_args.get("loraplus_text_encoder_lr_ratio") or every}
+
     def param_groups(self, lrs: dict[str, float|None], default_lr: float) -> list[dict]:
-        "Optimizer groups per prefix (e.g. `{'lora_unet': unet_lr, 'lora_te': te_lr}`); a 0 lr freezes that part."
+        "Optimizer groups per prefix (e.g. `{'lora_unet': unet_lr, 'lora_te': te_lr}`), LoRA+ `lora_up` groups after each; a 0 lr freezes."
         groups = []
         for prefix in self.prefixes:
-            lr = lrs.get(prefix, lrs.get(prefix.rstrip("0123456789")))   # lora_te1/2/3 fall back to lora_te
+            lr = _by_prefix(lrs, prefix)
             lr = default_lr if lr is None else lr
-            params = [p for m in self.modules_with(prefix) for p in m.parameters()]
-            if params and lr: groups.append({"params": params, "lr": lr, "name": prefix})
-            else:
-                for p in params: p.requires_grad_(False)
+            ratio = _by_prefix(self.loraplus_ratios, prefix)
+            plain, plus = [], []
+            for m in self.modules_with(prefix):
+                for name, p in m.named_parameters(): (plus if ratio is not None and "lora_up" in name else plain).append(p)
+            for params, group_lr, name in ((plain, lr, prefix), (plus, lr * (ratio or 0), f"{prefix} plus")):
+                if params and group_lr: groups.append({"params": params, "lr": group_lr, "name": name})
+                else:
+                    for p in params: p.requires_grad_(False)
         return groups
 
     @torch.no_grad()
@@ -219,6 +230,11 @@ class LoRANetwork(nn.Module):
                 m.lora_up.weight.mul_(ratio ** 0.5); m.lora_down.weight.mul_(ratio ** 0.5)
             norms.append((norm * ratio).item())
         return scaled, sum(norms) / len(norms), max(norms)
+
+# %% ../nbs/03_lora.ipynb #62429915
+def _by_prefix(table: dict, prefix: str):
+    "`table[prefix]`; lora_te1/2/3 fall back to lora_te."
+    return table.get(prefix, table.get(prefix.rstrip("0123456789")))
 
 # %% ../nbs/03_lora.ipynb #650b6a77
 def _max_norm_ratio(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
