@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save, save_file
 from .checkpoint import atomic_path
 
 # %% auto #0
-__all__ = ['NETWORK_ARGS', 'SAVE_DTYPES', 'PEFT_PREFIXES', 'LoRAModule', 'MappedLoRAModule', 'MappedTargets',
-           'parse_network_args', 'lora_name', 'LoRANetwork', 'model_hashes', 'save_lora', 'load_lora',
+__all__ = ['LORAPLUS_ARGS', 'NETWORK_ARGS', 'SAVE_DTYPES', 'PEFT_PREFIXES', 'LoRAModule', 'MappedLoRAModule', 'SplitLoRAModule',
+           'MappedTargets', 'parse_network_args', 'lora_name', 'LoRANetwork', 'model_hashes', 'save_lora', 'load_lora',
            'dims_from_state', 'load_into', 'count_peft_layers', 'peft_paths', 'to_peft', 'from_peft', 'merge_lora']
 
 # %% ../nbs/03_lora.ipynb #a5e2f16d
@@ -63,7 +63,10 @@ class LoRAModule(nn.Module):
     def low_rank(self, x):
         "(down(x) with neuron and rank dropout, scale), or (None, 0) when module dropout skips this call."
         if self.module_dropout and self.training and torch.rand(1) < self.module_dropout: return None, 0.0
-        lx = self.lora_down(x)
+        return self._dropped(self.lora_down(x))
+
+    def _dropped(self, lx):
+        "(lx with neuron and rank dropout, scale)."
         if self.dropout and self.training: lx = nn.functional.dropout(lx, p=self.dropout)
         scale = self.scale
         if self.rank_dropout and self.training:
@@ -110,15 +113,66 @@ class MappedLoRAModule(LoRAModule):
         return out + up * self.multiplier * scale
 
 # %% ../nbs/03_lora.ipynb #17bd01e0
+class SplitLoRAModule(MappedLoRAModule):
+    "sd-scripts' `split_dims` LoRA: one down/up pair per layer in `parts`, saved merged as one fused-layer LoRA of rank len(parts)·dim."
+    def __init__(self, lora_name: str, parts: list, dim: int = 4, alpha: float|None = 1,
+                 dropout: float|None = None, rank_dropout: float|None = None, module_dropout: float|None = None):
+        super().__init__(lora_name, parts, dim, alpha, dropout, rank_dropout, module_dropout)
+        self.lora_down = nn.ModuleList(nn.Linear(m.in_features, dim, bias=False) for m in self._org)
+        self.lora_up = nn.ModuleList(nn.Linear(dim, m.out_features, bias=False) for m in self._org)
+        for d in self.lora_down: nn.init.kaiming_uniform_(d.weight, a=math.sqrt(5))
+        for u in self.lora_up: nn.init.zeros_(u.weight)
+        self.register_state_dict_post_hook(_merge_split)
+        self.register_load_state_dict_pre_hook(_unmerge_split)
+
+    def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        "(lora_down, lora_up) of the fused layer: stacked downs, block-diagonal ups."
+        return torch.cat([d.weight for d in self.lora_down]), torch.block_diag(*[u.weight for u in self.lora_up])
+
+    def delta_weight(self, dtype: torch.dtype|None = None) -> torch.Tensor:
+        down, up = (w.to(dtype or w.dtype) for w in self.merged())
+        return up @ down * self.scale
+
+    def low_rank(self, x):
+        "([down_j(x) with dropouts] for each part, scale), or (None, 0): one module-dropout draw for all parts."
+        if self.module_dropout and self.training and torch.rand(1) < self.module_dropout: return None, 0.0
+        lxs = [self._dropped(d(x)) for d in self.lora_down]
+        return [lx for lx, _ in lxs], lxs[0][1]
+
+    def part_forward(self, j: int, x):
+        out = self.org_forwards[j](x)
+        lxs, scale = self._shared_low_rank(x)
+        return out if lxs is None else out + self.lora_up[j](lxs[j]) * self.multiplier * scale
+
+# %% ../nbs/03_lora.ipynb #efc887a0
+def _merge_split(module: SplitLoRAModule, state: dict, prefix: str, local_metadata):
+    "state_dict post-hook: the parts' weights replaced by the merged fused-layer weights."
+    n = len(module.lora_down)
+    for k in [f"{prefix}lora_{w}.{j}.weight" for w in ("down", "up") for j in range(n)]: del state[k]
+    down, up = module.merged()
+    state[f"{prefix}lora_down.weight"], state[f"{prefix}lora_up.weight"] = down.detach(), up.detach()
+
+def _unmerge_split(module: SplitLoRAModule, state: dict, prefix: str, *args):
+    "load_state_dict pre-hook: merged fused-layer weights cut back into the parts' (the diagonal blocks of lora_up)."
+    if f"{prefix}lora_down.weight" not in state: return
+    down, up = state.pop(f"{prefix}lora_down.weight"), state.pop(f"{prefix}lora_up.weight")
+    rows = [m.out_features for m in module._org]
+    for j, (d, u) in enumerate(zip(down.chunk(len(rows)), up.split(rows))):
+        state[f"{prefix}lora_down.{j}.weight"] = d
+        state[f"{prefix}lora_up.{j}.weight"] = u[:, j * d.shape[0]:(j + 1) * d.shape[0]]
+
+# %% ../nbs/03_lora.ipynb #3f8b43f6
 @dataclass
 class MappedTargets:
-    "Explicit LoRA targets of one model: kohya name -> [(layer, lora_up rows)], and name -> (dim, alpha) of the modules created by default (None: the network's)."
+    "Explicit LoRA targets of one model: kohya name -> [(layer, lora_up rows)], name -> (dim, alpha) of the modules created by default (None: the network's), and the names to split per layer (`SplitLoRAModule`)."
     prefix: str
     parts: dict
     dims: dict
+    split: frozenset = frozenset()
 
 # %% ../nbs/03_lora.ipynb #9832c422
-NETWORK_ARGS = {"conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float}
+LORAPLUS_ARGS = {"loraplus_lr_ratio": float, "loraplus_unet_lr_ratio": float, "loraplus_text_encoder_lr_ratio": float}
+NETWORK_ARGS = {"conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float, **LORAPLUS_ARGS}
 
 # %% ../nbs/03_lora.ipynb #0892e392
 def parse_network_args(args: list[str]|None, table: dict|None = None) -> dict:
@@ -157,15 +211,17 @@ class LoRANetwork(nn.Module):
                  dropout=None, rank_dropout=None, module_dropout=None, dims: dict|None = None, alphas: dict|None = None):
         super().__init__()
         self.loras: dict[str, LoRAModule] = {}   # also registered as children, so state_dict keys are kohya's
-        self.prefixes = []
+        self.prefixes, self.loraplus_ratios = [], {}
         for t in targets:
             if isinstance(t, MappedTargets):
                 self.prefixes.append(t.prefix)
                 for name, parts in t.parts.items():
+                    split = name in t.split
                     if dims is not None: d, a = dims.get(name), (alphas or {}).get(name)
                     elif name in t.dims: d, a = (x if x is not None else default for x, default in zip(t.dims[name], (dim, alpha)))
                     else: continue
-                    if d: self._add(MappedLoRAModule(name, parts, d, a, dropout, rank_dropout, module_dropout))
+                    if d and split: self._add(SplitLoRAModule(name, parts, d // len(parts) if dims is not None else d, a, dropout, rank_dropout, module_dropout))
+                    elif d: self._add(MappedLoRAModule(name, parts, d, a, dropout, rank_dropout, module_dropout))
                 continue
             prefix, model, path_prefix, classes = t
             self.prefixes.append(prefix)
@@ -195,16 +251,26 @@ class LoRANetwork(nn.Module):
     def modules_with(self, prefix: str) -> list[LoRAModule]:
         return [m for n, m in self.loras.items() if n.startswith(prefix + "_")]
 
+    def set_loraplus_lr_ratio(self, network_args: dict):
+        "LoRA+ ratios from parsed `network_args`; the unet/text-encoder ratio falls back to `loraplus_lr_ratio` (sd-scripts' `or`)."
+        every = network_args.get("loraplus_lr_ratio")
+        self.loraplus_ratios = {"lora_unet": network_args.get("loraplus_unet_lr_ratio") or every,
+                                "lora_te": network_args.get("loraplus_text_encoder_lr_ratio") or every}
+
     def param_groups(self, lrs: dict[str, float|None], default_lr: float) -> list[dict]:
-        "Optimizer groups per prefix (e.g. `{'lora_unet': unet_lr, 'lora_te': te_lr}`); a 0 lr freezes that part."
+        "Optimizer groups per prefix (e.g. `{'lora_unet': unet_lr, 'lora_te': te_lr}`), LoRA+ `lora_up` groups after each; a 0 lr freezes."
         groups = []
         for prefix in self.prefixes:
-            lr = lrs.get(prefix, lrs.get(prefix.rstrip("0123456789")))   # lora_te1/2/3 fall back to lora_te
+            lr = _by_prefix(lrs, prefix)
             lr = default_lr if lr is None else lr
-            params = [p for m in self.modules_with(prefix) for p in m.parameters()]
-            if params and lr: groups.append({"params": params, "lr": lr, "name": prefix})
-            else:
-                for p in params: p.requires_grad_(False)
+            ratio = _by_prefix(self.loraplus_ratios, prefix)
+            plain, plus = [], []
+            for m in self.modules_with(prefix):
+                for name, p in m.named_parameters(): (plus if ratio is not None and "lora_up" in name else plain).append(p)
+            for params, group_lr, name in ((plain, lr, prefix), (plus, lr * (ratio or 0), f"{prefix} plus")):
+                if params and group_lr: groups.append({"params": params, "lr": group_lr, "name": name})
+                else:
+                    for p in params: p.requires_grad_(False)
         return groups
 
     @torch.no_grad()
@@ -216,9 +282,14 @@ class LoRANetwork(nn.Module):
             ratio = _max_norm_ratio(norm, max_norm)
             if ratio != 1:
                 scaled += 1
-                m.lora_up.weight.mul_(ratio ** 0.5); m.lora_down.weight.mul_(ratio ** 0.5)
+                for p in m.parameters(): p.mul_(ratio ** 0.5)             # every up and down
             norms.append((norm * ratio).item())
         return scaled, sum(norms) / len(norms), max(norms)
+
+# %% ../nbs/03_lora.ipynb #62429915
+def _by_prefix(table: dict, prefix: str):
+    "`table[prefix]`; lora_te1/2/3 fall back to lora_te."
+    return table.get(prefix, table.get(prefix.rstrip("0123456789")))
 
 # %% ../nbs/03_lora.ipynb #650b6a77
 def _max_norm_ratio(norm: torch.Tensor, max_norm: float) -> torch.Tensor:

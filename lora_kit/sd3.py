@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from .config import ASSETS, TrainConfig
-from .lora import MappedTargets, atomic_path, load_lora
+from .lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora
 from .loss import OBJECTIVES
 from .models import MODEL_SOURCES, Components, ModelSource
 from .data import TextDiskCache, weights_fingerprint
@@ -368,7 +368,8 @@ parse_emb_dims.__name__, parse_blocks.__name__, parse_bool.__name__ = "list of 6
 
 SD3_NETWORK_ARGS = {**{k: int for k in ("context_attn_dim", "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim")},
                     "emb_dims": parse_emb_dims, "train_block_indices": parse_blocks, "train_t5xxl": parse_bool,
-                    "conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float}
+                    "conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float, "split_qkv": parse_bool,
+                    **LORAPLUS_ARGS}
 
 # %% ../nbs/04b_sd3.ipynb #a5095278
 def block_selected(selection: str|None, index: int) -> bool:
@@ -413,7 +414,8 @@ def sd3_lora_targets(comp: Components, train_unet: bool = True, train_text_encod
         parts[name] = list(zip(layers, _rows(kind, layers)))
         d, a = lora_sd3_dims(name, group, kind, args)
         if d != 0 and train_unet: dims[name] = (d, a)
-    out.append(MappedTargets("lora_unet", parts, dims))
+    split = frozenset(n for n, _, kind, _ in mmdit_lora_table(cfg.num_layers, cfg.dual_attention_layers or ()) if kind == "qkv") if args.get("split_qkv") else frozenset()
+    out.append(MappedTargets("lora_unet", parts, dims, split))
     return out
 
 # %% ../nbs/04b_sd3.ipynb #6ea8b489

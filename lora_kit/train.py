@@ -368,6 +368,7 @@ def build_network(cfg: TrainConfig, comp) -> LoRANetwork:
     else:
         net = LoRANetwork(targets, dim=cfg.network_dim or 4, alpha=cfg.network_alpha, conv_dim=nargs.get("conv_dim"),
                           conv_alpha=nargs.get("conv_alpha"), **kw)
+    net.set_loraplus_lr_ratio(nargs)
     return net.apply_to()
 
 # %% ../nbs/06_train.ipynb #bd5debae
@@ -655,6 +656,11 @@ def _step(cfg, comp, network, objective, optimizer, scheduler, acc, batch, train
 # %% ../nbs/06_train.ipynb #1d2bfe61
 _LR_NAMES = {"lora_te": "textencoder", "lora_unet": "unet"}
 
+def _lr_name(group: dict, i: int) -> str:
+    "sd-scripts' log name of group `i`'s lr: textencoder / unet (else group{i}), ' plus' for a LoRA+ group."
+    prefix, _, plus = (group.get("name") or "").partition(" ")
+    return _LR_NAMES.get(prefix, f"group{i}") + (f" {plus}" if plus else "")
+
 # %% ../nbs/06_train.ipynb #cc49ca9b
 def _after_step(state: TrainState, loss, scheduler, bar, callbacks, metadata):
     "Bookkeeping after an optimizer step: averages, logs, progress, periodic saves, callbacks."
@@ -667,7 +673,7 @@ def _after_step(state: TrainState, loss, scheduler, bar, callbacks, metadata):
     lrs = scheduler.get_last_lr()
     groups = getattr(getattr(scheduler, "scheduler", scheduler), "optimizer", None)   # accelerate wraps the scheduler
     groups = groups.param_groups if groups is not None else []
-    state.lrs = {_LR_NAMES.get(g.get("name"), f"group{i}"): lr for i, (g, lr) in enumerate(zip(groups, lrs))} or {"unet": lrs[0]}
+    state.lrs = {_lr_name(g, i): lr for i, (g, lr) in enumerate(zip(groups, lrs))} or {"unet": lrs[0]}
     state.history.append((state.step, state.epoch, state.loss, state.avg_loss, lrs[0]))
     bar.update(1); bar.set_postfix(loss=f"{state.loss:.4f}", avr_loss=f"{state.avg_loss:.4f}")
     logs = {"loss/current": state.loss, "loss/average": state.avg_loss, **{f"lr/{k}": v for k, v in state.lrs.items()}}

@@ -296,3 +296,16 @@ def test_base_weights_are_merged_before_training(data, tmp_path):
     assert all(torch.allclose(seen[k], merged[k], atol=1e-6) for k in merged)
     with pytest.raises(ConfigError, match="--base_weights: file .*missing.safetensors does not exist"):
         train(make_config(argv[:-4] + ["--base_weights", str(tmp_path/"missing.safetensors")]))
+
+
+def test_loraplus_groups_lrs_and_log_names(data, tmp_path):
+    # --network_args LoRA+: lora_up groups at lr x ratio, logged under sd-scripts' names; the ratios land in ss_network_args
+    run(data, tmp_path, "--output_name", "lp", "--logging_dir", str(tmp_path / "logs"), "--text_encoder_lr", "5e-4",
+        "--network_args", "loraplus_lr_ratio=16", "loraplus_text_encoder_lr_ratio=4", steps=2)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir, = (tmp_path / "logs").iterdir()
+    ev = EventAccumulator(str(next(run_dir.rglob("events.out.tfevents.*")).parent)); ev.Reload()
+    lrs = {t: ev.Scalars(t)[0].value for t in ev.Tags()["scalars"] if t.startswith("lr/")}
+    assert lrs == pytest.approx({"lr/unet": 1e-3, "lr/unet plus": 1.6e-2, "lr/textencoder": 5e-4, "lr/textencoder plus": 2e-3})
+    _, md = load_lora(tmp_path / "lp.safetensors")
+    assert json.loads(md["ss_network_args"]) == {"loraplus_lr_ratio": "16", "loraplus_text_encoder_lr_ratio": "4"}

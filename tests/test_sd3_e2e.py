@@ -202,3 +202,31 @@ def test_text_encoder_disk_cache_refused_for_sd1():
     from lora_kit.models import check_model
     cfg = make_config(["--pretrained_model_name_or_path", "tiny-sd1", "--cache_text_encoder_outputs_to_disk"], check=False)
     assert any(p.startswith("--cache_text_encoder_outputs_to_disk is an sd3_train_network option") for p in check_model(cfg))
+
+
+def test_split_qkv_and_loraplus_train_save_and_resume(tmp_path):
+    "networks.lora_sd3 with split_qkv=True and LoRA+: sd-scripts' merged qkv file, lr/unet plus logged, --network_weights reads it back split."
+    from lora_kit.config import make_config
+    from lora_kit.lora import load_lora
+    from lora_kit.train import train
+    write_folder(tmp_path / "img" / "1_sks", n=2, seed=0)
+    argv = ["--pretrained_model_name_or_path", "tiny-sd3", "--network_module", "networks.lora_sd3", "--train_data_dir",
+            str(tmp_path / "img"), "--caption_extension", ".txt", "--resolution", "64", "--train_batch_size", "2",
+            "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3", "--max_train_steps", "2", "--seed", "0",
+            "--network_train_unet_only", "--max_data_loader_n_workers", "0",
+            "--network_args", "split_qkv=True", "loraplus_unet_lr_ratio=8"]
+    state = train(make_config([*argv, "--output_dir", str(tmp_path / "a"), "--output_name", "a"]), progress=False)
+    assert state.lrs == pytest.approx({"unet": 1e-3, "unet plus": 8e-3})
+    sd, md = load_lora(tmp_path / "a" / "a.safetensors")
+    q = "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    assert sd[f"{q}.lora_down.weight"].shape[0] == 12 and sd[f"{q}.lora_up.weight"].shape == (3 * 128, 12)
+    assert float(sd[f"{q}.alpha"]) == 2.0 and sd[f"{q}.lora_up.weight"][:128, 4:].abs().sum() == 0   # block-diagonal
+    assert sd[f"{q}.lora_up.weight"][:128, :4].abs().sum() > 0                                          # trained
+    # --network_weights with the same network_args: split again into q/k/v LoRAs of rank 4, same weights
+    from lora_kit.lora import SplitLoRAModule
+    from lora_kit.sd3 import tiny_sd3_components
+    from lora_kit.train import build_network
+    net = build_network(make_config([*argv, "--output_dir", str(tmp_path / "b"), "--network_weights", str(tmp_path / "a" / "a.safetensors")]),
+                        tiny_sd3_components("tiny-sd3"))
+    assert isinstance(net.loras[q], SplitLoRAModule) and net.loras[q].lora_dim == 4 and net.loras[q].scale == 0.5
+    assert all(torch.equal(v, sd[k]) for k, v in net.state_dict().items())
