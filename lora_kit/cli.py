@@ -138,7 +138,7 @@ def merge(argv: list[str]) -> int:
     comp = _family_model(a.model, a.v2, a.v_parameterization)
     for spec in a.lora:
         path, _, strength = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() else (spec, "", "1")
-        merge_lora(comp.family.lora_targets(comp, conv=True), load_lora(path)[0], float(strength))
+        merge_lora(comp, load_lora(path)[0], float(strength))
     save_model(comp, a.output, SAVE_DTYPES[a.save_precision])
     print(f"wrote {a.output}"); return 0
 

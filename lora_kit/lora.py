@@ -391,10 +391,10 @@ def from_peft(state: dict) -> dict:
 
 # %% ../nbs/03_lora.ipynb #d5ca2ba9
 @torch.no_grad()
-def merge_lora(targets: list, state: dict, strength: float = 1.0):
-    "Add a kohya LoRA `state` at `strength` into the weights of a family's `lora_targets(comp, conv=True)`."
+def merge_lora(comp, state: dict, strength: float = 1.0):
+    "Add a kohya LoRA `state` at `strength` into the weights of `comp` (any module its family can target)."
     dims, alphas = dims_from_state(state)
-    net = LoRANetwork(targets, dims=dims, alphas=alphas)
+    net = LoRANetwork(comp.family.lora_targets(comp, conv=True), dims=dims, alphas=alphas)
     load_into(net, state)
     for m in net.loras.values():
         org = m._org[0]

@@ -73,7 +73,7 @@ def load_toy(model: str = "toy-sd1", lora: str|Path|None = None, strength: float
     from lora_kit.lora import load_lora, merge_lora
     from lora_kit.models import load_components
     comp = load_components(make_config(check=False, pretrained_model_name_or_path=str(model)))
-    if lora: merge_lora(comp.family.lora_targets(comp, conv=True), load_lora(lora)[0], strength)
+    if lora: merge_lora(comp, load_lora(lora)[0], strength)
     return comp
 
 # %% ../nbs/07b_toymodel.ipynb #c49dd0cb

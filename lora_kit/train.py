@@ -44,7 +44,7 @@ def merge_base_weights(cfg: TrainConfig, comp):
     "`--base_weights` LoRA files merged into the model before training, each at its `--base_weights_multiplier` (default 1.0)."
     mults = cfg.base_weights_multiplier or []
     for i, path in enumerate(cfg.base_weights or []):
-        merge_lora(comp.family.lora_targets(comp, conv=True), load_lora(path)[0], mults[i] if i < len(mults) else 1.0)
+        merge_lora(comp, load_lora(path)[0], mults[i] if i < len(mults) else 1.0)
 
 # %% ../nbs/06_train.ipynb #12087795
 def check_all(cfg: TrainConfig):

@@ -290,7 +290,7 @@ def test_base_weights_are_merged_before_training(data, tmp_path):
     train(make_config(argv), callbacks=[Grab()])
     ref = tiny_components("tiny-sd1")
     plain = {k: v.clone() for k, v in ref.denoiser.state_dict().items()}
-    merge_lora(ref.family.lora_targets(ref, conv=True), load_lora(base)[0], 0.5)
+    merge_lora(ref, load_lora(base)[0], 0.5)
     merged = ref.denoiser.state_dict()
     assert any(not torch.equal(plain[k], merged[k]) for k in plain)
     assert all(torch.allclose(seen[k], merged[k], atol=1e-6) for k in merged)
