@@ -36,7 +36,7 @@ def sd3_train_network(argv: list[str]) -> int:
     cfg = make_config(argv, check=False)
     if not claims_sd3(cfg.pretrained_model_name_or_path or ""):
         raise ConfigError([f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path!r} is not an SD3 model "
-                           f"(a diffusers SD3 folder or {', '.join(TINY_SD3)}); for SD 1.x/2.x use lora-kit train_network"])
+                           f"(an SD3 .safetensors file, a diffusers SD3 folder or {', '.join(TINY_SD3)}); for SD 1.x/2.x use lora-kit train_network"])
     if cfg.network_module == "networks.lora": argv = [*argv, "--network_module", "networks.lora_sd3"]
     return train_network(argv)
 

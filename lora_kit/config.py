@@ -94,6 +94,8 @@ min_timestep max_timestep scale_weight_norms initial_step initial_epoch
 loss_type huber_schedule huber_c huber_scale multires_noise_iterations multires_noise_discount noise_offset_random_strength
 adaptive_noise_scale ip_noise_gamma ip_noise_gamma_random_strength scale_v_pred_loss_like_noise_pred v_pred_like_loss
 debiased_estimation_loss zero_terminal_snr
+enable_scaled_pos_embed pos_emb_random_crop_rate t5xxl_device t5xxl_dtype save_clip save_t5xxl text_encoder_batch_size
+disable_mmap_load_safetensors skip_cache_check
 """.split())
 
 # %% ../nbs/00_config.ipynb #5a280cfa
@@ -307,9 +309,7 @@ def _loss_problems(c) -> list[str]:
     return out
 
 # %% ../nbs/00_config.ipynb #9ee5306b
-_WHY_NOT = {  # options whose feature lives in sd-scripts' own model code, not in the diffusers models lora_kit trains
-    "pos_emb_random_crop_rate": "it crops sd-scripts' own MMDiT position embedding; diffusers' SD3 transformer has no such crop",
-    "enable_scaled_pos_embed": "it rescales sd-scripts' own MMDiT position embedding per resolution; diffusers' SD3 transformer has no such scaling",
+_WHY_NOT = {  # refused options whose reason is worth stating
     "fp8_base": "fp8 weights need sd-scripts' fp8 layers (and a GPU); use --mixed_precision bf16",
 }
 

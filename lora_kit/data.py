@@ -1236,6 +1236,12 @@ def _read_npz(path: str) -> dict:
         with np.load(path) as z: return {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError): return {}
 
+def _has_arrays(path: str, names) -> bool:
+    "Whether the npz file at `path` exists and names all of `names` (without reading them)."
+    try:
+        with np.load(path) as z: return set(names) <= set(z.files)
+    except (OSError, ValueError, EOFError): return False
+
 # %% ../nbs/01_data.ipynb #bef18882
 def load_cached_latents(path: str, flipped: bool = False) -> torch.Tensor:
     with np.load(path) as z: return torch.from_numpy(z["lora_kit_latents_flipped" if flipped else "lora_kit_latents"])
@@ -1250,14 +1256,17 @@ def save_cached_latents(path: str, key: str, latents: torch.Tensor, flipped: tor
 
 # %% ../nbs/01_data.ipynb #c8046f62
 def cache_latents(ds: TrainDataset, encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str, to_disk: bool = False,
-                  batch_size: int = 1, suffix: str = "_sd", progress: bool = True) -> int:
-    "Fill `ds`'s latent cache (memory, or npz files on disk); returns how many images were encoded."
+                  batch_size: int = 1, suffix: str = "_sd", skip_check: bool = False, progress: bool = True) -> int:
+    """Fill `ds`'s latent cache (memory, or npz files on disk); returns how many images were encoded. `skip_check`
+    (`--skip_cache_check`) trusts any file that has the arrays, without checking it was made from this image and VAE."""
     from tqdm.auto import tqdm
     todo = {}
     for i, item in enumerate(ds.plan.images.items):
         flip = ds.subset(i).flip_aug
         if to_disk:
             path = latents_npz_path(item.path, item.image_size, suffix)
+            if skip_check and _has_arrays(path, ("lora_kit_latents",) + (("lora_kit_latents_flipped",) if flip else ())):
+                ds.npz[i] = path; continue
             key = latent_cache_key(item.path, ds.plan.plan.choices[i], flip, vae_id)
             z = _read_npz(path)
             if z.get("lora_kit_key") == key and "lora_kit_latents" in z and (not flip or "lora_kit_latents_flipped" in z):
@@ -1328,14 +1337,16 @@ class TextDiskCache:
 
 # %% ../nbs/01_data.ipynb #3cb48adb
 @torch.no_grad()
-def cache_text_encoder_outputs_to_disk(ds: TrainDataset, disk: TextDiskCache, batch_size: int = 8, progress: bool = True) -> int:
-    "Fill `ds`'s text cache from valid files next to the images, encoding and writing the others; returns how many files were written."
+def cache_text_encoder_outputs_to_disk(ds: TrainDataset, disk: TextDiskCache, batch_size: int = 8, skip_check: bool = False,
+                                       progress: bool = True) -> int:
+    """Fill `ds`'s text cache from valid files next to the images, encoding and writing the others; returns how many files
+    were written. `skip_check` (`--skip_cache_check`) trusts any file that has the arrays, whatever caption or encoders made it."""
     from tqdm.auto import tqdm
     todo: dict = {}                      # caption -> files to write
     for i, item in enumerate(ds.plan.images.items):
         cap, path = ds.caption(i, random.Random(0), 1), os.path.splitext(item.path)[0] + disk.suffix
         z = _read_npz(path)
-        if z.get("lora_kit_key") == text_cache_key(cap, disk.te_id, disk.settings) and all(k in z for k in disk.keys):
+        if all(k in z for k in disk.keys) and (skip_check or z.get("lora_kit_key") == text_cache_key(cap, disk.te_id, disk.settings)):
             ds.text_cond.setdefault(cap, disk.to_cond(z))
         else: todo.setdefault(cap, []).append(path)
     captions = sorted(todo)

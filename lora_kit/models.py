@@ -66,6 +66,11 @@ class SDFamily:
     network_args = None            # `--network_args` table of the LoRA network (None: `lora.NETWORK_ARGS`)
     sample_sampler = True          # `--sample_sampler` chooses the sampling scheduler
     default_resolution = 512       # `modelspec.resolution` without `--resolution`
+    latents_suffix = "_sd"         # latent cache files `<stem>_WxH_sd.npz`, as sd-scripts names them
+
+    def with_options(self, cfg) -> "SDFamily":
+        "The family for training with `cfg`: SD 1.x/2.x take nothing from the options (the model files decide)."
+        return self
 
     def tokenize(self, tokenizer, captions: list[str]) -> torch.Tensor:
         return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -105,8 +110,9 @@ class SDFamily:
                                        unet=comp.denoiser, scheduler=comp.scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
 
-    def configure_denoiser(self, comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool):
-        "Apply `--sdpa` and `--gradient_checkpointing` to the models."
+    def configure_denoiser(self, comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool,
+                           resolutions=()):
+        "Apply `--sdpa` and `--gradient_checkpointing` to the models (the UNet works at any resolution: `resolutions` is not needed)."
         comp.denoiser.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
         if gradient_checkpointing:
             comp.denoiser.enable_gradient_checkpointing()
@@ -454,6 +460,6 @@ def save_model(comp: Components, path: str|Path, dtype: torch.dtype|None = None,
     save_checkpoint(path, sd, metadata)
 
 # %% ../nbs/02_models.ipynb #24a9e178
-def configure_denoiser(comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool):
-    "Apply `--sdpa` and `--gradient_checkpointing` to the models (the family knows how)."
-    comp.family.configure_denoiser(comp, sdpa, gradient_checkpointing, train_text_encoder)
+def configure_denoiser(comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool, resolutions=()):
+    "Apply `--sdpa`, `--gradient_checkpointing` and the family's resolution settings for the datasets' `resolutions` (W, H)."
+    comp.family.configure_denoiser(comp, sdpa, gradient_checkpointing, train_text_encoder, resolutions)

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.attention_processor import JointAttnProcessor2_0
+from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from .config import ASSETS, TrainConfig
@@ -26,13 +27,15 @@ from .data import TextDiskCache, weights_fingerprint
 
 # %% auto #0
 __all__ = ['VAE_SCALE_FACTOR', 'VAE_SHIFT_FACTOR', 'WEIGHTING_SCHEMES', 'TINY_CLIP_L', 'TINY_CLIP_G', 'TINY_T5', 'TINY_MMDIT',
-           'TINY_VAE', 'TINY_SD3', 'CLIP_L', 'CLIP_G', 'T5XXL', 'SD3_TE_ARRAYS', 'SD3_NETWORK_ARGS', 'TE_PREFIXES',
-           'SAI_PREFIXES', 'SD3_VAE', 'T5_TOKENIZER_ID', 'COMPONENT_NAMES', 'QK_NORMS', 'sample_u', 'shift_u',
-           'loss_weight', 'flow_loss', 'FlowObjective', 'clip_encoder', 't5_encoder', 'clip_tokenizers',
-           'tiny_t5_tokenizer', 'flow_scheduler', 'tiny_sd3_components', 'tokenize_sd3', 'encode_sd3', 'drop_encoders',
-           'sd3_context', 'SD3Family', 'sd3_text_disk_cache', 'mmdit_layers', 'mmdit_lora_table', 'parse_emb_dims',
-           'parse_blocks', 'parse_bool', 'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces',
-           'kohya_to_diffusers', 'apply_kohya_lora', 'save_diffusers_lora', 'is_sd3_file', 'claims_sd3', 'load_sd3',
+           'TINY_VAE', 'TINY_SD3', 'CLIP_L', 'CLIP_G', 'T5XXL', 'SD3_TE_ARRAYS', 'POS_EMBED_MAX_RATIO',
+           'POS_EMBED_BASE_SIZE', 'SD3_NETWORK_ARGS', 'TE_PREFIXES', 'SAI_PREFIXES', 'SD3_VAE', 'T5_TOKENIZER_ID',
+           'COMPONENT_NAMES', 'QK_NORMS', 'IGNORED_AS_IN_SD_SCRIPTS', 'sample_u', 'shift_u', 'loss_weight', 'flow_loss',
+           'FlowObjective', 'clip_encoder', 't5_encoder', 'clip_tokenizers', 'tiny_t5_tokenizer', 'flow_scheduler',
+           'tiny_sd3_components', 'tokenize_sd3', 'encode_sd3', 'drop_encoders', 'sd3_context', 'SD3Family',
+           'sd3_text_disk_cache', 'scaled_sincos_table', 'crop_table', 'ResolutionPosEmbed', 'latent_sizes',
+           'use_resolution_pos_embed', 'mmdit_layers', 'mmdit_lora_table', 'parse_emb_dims', 'parse_blocks',
+           'parse_bool', 'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces', 'kohya_to_diffusers',
+           'apply_kohya_lora', 'save_diffusers_lora', 'is_sd3_file', 'claims_sd3', 'read_weights', 'load_sd3',
            'load_sd3_folder', 'file_components', 'missing_components', 'mmdit_config', 'sd3_mmdit', 'sd3_vae',
            't5_tokenizer_for', 'load_sd3_file', 'mmdit_to_sai', 'sd3_single_file_state', 'save_sd3_single_file',
            'check_sd3']
@@ -214,18 +217,26 @@ class SD3Family:
     apply_lg_attn_mask: bool = False
     apply_t5_attn_mask: bool = False
     dropout_rates: tuple = (0.0, 0.0, 0.0)   # --clip_l_dropout_rate, --clip_g_dropout_rate, --t5_dropout_rate
+    scaled_pos_embed: bool = False           # --enable_scaled_pos_embed
+    pos_emb_random_crop_rate: float = 0.0
     name = "sd3"
     v2 = False
     v_prediction = False
     objective = "flow"
     sample_sampler = False         # SD3 always samples with its flow-matching Euler scheduler
     default_resolution = 1024
+    latents_suffix = "_sd3"        # latent cache files `<stem>_WxH_sd3.npz`, as sd-scripts names them
 
     @classmethod
     def from_config(cls, model_type: str, cfg: TrainConfig|None = None) -> "SD3Family":
         if cfg is None: return cls(model_type)
         return cls(model_type, cfg.t5xxl_max_token_length, cfg.apply_lg_attn_mask, cfg.apply_t5_attn_mask,
-                   (cfg.clip_l_dropout_rate, cfg.clip_g_dropout_rate, cfg.t5_dropout_rate))
+                   (cfg.clip_l_dropout_rate, cfg.clip_g_dropout_rate, cfg.t5_dropout_rate), cfg.enable_scaled_pos_embed,
+                   cfg.pos_emb_random_crop_rate)
+
+    def with_options(self, cfg: TrainConfig) -> "SD3Family":
+        "The family for training with `cfg` (text-encoder and position-embedding options), for components loaded without it."
+        return SD3Family.from_config(self.model_type, cfg)
 
     @property
     def network_args(self) -> dict: return SD3_NETWORK_ARGS
@@ -257,13 +268,18 @@ class SD3Family:
         "`networks.lora_sd3` targets: CLIP-L, CLIP-G (and T5 with train_t5xxl) then the MMDiT, as `MappedTargets`."
         return sd3_lora_targets(comp, train_unet, train_text_encoder, network_args or {})
 
-    def configure_denoiser(self, comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool):
-        "The MMDiT always uses PyTorch's scaled-dot-product attention (`--sdpa` is its only attention); `--gradient_checkpointing`."
+    def configure_denoiser(self, comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool,
+                           resolutions=()):
+        """The MMDiT always uses PyTorch's scaled-dot-product attention (`--sdpa` is its only attention); `--gradient_checkpointing`;
+        the position embeddings of `--enable_scaled_pos_embed` (for the datasets' `resolutions`) and `--pos_emb_random_crop_rate`."""
         comp.denoiser.set_attn_processor(JointAttnProcessor2_0())
         if gradient_checkpointing:
             comp.denoiser.enable_gradient_checkpointing()
             if train_text_encoder:
                 for te in comp.text_encoders: te.gradient_checkpointing_enable()
+        if self.scaled_pos_embed or self.pos_emb_random_crop_rate:
+            if self.model_type != "5-medium": print(f"note: sd-scripts made --enable_scaled_pos_embed/--pos_emb_random_crop_rate for SD3.5 Medium; this is a {self.model_type} model")
+            use_resolution_pos_embed(comp.denoiser, resolutions if self.scaled_pos_embed else (), self.pos_emb_random_crop_rate)
 
     def pipeline(self, comp: Components) -> StableDiffusion3Pipeline:
         (te1, te2, te3), (tok1, tok2, tok3) = comp.text_encoders, comp.tokenizers
@@ -298,6 +314,62 @@ def sd3_text_disk_cache(fam: SD3Family, comp: Components) -> TextDiskCache:
         return {"context": sd3_context(torch.from_numpy(z["lg_out"]), torch.from_numpy(z["t5_out"])), "pooled": torch.from_numpy(z["lg_pooled"])}
     settings = f"t5xxl_max_token_length={fam.t5xxl_max_token_length},apply_lg_attn_mask={fam.apply_lg_attn_mask},apply_t5_attn_mask={fam.apply_t5_attn_mask}"
     return TextDiskCache("_sd3_te.npz", encode, to_cond, SD3_TE_ARRAYS, weights_fingerprint(comp.text_encoders), settings)
+
+# %% ../nbs/04b_sd3.ipynb #5327df49
+POS_EMBED_MAX_RATIO, POS_EMBED_BASE_SIZE = 1.5, 16
+
+def scaled_sincos_table(dim: int, patches: int) -> torch.Tensor:
+    "sd-scripts' scaled table for `patches`² patches: `1.5·patches` wide, its centre `patches` square spanning 0…16 (1, N, dim)."
+    grid = int(patches * POS_EMBED_MAX_RATIO)
+    step = POS_EMBED_BASE_SIZE / patches
+    pos = torch.arange(grid, dtype=torch.float64) * step - step * (grid - patches) / 2
+    h, w = torch.meshgrid(pos, pos, indexing="ij")
+    return get_2d_sincos_pos_embed_from_grid(dim, torch.stack([w, h])).float().unsqueeze(0)
+
+# %% ../nbs/04b_sd3.ipynb #7f991090
+def crop_table(table: torch.Tensor, h: int, w: int, random_place: bool = False) -> torch.Tensor:
+    "An `h × w` window of a square (1, N, dim) table, centred or at a random place, flattened to (1, h·w, dim)."
+    size = round(math.sqrt(table.shape[1]))
+    if h > size or w > size: raise ValueError(f"a {h}x{w}-patch image is larger than the {size}x{size} position embedding")
+    if random_place: top, left = (torch.randint(0, size - n + 1, (1,)).item() for n in (h, w))
+    else: top, left = (size - h) // 2, (size - w) // 2
+    return table.reshape(1, size, size, -1)[:, top:top + h, left:left + w].reshape(1, h * w, -1)
+
+# %% ../nbs/04b_sd3.ipynb #4d0c39ed
+class ResolutionPosEmbed:
+    "Replaces an MMDiT `PatchEmbed`'s centre crop: scaled tables per dataset resolution and/or random crops while training."
+    def __init__(self, patch_embed, latent_sizes=(), random_crop_rate: float = 0.0):
+        self.embed, self.rate = patch_embed, random_crop_rate
+        self.dim, self.p = patch_embed.pos_embed.shape[-1], patch_embed.patch_size
+        sizes = sorted({s // self.p for s in latent_sizes})
+        self.tables = {s: scaled_sincos_table(self.dim, s) for s in sizes}
+        self.areas = [((a * a + b * b) // 2, a) for a, b in zip(sizes, sizes[1:])]
+        if sizes: self.areas.append((int((sizes[-1] * POS_EMBED_MAX_RATIO) ** 2), sizes[-1]))
+
+    def table_for(self, h: int, w: int) -> torch.Tensor:
+        "The scaled table a bucket of `h × w` patches uses (made on first need when the bucket outgrows every table)."
+        s = next((s for area, s in self.areas if h * w <= area), self.areas[-1][1])
+        if max(h, w) > int(s * POS_EMBED_MAX_RATIO):
+            s = max(h, w)
+            self.tables[s] = scaled_sincos_table(self.dim, s)
+            self.areas = sorted(self.areas + [(int(s * POS_EMBED_MAX_RATIO) ** 2, s)])
+        return self.tables[s]
+
+    def __call__(self, height: int, width: int) -> torch.Tensor:
+        "`PatchEmbed.cropped_pos_embed`: the embedding for a latent of `height × width`."
+        h, w = height // self.p, width // self.p
+        random_place = self.rate > 0 and torch.is_grad_enabled() and torch.rand(1).item() < self.rate
+        table = self.table_for(h, w) if self.tables else self.embed.pos_embed
+        return crop_table(table, h, w, random_place).to(self.embed.pos_embed.device)
+
+# %% ../nbs/04b_sd3.ipynb #563dedd6
+def latent_sizes(resolutions) -> list[int]:
+    "sd-scripts' latent size per dataset resolution `(W, H)`: `round(√(W·H)) // 8`."
+    return sorted({round(math.sqrt(w * h)) // 8 for w, h in resolutions})
+
+def use_resolution_pos_embed(mmdit: SD3Transformer2DModel, resolutions=(), random_crop_rate: float = 0.0):
+    "Install `ResolutionPosEmbed` on the MMDiT: scaled tables for `resolutions` (if any) and the random-crop rate."
+    mmdit.pos_embed.cropped_pos_embed = ResolutionPosEmbed(mmdit.pos_embed, latent_sizes(resolutions), random_crop_rate)
 
 # %% ../nbs/04b_sd3.ipynb #0ea45f40
 def _kohya(path: str, prefix: str = "lora_unet") -> str: return f"{prefix}.{path}".replace(".", "_")
@@ -519,14 +591,19 @@ def _text_encoder(which: str, sd: dict, source: str):
     return _matching(lambda c: clip_encoder(c, which[-1]), [big, tiny], sd, source)
 
 # %% ../nbs/04b_sd3.ipynb #eb19447b
+def read_weights(path: str|Path, cfg: TrainConfig|None = None) -> dict:
+    "A `.safetensors` file's tensors; `--disable_mmap_load_safetensors` reads the whole file first instead of memory-mapping it."
+    return load(Path(path).read_bytes()) if cfg is not None and cfg.disable_mmap_load_safetensors else load_file(str(path))
+
+# %% ../nbs/04b_sd3.ipynb #704fcfb6
 def load_sd3(cfg: TrainConfig) -> Components:
     "Load the SD3 model of `cfg` (built-in, diffusers folder or single file); `--clip_l/--clip_g/--t5xxl/--vae` files replace its own."
     name = cfg.pretrained_model_name_or_path
     if not (name in TINY_SD3 or Path(name).is_dir()): return load_sd3_file(name, cfg)
     comp = tiny_sd3_components(name, cfg=cfg) if name in TINY_SD3 else load_sd3_folder(name, cfg)
     for i, w in enumerate(("clip_l", "clip_g", "t5xxl")):
-        if getattr(cfg, w): comp.text_encoders[i] = _text_encoder(w, load_file(str(getattr(cfg, w))), f"--{w} {getattr(cfg, w)}")
-    if cfg.vae: comp.vae = sd3_vae(load_file(str(cfg.vae)), f"--vae {cfg.vae}")
+        if getattr(cfg, w): comp.text_encoders[i] = _text_encoder(w, read_weights(getattr(cfg, w), cfg), f"--{w} {getattr(cfg, w)}")
+    if cfg.vae: comp.vae = sd3_vae(read_weights(cfg.vae, cfg), f"--vae {cfg.vae}")
     return comp
 
 # %% ../nbs/04b_sd3.ipynb #81e6b4db
@@ -617,8 +694,8 @@ def load_sd3_file(path: str|Path, cfg: TrainConfig|None = None) -> Components:
     "Components of a single-file SD3 checkpoint; `--clip_l/--clip_g/--t5xxl/--vae` files give (or replace) components."
     flags = {c: getattr(cfg, c, None) for c in COMPONENT_NAMES}
     if cfg is not None and (missing := missing_components(path, cfg)): raise ValueError("\n".join(missing))
-    sd = load_file(str(path))
-    part = lambda c: (load_file(str(flags[c])), f"--{c} {flags[c]}") if flags[c] else (sd, str(path))
+    sd = read_weights(path, cfg)
+    part = lambda c: (read_weights(flags[c], cfg), f"--{c} {flags[c]}") if flags[c] else (sd, str(path))
     mmdit = sd3_mmdit(sd, str(path))
     vae = sd3_vae(*part("vae"))
     tes = [_text_encoder(c, *part(c)) for c in ("clip_l", "clip_g", "t5xxl")]
@@ -663,6 +740,8 @@ def save_sd3_single_file(path: str|Path, comp: Components, parts=("mmdit", "vae"
     return Path(path)
 
 # %% ../nbs/04b_sd3.ipynb #9fb5c363
+IGNORED_AS_IN_SD_SCRIPTS = ("t5xxl_device", "t5xxl_dtype", "save_clip", "save_t5xxl")
+
 def check_sd3(cfg: TrainConfig) -> list[str]:
     "Problems with an SD3 configuration, before anything is loaded."
     out = [f"--{n} is for SD 1.x/2.x models; SD3 has {why}: remove it" for n, why in
@@ -682,7 +761,10 @@ def check_sd3(cfg: TrainConfig) -> list[str]:
                    "cache would freeze the dropout; remove one of them")
     if cfg.weighting_scheme not in WEIGHTING_SCHEMES: out.append(f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}")
     if cfg.training_shift is not None and cfg.training_shift <= 0: out.append("--training_shift must be positive")
+    if not 0 <= cfg.pos_emb_random_crop_rate <= 1: out.append(f"--pos_emb_random_crop_rate must be between 0 and 1 (got {cfg.pos_emb_random_crop_rate})")
     if cfg.blocks_to_swap: print(f"note: --blocks_to_swap {cfg.blocks_to_swap} ignored: lora_kit keeps the whole MMDiT on its device (block swapping only saves GPU memory)")
+    for n in IGNORED_AS_IN_SD_SCRIPTS:
+        if getattr(cfg, n): print(f"note: --{n} ignored: sd-scripts marks it [DOES NOT WORK] and ignores it too")
     return out
 
 # %% ../nbs/04b_sd3.ipynb #f577f624

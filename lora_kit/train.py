@@ -499,12 +499,14 @@ def _cache(cfg, comp, datasets, progress: bool = True):
     fam = comp.family
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         vae_id = vae_fingerprint(comp.vae)
-        for d in datasets: cache_latents(d, lambda px: fam.encode_images(comp, px), vae_id, cfg.cache_latents_to_disk, cfg.vae_batch_size, progress=progress)
+        for d in datasets: cache_latents(d, lambda px: fam.encode_images(comp, px), vae_id, cfg.cache_latents_to_disk, cfg.vae_batch_size,
+                                         fam.latents_suffix, cfg.skip_cache_check, progress)
+    te_batch = lambda d: cfg.text_encoder_batch_size or d.batch_size    # sd-scripts' default: the dataset's batch size
     if cfg.cache_text_encoder_outputs_to_disk:      # implies --cache_text_encoder_outputs, as in sd-scripts
         disk = fam.text_disk_cache(comp)
-        for d in datasets: cache_text_encoder_outputs_to_disk(d, disk, progress=progress)
+        for d in datasets: cache_text_encoder_outputs_to_disk(d, disk, te_batch(d), cfg.skip_cache_check, progress)
     elif cfg.cache_text_encoder_outputs:
-        for d in datasets: cache_text_encoder_outputs(d, lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length), progress=progress)
+        for d in datasets: cache_text_encoder_outputs(d, lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length), te_batch(d), progress)
 
 # %% ../nbs/06_train.ipynb #5b30935d
 def cpu_threads(device) -> int:
@@ -525,7 +527,8 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
     cpu_threads(acc.device)
     with output_lock(cfg, acc.is_main_process), stop_signals(acc.num_processes > 1) as signalled:
         try:
-            comp = comp or load_components(cfg)
+            if comp: comp.family = comp.family.with_options(cfg)
+            else: comp = load_components(cfg)
             return _run(cfg, comp, acc, datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [], progress, signalled)
         finally: acc.end_training()
 
@@ -537,7 +540,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     comp.to(device, dtype)
     if comp.vae.dtype != torch.float32: comp.vae.to(dtype=torch.float32)
     train_te = not cfg.network_train_unet_only
-    configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing, train_te)
+    configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing, train_te, [d.plan.spec.resolution for d in datasets])
     for m in [comp.denoiser, *comp.text_encoders]:   # checkpointed layers act only in training mode (sd-scripts sets it too)
         if getattr(m, "is_gradient_checkpointing", False): m.train()
     if cfg.xformers: comp.denoiser.enable_xformers_memory_efficient_attention()

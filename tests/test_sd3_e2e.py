@@ -160,14 +160,14 @@ def test_samples_during_training(tmp_path):
         assert min(hi - lo for lo, hi in img.getextrema()) > 0      # not a blank image
 
 
-def _te_cache_run(folder: Path, out: Path, flag: str):
-    "Train 3 steps on tiny-sd3 with a text-encoder cache flag; returns (text-encoder forward calls, losses)."
+def _te_cache_run(folder: Path, out: Path, *flags: str):
+    "Train 3 steps on tiny-sd3 with text-encoder cache flags; returns (text-encoder forward calls, losses)."
     from lora_kit.config import make_config
     from lora_kit.sd3 import tiny_sd3_components
     from lora_kit.train import train
     cfg = make_config(["--pretrained_model_name_or_path", "tiny-sd3", "--network_module", "networks.lora_sd3", "--train_data_dir", str(folder),
                        "--caption_extension", ".txt", "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "3", "--seed", "0",
-                       "--network_train_unet_only", flag, "--max_data_loader_n_workers", "0", "--output_dir", str(out), "--output_name", "te"])
+                       "--network_train_unet_only", *flags, "--max_data_loader_n_workers", "0", "--output_dir", str(out), "--output_name", "te"])
     comp, calls = tiny_sd3_components("tiny-sd3"), []
     for te in comp.text_encoders: te.register_forward_hook(lambda *a: calls.append(1))
     train(cfg, comp=comp, progress=False)
@@ -194,6 +194,54 @@ def test_text_encoder_outputs_disk_cache(tmp_path):
     assert calls_mem > 0 and calls_first > 0 and calls_second == 0    # the second run never runs a text encoder
     assert [f.stat().st_mtime_ns for f in files] == stamps            # and rewrites nothing
     assert len(loss_mem) == 3 and loss_first == loss_mem and loss_second == loss_mem
+
+
+def test_text_encoder_batch_size(tmp_path):
+    "The text-encoder cache encodes in batches of --text_encoder_batch_size, by default the dataset's batch size (sd-scripts)."
+    write_folder(tmp_path / "img" / "1_sks", n=3, seed=0)
+    calls_default, loss_default = _te_cache_run(tmp_path / "img", tmp_path / "o1", "--cache_text_encoder_outputs")
+    calls_one, loss_one = _te_cache_run(tmp_path / "img", tmp_path / "o2", "--cache_text_encoder_outputs", "--text_encoder_batch_size", "1")
+    assert (calls_default, calls_one) == (3 * 2, 3 * 3)          # 3 encoders x ceil(3 captions / batch)
+    assert loss_one == pytest.approx(loss_default, rel=1e-5)
+
+
+def test_latent_disk_cache_uses_sd3_file_names(tmp_path):
+    "--cache_latents_to_disk writes sd-scripts' SD3 name, <stem>_WxH_sd3.npz (SD 1.x/2.x: _sd.npz), so the two never collide."
+    write_folder(tmp_path / "img" / "1_sks", n=2, seed=0)
+    _te_cache_run(tmp_path / "img", tmp_path / "o", "--cache_latents_to_disk")
+    names = sorted(p.name for p in (tmp_path / "img" / "1_sks").glob("*.npz"))
+    assert names == [p.stem + "_0064x0064_sd3.npz" for p in sorted((tmp_path / "img" / "1_sks").glob("*.png"))]
+
+
+def _pos_embed_run(tmp_path: Path, name: str, *flags: str):
+    "4 steps of tiny-sd35m on two datasets (64 and 128 px); returns (the components, losses)."
+    from lora_kit.config import make_config
+    from lora_kit.sd3 import tiny_sd3_components
+    from lora_kit.train import train
+    if not (tmp_path / "data.toml").exists():
+        write_folder(tmp_path / "small", n=2, seed=0); write_folder(tmp_path / "large", n=2, seed=1, res=128)
+        (tmp_path / "data.toml").write_text('[general]\ncaption_extension = ".txt"\nbatch_size = 2\n' + "".join(
+            f'[[datasets]]\nresolution = {r}\n[[datasets.subsets]]\nimage_dir = "{tmp_path / d}"\n' for d, r in (("small", 64), ("large", 128))))
+    cfg = make_config(["--pretrained_model_name_or_path", "tiny-sd35m", "--network_module", "networks.lora_sd3", "--dataset_config",
+                       str(tmp_path / "data.toml"), "--max_train_steps", "4", "--seed", "0", "--network_train_unet_only", "--learning_rate", "1e-3",
+                       "--cache_latents", "--max_data_loader_n_workers", "0", "--output_dir", str(tmp_path / name), "--output_name", "pe", *flags])
+    comp = tiny_sd3_components("tiny-sd35m")
+    train(cfg, comp=comp, progress=False)
+    return comp, [float(r["loss"]) for r in csv.DictReader(open(tmp_path / name / "pe_loss.csv"))]
+
+
+def test_scaled_pos_embed_and_random_crop(tmp_path):
+    """--enable_scaled_pos_embed makes one table per dataset resolution (64 px -> 4x4 patches, 128 px -> 8x8) and the MMDiT
+    uses them; --pos_emb_random_crop_rate 1 moves the crop. Each changes the training losses (same seed, same data)."""
+    from lora_kit.sd3 import ResolutionPosEmbed
+    base, loss_base = _pos_embed_run(tmp_path, "base")
+    assert "cropped_pos_embed" not in vars(base.denoiser.pos_embed)       # diffusers' own centre crop
+    scaled, loss_scaled = _pos_embed_run(tmp_path, "scaled", "--enable_scaled_pos_embed")
+    pe = scaled.denoiser.pos_embed.cropped_pos_embed
+    assert isinstance(pe, ResolutionPosEmbed) and sorted(pe.tables) == [4, 8] and pe.rate == 0
+    _, loss_crop = _pos_embed_run(tmp_path, "crop", "--pos_emb_random_crop_rate", "1")
+    assert len(loss_base) == len(loss_scaled) == len(loss_crop) == 4
+    assert loss_scaled[0] != pytest.approx(loss_base[0], rel=1e-4) and loss_crop[0] != pytest.approx(loss_base[0], rel=1e-4)
 
 
 def test_text_encoder_disk_cache_refused_for_sd1():
