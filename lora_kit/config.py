@@ -310,7 +310,8 @@ def _loss_problems(c) -> list[str]:
 
 # %% ../nbs/00_config.ipynb #9ee5306b
 _WHY_NOT = {  # refused options whose reason is worth stating
-    "fp8_base": "fp8 weights need sd-scripts' fp8 layers (and a GPU); use --mixed_precision bf16",
+    "fp8_base": "an fp8 base model relies on CUDA autocast to upcast its weights (norm layers fail on a CPU) and cannot be tested without a GPU; --mixed_precision bf16 halves the base model's memory",
+    "fp8_base_unet": "see --fp8_base",
 }
 
 def _unsupported_problems(c) -> list[str]:
