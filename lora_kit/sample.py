@@ -105,6 +105,9 @@ class SampleCallback(Callback):
         self.prompts = read_prompts(cfg.sample_prompts, w, h) if cfg.sample_prompts else []
         self.images: list[tuple[int, Path]] = []      # (step, path) of every image written
 
+    @property
+    def uses_models(self) -> bool: return bool(self.prompts)
+
     def sample(self, state: TrainState, tag: str):
         if not self.prompts or not state.accelerator.is_main_process: return
         comp, cfg = state.comp, state.cfg

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #ff5628eb
 from __future__ import annotations
-import base64, csv, errno, importlib.util, itertools, json, math, mimetypes, os, random, shutil, signal, tempfile, threading, time, uuid
+import base64, csv, errno, gc, importlib.util, itertools, json, math, mimetypes, os, random, shutil, signal, tempfile, threading, time, uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +31,7 @@ __all__ = ['lora_file_problems', 'merge_base_weights', 'check_all', 'machine_pro
            'initial_step', 'starting_point', 'lora_filename', 'state_dirname', 'epoch_to_remove', 'step_to_remove',
            'training_metadata', 'dataset_metadata', 'modelspec', 'TrainState', 'Callback', 'TrainingStopped', 'LossLog',
            'plot_loss', 'output_lock', 'stop_signals', 'build_network', 'process_share', 'rows_loss',
-           'average_gradients', 'save_state', 'load_state', 'cpu_threads', 'train']
+           'average_gradients', 'save_state', 'load_state', 'release_cached_models', 'cpu_threads', 'train']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
@@ -241,6 +241,7 @@ class TrainState:
 # %% ../nbs/06_train.ipynb #7cbf712f
 class Callback:
     "Base class: override the events you need."
+    uses_models = True   # whether it runs the VAE or text encoders (if no callback does, training may free them once cached)
     def on_train_start(self, state: TrainState): pass
     def on_step_end(self, state: TrainState): pass
     def on_epoch_end(self, state: TrainState): pass
@@ -262,6 +263,7 @@ def _emit(callbacks, event: str, *args):
 # %% ../nbs/06_train.ipynb #8228549e
 class LossLog(Callback):
     "Write the loss history as CSV and a PNG plot into output_dir."
+    uses_models = False
     def paths(self, state: TrainState) -> tuple[Path, Path]:
         base = Path(state.cfg.output_dir)/f"{state.cfg.output_name or 'last'}_loss"
         return base.with_suffix(".csv"), base.with_suffix(".png")
@@ -508,13 +510,23 @@ def _cache(cfg, comp, datasets, progress: bool = True):
     elif cfg.cache_text_encoder_outputs:
         for d in datasets: cache_text_encoder_outputs(d, lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length), te_batch(d), progress)
 
+# %% ../nbs/06_train.ipynb #2e047c69
+def release_cached_models(cfg, comp) -> list[str]:
+    "Free the VAE / frozen text encoders whose outputs are all cached; returns what was freed."
+    freed = []
+    if cfg.cache_latents or cfg.cache_latents_to_disk: comp.vae = None; freed.append("VAE")
+    if (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) and cfg.network_train_unet_only:
+        comp.text_encoders = []; freed.append("text encoders")
+    gc.collect()
+    return freed
+
 # %% ../nbs/06_train.ipynb #5b30935d
 def cpu_threads(device) -> int:
     "On a CPU, use `OMP_NUM_THREADS` threads (1 if unset); returns the number of threads in use."
     if torch.device(device).type == "cpu": torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     return torch.get_num_threads()
 
-# %% ../nbs/06_train.ipynb #69516bd7
+# %% ../nbs/06_train.ipynb #e6fb0621
 def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
           progress: bool = True) -> TrainState:   # False: no tqdm bar (e.g. a notebook view shows its own)
     "Train a LoRA as `cfg` says; returns the final state (its `saved` lists the files written)."
@@ -527,13 +539,15 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
     cpu_threads(acc.device)
     with output_lock(cfg, acc.is_main_process), stop_signals(acc.num_processes > 1) as signalled:
         try:
+            owned = comp is None       # loaded here: free to release models the caches replace
             if comp: comp.family = comp.family.with_options(cfg)
             else: comp = load_components(cfg)
-            return _run(cfg, comp, acc, datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [], progress, signalled)
+            return _run(cfg, comp, acc, datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [], progress, signalled,
+                        owned and not any(getattr(cb, "uses_models", True) for cb in callbacks))
         finally: acc.end_training()
 
-# %% ../nbs/06_train.ipynb #80897a98
-def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None) -> TrainState:
+# %% ../nbs/06_train.ipynb #69516bd7
+def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None, release_models=False) -> TrainState:
     dtype, device = _weight_dtype(acc), acc.device
     for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
     merge_base_weights(cfg, comp)
@@ -559,6 +573,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
                                            generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
                for d in datasets]
     with acc.main_process_first(): _cache(cfg, comp, datasets, progress and acc.is_local_main_process)
+    if release_models and (freed := release_cached_models(cfg, comp)): acc.print(f"freed the {' and '.join(freed)}: their outputs are cached")
     global_batches = sum(len(dl) for dl in loaders)
     steps, epochs = count_steps(global_batches, cfg)
     if cfg.save_n_epoch_ratio: cfg.save_every_n_epochs = math.floor(epochs / cfg.save_n_epoch_ratio) or 1

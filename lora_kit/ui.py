@@ -239,6 +239,7 @@ class DatasetPreview:
 # %% ../nbs/08_ui.ipynb #1d12ecf3
 class LiveView(Callback):
     "Progress, loss/lr plot, sample gallery and a Stop button, updated by training callbacks from any thread."
+    uses_models = False   # it shows what SampleCallback made; it runs no model itself
     def __init__(self, samples: SampleCallback|None = None, min_interval: float = 0.5, thumb: int = 128):
         self.samples, self.min_interval, self.thumb = samples, min_interval, thumb
         self.bar = notebook_tqdm(total=1, desc="steps", display=False)

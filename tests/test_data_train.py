@@ -33,3 +33,23 @@ def test_text_encoder_outputs_cached(tmp_path):
     write_folder(tmp_path / "data" / "1_sks", n=2, seed=0)
     state = train(_cfg(tmp_path, "--cache_latents", "--cache_text_encoder_outputs", "--network_train_unet_only"))
     assert state.step == 2 and np.isfinite(state.loss)
+
+
+def test_cached_models_freed_only_when_unused(tmp_path):
+    """With every latent and caption cached, training frees the VAE and the frozen text encoder it loaded itself; it keeps
+    them when it did not load them (the caller may use them), when sampling needs them, or when the text encoder trains."""
+    from lora_kit.models import load_components
+    from lora_kit.sample import SampleCallback
+    write_folder(tmp_path / "data" / "1_sks", n=2, seed=0)
+    (tmp_path / "prompts.txt").write_text("a red sks --w 64 --h 64 --s 2\n")
+    cached = ("--cache_latents", "--cache_text_encoder_outputs", "--network_train_unet_only")
+    state = train(_cfg(tmp_path, *cached, "--output_name", "a"))
+    assert state.comp.vae is None and state.comp.text_encoders == [] and state.step == 2
+    cfg = _cfg(tmp_path, *cached, "--output_name", "b")
+    comp = load_components(cfg)
+    assert train(cfg, comp=comp).comp.vae is comp.vae is not None
+    cfg = _cfg(tmp_path, *cached, "--output_name", "c", "--sample_prompts", str(tmp_path / "prompts.txt"), "--sample_every_n_steps", "1")
+    kept = train(cfg, [SampleCallback(cfg)]).comp
+    assert kept.vae is not None and len(kept.text_encoders) == 1 and len(list((tmp_path / "out" / "sample").glob("c_*.png"))) == 2
+    partly = train(_cfg(tmp_path, "--cache_latents", "--output_name", "d")).comp
+    assert partly.vae is None and len(partly.text_encoders) == 1
