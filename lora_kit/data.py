@@ -1389,8 +1389,6 @@ def option_problems(cfg: TrainConfig, specs: list) -> list[str]:
                         "(the augmentation would be frozen in the cache); turn one of them off")
     if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
         flag = "--cache_text_encoder_outputs" + ("_to_disk" if cfg.cache_text_encoder_outputs_to_disk else "")
-        if not cfg.network_train_unet_only:
-            problems.append(f"{flag} needs a frozen text encoder: add --network_train_unet_only")
         if not all(text_cacheable(s) for s in subs):
             problems.append(f"{flag} cannot be used when captions change per step (shuffle_caption, "
                             "caption_dropout_rate, caption_dropout_every_n_epochs, caption_tag_dropout_rate, token_warmup_step, enable_wildcard)")

@@ -72,6 +72,8 @@ class SDFamily:
         "The family for training with `cfg`: SD 1.x/2.x take nothing from the options (the model files decide)."
         return self
 
+    cache_only_encoders = ()       # no text encoder is replaced by a partial cache (caching needs a frozen text encoder)
+
     def tokenize(self, tokenizer, captions: list[str]) -> torch.Tensor:
         return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
@@ -406,7 +408,7 @@ def model_source(name: str|None) -> ModelSource|None:
     return next((s for s in MODEL_SOURCES if name and s.claims(name)), None)
 
 # %% ../nbs/02_models.ipynb #6428043b
-SD_EXTENSIONS = ("cache_text_encoder_outputs",)   # sd3-script options lora_kit also implements for SD 1.x/2.x (frozen text encoder)
+SD_EXTENSIONS = ("cache_text_encoder_outputs", "text_encoder_batch_size")   # sd3-script options lora_kit also implements for SD 1.x/2.x
 
 # %% ../nbs/02_models.ipynb #767cb9a5
 def check_model(cfg: TrainConfig) -> list[str]:
@@ -415,6 +417,8 @@ def check_model(cfg: TrainConfig) -> list[str]:
     only_other = [f"{o.flag} is an sd3_train_network option (SD3 models); remove it for this SD 1.x/2.x model"
                   for n, o in OPTIONS.items() if o.scripts == ("sd3_train_network",) and n not in SD_EXTENSIONS and getattr(cfg, n) != o.default]
     if cfg.network_module == "networks.lora_sd3": only_other.append("--network_module networks.lora_sd3 is for SD3 models; use networks.lora")
+    if cfg.cache_text_encoder_outputs and not cfg.network_train_unet_only:
+        only_other.append("--cache_text_encoder_outputs needs a frozen text encoder: add --network_train_unet_only")
     return check_model_path(cfg.pretrained_model_name_or_path, cfg.v2, cfg.v_parameterization, cfg.vae) + only_other
 
 # %% ../nbs/02_models.ipynb #5202048f

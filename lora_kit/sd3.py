@@ -20,7 +20,7 @@ from safetensors.torch import load, load_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from .config import ASSETS, TrainConfig
-from .lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora
+from .lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_network_args
 from .loss import OBJECTIVES
 from .models import MODEL_SOURCES, Components, ModelSource
 from .data import TextDiskCache, weights_fingerprint
@@ -31,14 +31,14 @@ __all__ = ['VAE_SCALE_FACTOR', 'VAE_SHIFT_FACTOR', 'WEIGHTING_SCHEMES', 'TINY_CL
            'POS_EMBED_BASE_SIZE', 'SD3_NETWORK_ARGS', 'TE_PREFIXES', 'SAI_PREFIXES', 'SD3_VAE', 'T5_TOKENIZER_ID',
            'COMPONENT_NAMES', 'QK_NORMS', 'IGNORED_AS_IN_SD_SCRIPTS', 'sample_u', 'shift_u', 'loss_weight', 'flow_loss',
            'FlowObjective', 'clip_encoder', 't5_encoder', 'clip_tokenizers', 'tiny_t5_tokenizer', 'flow_scheduler',
-           'tiny_sd3_components', 'tokenize_sd3', 'encode_sd3', 'drop_encoders', 'sd3_context', 'SD3Family',
-           'sd3_text_disk_cache', 'scaled_sincos_table', 'crop_table', 'ResolutionPosEmbed', 'latent_sizes',
-           'use_resolution_pos_embed', 'mmdit_layers', 'mmdit_lora_table', 'parse_emb_dims', 'parse_blocks',
-           'parse_bool', 'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces', 'kohya_to_diffusers',
-           'apply_kohya_lora', 'save_diffusers_lora', 'is_sd3_file', 'claims_sd3', 'read_weights', 'load_sd3',
-           'load_sd3_folder', 'file_components', 'missing_components', 'mmdit_config', 'sd3_mmdit', 'sd3_vae',
-           't5_tokenizer_for', 'load_sd3_file', 'mmdit_to_sai', 'sd3_single_file_state', 'save_sd3_single_file',
-           'check_sd3']
+           'tiny_sd3_components', 'tokenize_sd3', 'encode_clip', 'encode_sd3', 'drop_encoders', 'sd3_context',
+           'SD3Family', 'sd3_text_disk_cache', 'scaled_sincos_table', 'crop_table', 'ResolutionPosEmbed',
+           'latent_sizes', 'use_resolution_pos_embed', 'mmdit_layers', 'mmdit_lora_table', 'parse_emb_dims',
+           'parse_blocks', 'parse_bool', 'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces',
+           'kohya_to_diffusers', 'apply_kohya_lora', 'save_diffusers_lora', 'is_sd3_file', 'claims_sd3', 'read_weights',
+           'load_sd3', 'load_sd3_folder', 'file_components', 'missing_components', 'mmdit_config', 'sd3_mmdit',
+           'sd3_vae', 't5_tokenizer_for', 'load_sd3_file', 'mmdit_to_sai', 'sd3_single_file_state',
+           'save_sd3_single_file', 'check_sd3']
 
 # %% ../nbs/04b_sd3.ipynb #774f1ea4
 VAE_SCALE_FACTOR, VAE_SHIFT_FACTOR = 1.5305, 0.0609   # sd-scripts library/sd3_models.py SDVAE
@@ -181,15 +181,18 @@ def tokenize_sd3(tokenizers: list, captions: list[str], t5_len: int = 256) -> li
     return out
 
 # %% ../nbs/04b_sd3.ipynb #9e3f7ffb
+def encode_clip(encoders: list, tokens: list, apply_lg_attn_mask: bool = False):
+    "(CLIP-L+G penultimate hidden states, pooled) of tokenized captions."
+    dev = encoders[0].device
+    outs = [te(ids.to(dev), mask.to(dev) if apply_lg_attn_mask else None, output_hidden_states=True)
+            for te, (ids, mask) in zip(encoders[:2], tokens)]
+    return torch.cat([o.hidden_states[-2] for o in outs], dim=-1), torch.cat([o.text_embeds for o in outs], dim=-1)
+
 def encode_sd3(encoders: list, tokens: list, apply_lg_attn_mask: bool = False, apply_t5_attn_mask: bool = False):
     "(CLIP-L+G hidden states, T5 hidden states, pooled) of tokenized captions."
-    (clip_l, clip_g, t5), dev = encoders, encoders[0].device
-    outs = [te(ids.to(dev), mask.to(dev) if apply_lg_attn_mask else None, output_hidden_states=True)
-            for te, (ids, mask) in zip((clip_l, clip_g), tokens)]
-    lg = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
-    pooled = torch.cat([o.text_embeds for o in outs], dim=-1)
-    ids, mask = tokens[2]
-    t5_out = t5(ids.to(dev), mask.to(dev) if apply_t5_attn_mask else None).last_hidden_state
+    lg, pooled = encode_clip(encoders, tokens, apply_lg_attn_mask)
+    (ids, mask), t5 = tokens[2], encoders[2]
+    t5_out = t5(ids.to(t5.device), mask.to(t5.device) if apply_t5_attn_mask else None).last_hidden_state
     return lg, t5_out, pooled
 
 # %% ../nbs/04b_sd3.ipynb #bd941a2e
@@ -225,6 +228,7 @@ class SD3Family:
     objective = "flow"
     sample_sampler = False         # SD3 always samples with its flow-matching Euler scheduler
     default_resolution = 1024
+    cache_only_encoders = (2,)     # T5-XXL: with a partial cache (CLIP trained) its outputs come from the cache
     latents_suffix = "_sd3"        # latent cache files `<stem>_WxH_sd3.npz`, as sd-scripts names them
 
     @classmethod
@@ -241,10 +245,16 @@ class SD3Family:
     @property
     def network_args(self) -> dict: return SD3_NETWORK_ARGS
 
-    def encode_text(self, comp: Components, captions: list[str], clip_skip: int|None = None, max_token_length: int|None = None) -> dict:
-        "Conditioning for the MMDiT: `{'context': …, 'pooled': …}` (with the per-encoder dropout when training); SD3 ignores `--max_token_length`, as sd-scripts does."
+    def encode_text(self, comp: Components, captions: list[str], clip_skip: int|None = None, max_token_length: int|None = None,
+                    cached: dict|None = None) -> dict:
+        """Conditioning for the MMDiT: `{'context': …, 'pooled': …}` (with the per-encoder dropout when training); SD3 ignores
+        `--max_token_length`, as sd-scripts does. With `cached` (the captions' cached conditioning) only CLIP-L/G run and
+        T5's part of the context comes from the cache: sd-scripts' partial cache, for training CLIP with a frozen T5."""
         tokens = tokenize_sd3(comp.tokenizers, captions, self.t5xxl_max_token_length)
-        lg, t5_out, pooled = encode_sd3(comp.text_encoders, tokens, self.apply_lg_attn_mask, self.apply_t5_attn_mask)
+        if cached is None: lg, t5_out, pooled = encode_sd3(comp.text_encoders, tokens, self.apply_lg_attn_mask, self.apply_t5_attn_mask)
+        else:
+            lg, pooled = encode_clip(comp.text_encoders, tokens, self.apply_lg_attn_mask)
+            t5_out = cached["context"][:, lg.shape[-2]:]
         if any(self.dropout_rates): lg, t5_out, pooled = drop_encoders(lg, t5_out, pooled, comp.text_encoders[0].config.hidden_size, self.dropout_rates)
         return {"context": sd3_context(lg, t5_out), "pooled": pooled}
 
@@ -742,6 +752,10 @@ def save_sd3_single_file(path: str|Path, comp: Components, parts=("mmdit", "vae"
 # %% ../nbs/04b_sd3.ipynb #9fb5c363
 IGNORED_AS_IN_SD_SCRIPTS = ("t5xxl_device", "t5xxl_dtype", "save_clip", "save_t5xxl")
 
+def _trains_t5(cfg: TrainConfig) -> bool:
+    try: return parse_network_args(cfg.network_args, SD3_NETWORK_ARGS).get("train_t5xxl", False)
+    except ValueError: return False     # reported by the network-args check
+
 def check_sd3(cfg: TrainConfig) -> list[str]:
     "Problems with an SD3 configuration, before anything is loaded."
     out = [f"--{n} is for SD 1.x/2.x models; SD3 has {why}: remove it" for n, why in
@@ -756,7 +770,11 @@ def check_sd3(cfg: TrainConfig) -> list[str]:
         f = getattr(cfg, w)
         if f and not (Path(f).is_file() and f.endswith(".safetensors")): out.append(f"--{w}: {f} is not a .safetensors file")
     drops = [f"--{n}" for n in ("clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate") if getattr(cfg, n)]
-    if drops and (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
+    caching = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
+    if caching and not cfg.network_train_unet_only and _trains_t5(cfg):
+        out.append("--network_args train_t5xxl=True with --cache_text_encoder_outputs: a trained T5 cannot be cached (sd-scripts "
+                   "refuses it too); remove one of them")
+    if drops and caching:
         out.append(f"{', '.join(drops)} with --cache_text_encoder_outputs: lora_kit drops encoder outputs only when encoding, so the "
                    "cache would freeze the dropout; remove one of them")
     if cfg.weighting_scheme not in WEIGHTING_SCHEMES: out.append(f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}")

@@ -512,11 +512,13 @@ def _cache(cfg, comp, datasets, progress: bool = True):
 
 # %% ../nbs/06_train.ipynb #2e047c69
 def release_cached_models(cfg, comp) -> list[str]:
-    "Free the VAE / frozen text encoders whose outputs are all cached; returns what was freed."
+    "Free the VAE / frozen text encoders whose outputs are all cached (None in their place); returns what was freed."
     freed = []
     if cfg.cache_latents or cfg.cache_latents_to_disk: comp.vae = None; freed.append("VAE")
-    if (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) and cfg.network_train_unet_only:
-        comp.text_encoders = []; freed.append("text encoders")
+    if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
+        frozen = range(len(comp.text_encoders)) if cfg.network_train_unet_only else comp.family.cache_only_encoders
+        comp.text_encoders = [None if i in frozen else te for i, te in enumerate(comp.text_encoders)]
+        freed += [f"text encoder {i + 1}" for i in frozen]
     gc.collect()
     return freed
 
@@ -547,17 +549,22 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
         finally: acc.end_training()
 
 # %% ../nbs/06_train.ipynb #69516bd7
-def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None, release_models=False) -> TrainState:
-    dtype, device = _weight_dtype(acc), acc.device
+def _prepare_models(cfg, comp, device, dtype, train_te: bool, datasets):
+    "Frozen base models on the device (VAE in float32), with the base weights merged and the attention/checkpointing options."
     for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
     merge_base_weights(cfg, comp)
     comp.to(device, dtype)
     if comp.vae.dtype != torch.float32: comp.vae.to(dtype=torch.float32)
-    train_te = not cfg.network_train_unet_only
     configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing, train_te, [d.plan.spec.resolution for d in datasets])
     for m in [comp.denoiser, *comp.text_encoders]:   # checkpointed layers act only in training mode (sd-scripts sets it too)
         if getattr(m, "is_gradient_checkpointing", False): m.train()
     if cfg.xformers: comp.denoiser.enable_xformers_memory_efficient_attention()
+
+# %% ../nbs/06_train.ipynb #647d6df3
+def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None, release_models=False) -> TrainState:
+    dtype, device = _weight_dtype(acc), acc.device
+    train_te = not cfg.network_train_unet_only
+    _prepare_models(cfg, comp, device, dtype, train_te, datasets)   # in a function: no local here keeps a model alive
     network = build_network(cfg, comp)
     network.to(device).train()
     if cfg.full_bf16 or cfg.full_fp16: network.to(dtype)          # LoRA weights and gradients in bf16/fp16
@@ -649,7 +656,10 @@ def _step(cfg, comp, network, objective, optimizer, scheduler, acc, batch, train
     fam = comp.family
     with acc.accumulate(network):
         latents = (batch["latents"] if "latents" in batch else fam.encode_images(comp, batch["pixels"].to(acc.device))).to(acc.device, dtype)
-        if "text_cond" in batch: cond = {k: v.to(acc.device, dtype) for k, v in batch["text_cond"].items()}
+        if "text_cond" in batch:
+            cond = {k: v.to(acc.device, dtype) for k, v in batch["text_cond"].items()}
+            if train_te:    # a partial cache (SD3: T5 cached, CLIP trained): the trained encoders run on top of it
+                with acc.autocast(): cond = fam.encode_text(comp, batch["captions"], cfg.clip_skip, cfg.max_token_length, cached=cond)
         else:
             with torch.set_grad_enabled(train_te), acc.autocast():
                 cond = fam.encode_text(comp, batch["captions"], cfg.clip_skip, cfg.max_token_length)

@@ -44,7 +44,7 @@ def test_cached_models_freed_only_when_unused(tmp_path):
     (tmp_path / "prompts.txt").write_text("a red sks --w 64 --h 64 --s 2\n")
     cached = ("--cache_latents", "--cache_text_encoder_outputs", "--network_train_unet_only")
     state = train(_cfg(tmp_path, *cached, "--output_name", "a"))
-    assert state.comp.vae is None and state.comp.text_encoders == [] and state.step == 2
+    assert state.comp.vae is None and state.comp.text_encoders == [None] and state.step == 2
     cfg = _cfg(tmp_path, *cached, "--output_name", "b")
     comp = load_components(cfg)
     assert train(cfg, comp=comp).comp.vae is comp.vae is not None

@@ -8,11 +8,10 @@ from safetensors.torch import save_file
 
 from lora_kit.toyworld import write_folder
 
-# docs/sd3_train_network.md, section 4, with paths filled in. One change: --optimizer_type AdamW instead of AdamW8bit,
-# whose bitsandbytes package is a GPU-only dependency lora_kit's CPU test environment does not install.
+# docs/sd3_train_network.md, section 4, unchanged but for the paths (AdamW8bit: bitsandbytes steps on the CPU too).
 GUIDE = """--pretrained_model_name_or_path={model} --clip_l={clip_l} --clip_g={clip_g} --t5xxl={t5xxl}
   --dataset_config={toml} --output_dir={out} --output_name=my_sd3_lora --save_model_as=safetensors
-  --network_module=networks.lora --network_dim=16 --network_alpha=1 --learning_rate=1e-4 --optimizer_type=AdamW
+  --network_module=networks.lora --network_dim=16 --network_alpha=1 --learning_rate=1e-4 --optimizer_type=AdamW8bit
   --lr_scheduler=constant --sdpa --max_train_epochs=10 --save_every_n_epochs=1 --mixed_precision=fp16
   --gradient_checkpointing --weighting_scheme=uniform --blocks_to_swap=32"""
 
@@ -194,6 +193,35 @@ def test_text_encoder_outputs_disk_cache(tmp_path):
     assert calls_mem > 0 and calls_first > 0 and calls_second == 0    # the second run never runs a text encoder
     assert [f.stat().st_mtime_ns for f in files] == stamps            # and rewrites nothing
     assert len(loss_mem) == 3 and loss_first == loss_mem and loss_second == loss_mem
+
+
+def test_partial_text_encoder_cache(tmp_path):
+    """--cache_text_encoder_outputs while CLIP-L/G train (no --network_train_unet_only): sd-scripts' partial cache. T5 runs
+    only while caching, CLIP at every step; losses and LoRA equal a run without the cache; T5 is freed for training."""
+    from lora_kit.config import make_config
+    from lora_kit.lora import load_lora
+    from lora_kit.sd3 import tiny_sd3_components
+    from lora_kit.train import train
+    write_folder(tmp_path / "img" / "1_sks", n=3, seed=0)
+    def run(name, *flags, hooked=True):
+        cfg = make_config(["--pretrained_model_name_or_path", "tiny-sd3", "--network_module", "networks.lora_sd3", "--train_data_dir",
+                           str(tmp_path / "img"), "--caption_extension", ".txt", "--resolution", "64", "--train_batch_size", "2",
+                           "--max_train_steps", "3", "--seed", "0", "--learning_rate", "1e-3", "--max_data_loader_n_workers", "0",
+                           "--output_dir", str(tmp_path / name), "--output_name", "p", *flags])
+        comp, calls = (tiny_sd3_components("tiny-sd3"), {"clip": 0, "t5": 0}) if hooked else (None, None)
+        if hooked:
+            comp.text_encoders[0].register_forward_hook(lambda *a: calls.__setitem__("clip", calls["clip"] + 1))
+            comp.text_encoders[2].register_forward_hook(lambda *a: calls.__setitem__("t5", calls["t5"] + 1))
+        state = train(cfg, comp=comp, progress=False)
+        return state, calls, [float(r["loss"]) for r in csv.DictReader(open(tmp_path / name / "p_loss.csv"))], load_lora(tmp_path / name / "p.safetensors")[0]
+    _, plain_calls, plain_loss, plain_lora = run("plain")
+    _, cached_calls, cached_loss, cached_lora = run("cached", "--cache_text_encoder_outputs")
+    assert plain_calls == {"clip": 3, "t5": 3} and cached_calls == {"clip": 2 + 3, "t5": 2}   # caching: 2 batches of 2 captions
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-4)
+    te1 = [k for k in plain_lora if k.startswith("lora_te1_") and k.endswith("lora_up.weight")]
+    assert te1 and all(plain_lora[k].abs().sum() > 0 and torch.allclose(cached_lora[k], plain_lora[k], atol=1e-5) for k in te1)
+    state, *_ = run("freed", "--cache_text_encoder_outputs", hooked=False)
+    assert state.comp.text_encoders[2] is None and state.comp.text_encoders[0] is not None
 
 
 def test_text_encoder_batch_size(tmp_path):
