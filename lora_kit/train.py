@@ -31,7 +31,7 @@ __all__ = ['lora_file_problems', 'merge_base_weights', 'check_all', 'machine_pro
            'initial_step', 'starting_point', 'lora_filename', 'state_dirname', 'epoch_to_remove', 'step_to_remove',
            'training_metadata', 'dataset_metadata', 'modelspec', 'TrainState', 'Callback', 'TrainingStopped', 'LossLog',
            'plot_loss', 'output_lock', 'stop_signals', 'build_network', 'process_share', 'rows_loss',
-           'average_gradients', 'save_state', 'load_state', 'release_cached_models', 'cpu_threads', 'train']
+           'average_gradients', 'save_state', 'load_state', 'free_cached_text_encoders', 'cpu_threads', 'train']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
@@ -496,30 +496,29 @@ def _save_point(state: TrainState, metadata, callbacks, epoch: int|None = None, 
         if cfg.save_state and old_state is not None: _prune(state_dirname(cfg, **kw_state))
 
 # %% ../nbs/06_train.ipynb #ae418534
-def _cache(cfg, comp, datasets, progress: bool = True):
-    "Fill the datasets' latent and text-encoder caches as the options ask."
-    fam = comp.family
+def free_cached_text_encoders(cfg, comp) -> list[str]:
+    "Free (put None in place of) the text encoders that do not train and whose outputs are cached; returns their names."
+    frozen = range(len(comp.text_encoders)) if cfg.network_train_unet_only else comp.family.cache_only_encoders
+    comp.text_encoders = [None if i in frozen else te for i, te in enumerate(comp.text_encoders)]
+    gc.collect()
+    return [f"text encoder {i + 1}" for i in frozen]
+
+# %% ../nbs/06_train.ipynb #5e14647c
+def _cache(cfg, comp, datasets, progress: bool = True, release: bool = False) -> list[str]:
+    "Fill the datasets' latent and text-encoder caches as the options ask; with `release`, free each model once its outputs are cached."
+    fam, freed = comp.family, []
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         vae_id = vae_fingerprint(comp.vae)
         for d in datasets: cache_latents(d, lambda px: fam.encode_images(comp, px), vae_id, cfg.cache_latents_to_disk, cfg.vae_batch_size,
                                          fam.latents_suffix, cfg.skip_cache_check, progress)
+        if release: comp.vae = None; gc.collect(); freed.append("VAE")
     te_batch = lambda d: cfg.text_encoder_batch_size or d.batch_size    # sd-scripts' default: the dataset's batch size
     if cfg.cache_text_encoder_outputs_to_disk:      # implies --cache_text_encoder_outputs, as in sd-scripts
         disk = fam.text_disk_cache(comp)
         for d in datasets: cache_text_encoder_outputs_to_disk(d, disk, te_batch(d), cfg.skip_cache_check, progress)
     elif cfg.cache_text_encoder_outputs:
         for d in datasets: cache_text_encoder_outputs(d, lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length), te_batch(d), progress)
-
-# %% ../nbs/06_train.ipynb #2e047c69
-def release_cached_models(cfg, comp) -> list[str]:
-    "Free the VAE / frozen text encoders whose outputs are all cached (None in their place); returns what was freed."
-    freed = []
-    if cfg.cache_latents or cfg.cache_latents_to_disk: comp.vae = None; freed.append("VAE")
-    if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
-        frozen = range(len(comp.text_encoders)) if cfg.network_train_unet_only else comp.family.cache_only_encoders
-        comp.text_encoders = [None if i in frozen else te for i, te in enumerate(comp.text_encoders)]
-        freed += [f"text encoder {i + 1}" for i in frozen]
-    gc.collect()
+    if release and (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk): freed += free_cached_text_encoders(cfg, comp)
     return freed
 
 # %% ../nbs/06_train.ipynb #5b30935d
@@ -579,8 +578,8 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
                                            persistent_workers=cfg.persistent_data_loader_workers and cfg.max_data_loader_n_workers > 0,
                                            generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
                for d in datasets]
-    with acc.main_process_first(): _cache(cfg, comp, datasets, progress and acc.is_local_main_process)
-    if release_models and (freed := release_cached_models(cfg, comp)): acc.print(f"freed the {' and '.join(freed)}: their outputs are cached")
+    with acc.main_process_first(): freed = _cache(cfg, comp, datasets, progress and acc.is_local_main_process, release_models)
+    if freed: acc.print(f"freed the {' and '.join(freed)}: their outputs are cached")
     global_batches = sum(len(dl) for dl in loaders)
     steps, epochs = count_steps(global_batches, cfg)
     if cfg.save_n_epoch_ratio: cfg.save_every_n_epochs = math.floor(epochs / cfg.save_n_epoch_ratio) or 1
