@@ -3,9 +3,8 @@
     BENCH_DIR=/work/scratch/bench bash bench/setup_sd_scripts.sh      # once: sd-scripts + its venv + tokenizer
     python bench/vs_sd_scripts.py --bench_dir /work/scratch/bench --rounds 2
 
-The model (SD1.5 configs, seeded random init) is written once as an original-layout single-file checkpoint for
-sd-scripts and as a diffusers folder with the same weights for lora_kit (lora_kit takes the checkpoint itself once
-it loads single files). Both train with the same flags: 8 toy-world images, resolution 256, batch 1, UNet-only
+The model (SD1.5 configs, seeded random init) is written once, by lora_kit's writer, as an original-layout single-file
+checkpoint that both tools load. Both train with the same flags: 8 toy-world images, resolution 256, batch 1, UNet-only
 LoRA network_dim 16, AdamW, --mixed_precision no (add flags to both with --extra). Runs alternate (A B A B …).
 
 Step times come from the wall-clock stamps of the per-step `loss/current` TensorBoard scalars both tools log
@@ -27,33 +26,18 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
 
 
-def ldm_converter(path: str):
-    "`(diffusers_to_ldm_checkpoint, save_ldm_checkpoint)` from lora_kit if it has them, else from the file at `path`."
-    try:
-        from lora_kit.models import diffusers_to_ldm_checkpoint, save_ldm_checkpoint
-        return diffusers_to_ldm_checkpoint, save_ldm_checkpoint
-    except ImportError: pass
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("ldm_convert", path)
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-    return mod.diffusers_to_ldm_checkpoint, mod.save_ldm_checkpoint
-
-
-def make_model(ckpt: Path, folder: Path, converter: str, seed: int = 0):
-    "Write a random-weight SD1.5-shaped model as `ckpt` (original ldm layout) and `folder` (diffusers layout)."
+def make_model(ckpt: Path, seed: int = 0):
+    "Write a random-weight SD1.5-shaped model as `ckpt`, an original (ldm) layout single file, with lora_kit's writer."
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from lora_kit.config import ASSETS
-    from lora_kit.models import FAMILIES, SCHEDULER, Components, save_diffusers_folder
-    from diffusers import DDPMScheduler
+    from lora_kit.models import FAMILIES, SCHEDULER, Components, save_model
     torch.manual_seed(seed)
     comp = Components(FAMILIES["sd1"], UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE),
                       [CLIPTextModel(CLIPTextConfig(**SD15_TEXT))],
                       [CLIPTokenizer.from_pretrained(ASSETS/"clip_tokenizer", model_max_length=77)], DDPMScheduler(**SCHEDULER))
-    save_diffusers_folder(comp, folder)
-    to_ldm, save = ldm_converter(converter)
-    save(ckpt, to_ldm(comp.denoiser, comp.vae, comp.text_encoders[0], openclip=False))
+    save_model(comp, ckpt)
 
 
 def shared_args(a, data: Path, out: Path, name: str) -> list[str]:
@@ -119,34 +103,30 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads per run on CPU (0: leave torch's default)")
     p.add_argument("--mixed_precision", default="no", help="passed to both (bf16 on a GPU)")
     p.add_argument("--extra", default="", help="more flags for both, e.g. \"--sdpa --gradient_checkpointing\"")
-    p.add_argument("--ldm_convert", default="/work/scratch/single_file/ldm_convert.py",
-                   help="file with diffusers_to_ldm_checkpoint/save_ldm_checkpoint, until lora_kit has them")
     p.add_argument("--only", choices=["lora_kit", "sd-scripts"], help="run one tool only (dry runs)")
     a = p.parse_args(argv)
     bench = Path(a.bench_dir)
     sd_src, sd_py, tok = bench/"sd-scripts", bench/"sdvenv/bin/python", bench/"tokenizers"
     if not (sd_src/"train_network.py").is_file() or not sd_py.is_file():
         sys.exit(f"sd-scripts is not set up in {bench}: run BENCH_DIR={bench} bash bench/setup_sd_scripts.sh")
-    ckpt, folder = bench/"sd15_random.safetensors", bench/"sd15_random_diffusers"
-    if not ckpt.is_file() or not (folder/"unet").is_dir():
+    ckpt = bench/"sd15_random.safetensors"
+    if not ckpt.is_file():
         print("writing the random-weight SD1.5-shaped model (once)…", flush=True)
-        make_model(ckpt, folder, a.ldm_convert)
+        make_model(ckpt)
     data = write_dataset(bench/"data", n=8, res=256)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if a.threads: env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     if a.device == "cpu": env["CUDA_VISIBLE_DEVICES"] = ""
-    from lora_kit.models import check_model_path
-    lk_model = ckpt if not check_model_path(str(ckpt)) else folder     # the checkpoint itself once lora_kit loads it
     runs = {
         "lora_kit": lambda out: run_one(a, "lora_kit", [sys.executable, "-m", "lora_kit.cli", "train_network",
-                                        "--pretrained_model_name_or_path", str(lk_model), *shared_args(a, data, out, "lk")],
+                                        "--pretrained_model_name_or_path", str(ckpt), *shared_args(a, data, out, "lk")],
                                         {**env, "PYTHONPATH": str(REPO)}, out),
         "sd-scripts": lambda out: run_one(a, "sd-scripts", [str(sd_py), "train_network.py", "--pretrained_model_name_or_path", str(ckpt),
                                           "--tokenizer_cache_dir", str(tok), *shared_args(a, data, out, "sds")], env, out, cwd=sd_src),
     }
     tools = [a.only] if a.only else list(runs)
-    print(f"device {a.device}, threads {a.threads or 'default'}, lora_kit model {lk_model.name}, {a.warmup} warm-up + "
+    print(f"device {a.device}, threads {a.threads or 'default'}, model {ckpt.name}, {a.warmup} warm-up + "
           f"{a.steps} timed steps; extra flags: {a.extra or '-'}; load before: {load_now()}", flush=True)
     res = {t: [] for t in tools}
     for r in range(a.rounds):

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['ASSETS', 'GROUPS', 'SUPPORTED', 'LORA_KIT_OPTIONS', 'OPTIONS', 'TrainConfig', 'NETWORK_MODULES', 'ConfigError', 'Opt',
-           'load_options', 'unsupported_flags', 'convert', 'parse_argv', 'read_config_file', 'parse_resolution',
-           'validate', 'make_config']
+__all__ = ['ASSETS', 'GROUPS', 'SUPPORTED', 'NO_EFFECT', 'LORA_KIT_OPTIONS', 'OPTIONS', 'TrainConfig', 'NETWORK_MODULES',
+           'ConfigError', 'Opt', 'option_notes', 'load_options', 'unsupported_flags', 'convert', 'parse_argv',
+           'read_config_file', 'parse_resolution', 'validate', 'make_config']
 
 # %% ../nbs/00_config.ipynb #a3971a33
 ASSETS = Path(str(importlib.resources.files("lora_kit")))/"assets"
@@ -95,8 +95,23 @@ loss_type huber_schedule huber_c huber_scale multires_noise_iterations multires_
 adaptive_noise_scale ip_noise_gamma ip_noise_gamma_random_strength scale_v_pred_loss_like_noise_pred v_pred_like_loss
 debiased_estimation_loss zero_terminal_snr
 enable_scaled_pos_embed pos_emb_random_crop_rate t5xxl_device t5xxl_dtype save_clip save_t5xxl text_encoder_batch_size
-disable_mmap_load_safetensors skip_cache_check
+disable_mmap_load_safetensors skip_cache_check use_8bit_adam use_lion_optimizer no_half_vae dim_from_weights lowram highvram
 """.split())
+
+# %% ../nbs/00_config.ipynb #fbeafdcb
+_DOES_NOT_WORK = "sd-scripts marks it [DOES NOT WORK] and ignores it too"
+NO_EFFECT = {
+    "no_half_vae": "lora_kit always keeps the VAE in float32",
+    "dim_from_weights": "lora_kit always takes the LoRA's dims from --network_weights",
+    "highvram": "lora_kit never empties the CUDA cache while caching",
+    "lowram": "lora_kit loads the models into RAM, then moves them to the device",
+    "blocks_to_swap": "lora_kit keeps the whole MMDiT on its device (block swapping only saves GPU memory)",
+    "t5xxl_device": _DOES_NOT_WORK, "t5xxl_dtype": _DOES_NOT_WORK, "save_clip": _DOES_NOT_WORK, "save_t5xxl": _DOES_NOT_WORK,
+}
+
+def option_notes(c) -> list[str]:
+    "Why each option of `c` that is set but has no effect in lora_kit changes nothing."
+    return [f"--{n} has no effect: {why}" for n, why in NO_EFFECT.items() if getattr(c, n) not in (None, False, 0)]
 
 # %% ../nbs/00_config.ipynb #5a280cfa
 LORA_KIT_OPTIONS = [

@@ -4,14 +4,15 @@
 
 # %% ../nbs/05_optim.ipynb #d0c9bcd2
 from __future__ import annotations
-import ast, importlib, math, warnings
+import ast, contextlib, importlib, io, math, warnings
 
 import torch
 from diffusers.optimization import get_scheduler
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULERS', 'parse_literal_args', 'optimizer_class', 'make_optimizer', 'warmup_steps',
-           'custom_scheduler', 'schedule_kwargs', 'make_scheduler']
+           'custom_scheduler', 'schedule_kwargs', 'make_scheduler', 'optimizer_type', 'optimizer_from_config',
+           'scheduler_from_config', 'optim_problems']
 
 # %% ../nbs/05_optim.ipynb #64029544
 OPTIMIZERS = {  # lower-case name: (module, class, pip package, fixed kwargs)
@@ -135,3 +136,31 @@ def make_scheduler(name: str, optimizer, total_steps: int, lr_warmup_steps=0, nu
     kw = schedule_kwargs(name, total_steps, warm, warmup_steps(decay_steps, total_steps), num_cycles, power, timescale, min_lr_ratio)
     try: return TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)](optimizer, **kw, **extra)
     except TypeError as e: raise ValueError(f"--lr_scheduler_args not accepted by {name}: {e}") from None
+
+# %% ../nbs/05_optim.ipynb #e574f4c2
+def optimizer_type(cfg) -> str:
+    "`--optimizer_type`, or what sd-scripts' deprecated `--use_8bit_adam` / `--use_lion_optimizer` stand for."
+    return "AdamW8bit" if cfg.use_8bit_adam else "Lion" if cfg.use_lion_optimizer else cfg.optimizer_type
+
+def optimizer_from_config(cfg, groups: list[dict]) -> torch.optim.Optimizer:
+    return make_optimizer(optimizer_type(cfg), groups, cfg.learning_rate, cfg.optimizer_args)
+
+def scheduler_from_config(cfg, optimizer, total_steps: int, nproc: int = 1):
+    "The schedule of `cfg` over `total_steps` updates; with `nproc` processes accelerate steps it once per process at each update, so it counts in those ticks (sd-scripts' get_scheduler_fix)."
+    ticks = lambda n: n if isinstance(n, float) else (n or 0) * nproc
+    return make_scheduler(cfg.lr_scheduler, optimizer, total_steps * nproc, ticks(cfg.lr_warmup_steps), cfg.lr_scheduler_num_cycles,
+                          cfg.lr_scheduler_power, ticks(cfg.lr_decay_steps), cfg.lr_scheduler_timescale,
+                          cfg.lr_scheduler_min_lr_ratio, cfg.lr_scheduler_type, cfg.lr_scheduler_args)
+
+# %% ../nbs/05_optim.ipynb #4788a1eb
+def optim_problems(cfg) -> list[str]:
+    "Problems with the optimizer and schedule options, found by building both for a dummy parameter."
+    aliases = [f for f in ("--use_8bit_adam", "--use_lion_optimizer") if getattr(cfg, f[2:])]
+    if len(aliases) == 2: return ["--use_8bit_adam and --use_lion_optimizer exclude each other: use --optimizer_type"]
+    if aliases and cfg.optimizer_type: return [f"{aliases[0]} and --optimizer_type exclude each other: keep --optimizer_type"]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler_from_config(cfg, optimizer_from_config(cfg, [{"params": [torch.nn.Parameter(torch.zeros(1))]}]), cfg.max_train_steps or 1)
+    except (ImportError, ValueError) as e: return [str(e)]
+    return []

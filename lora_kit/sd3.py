@@ -29,8 +29,8 @@ from .data import TextDiskCache, weights_fingerprint
 __all__ = ['VAE_SCALE_FACTOR', 'VAE_SHIFT_FACTOR', 'WEIGHTING_SCHEMES', 'TINY_CLIP_L', 'TINY_CLIP_G', 'TINY_T5', 'TINY_MMDIT',
            'TINY_VAE', 'TINY_SD3', 'CLIP_L', 'CLIP_G', 'T5XXL', 'SD3_TE_ARRAYS', 'POS_EMBED_MAX_RATIO',
            'POS_EMBED_BASE_SIZE', 'SD3_NETWORK_ARGS', 'TE_PREFIXES', 'SAI_PREFIXES', 'SD3_VAE', 'T5_TOKENIZER_ID',
-           'COMPONENT_NAMES', 'QK_NORMS', 'IGNORED_AS_IN_SD_SCRIPTS', 'sample_u', 'shift_u', 'loss_weight', 'flow_loss',
-           'FlowObjective', 'clip_encoder', 't5_encoder', 'clip_tokenizers', 'tiny_t5_tokenizer', 'flow_scheduler',
+           'COMPONENT_NAMES', 'QK_NORMS', 'sample_u', 'shift_u', 'loss_weight', 'flow_loss', 'FlowObjective',
+           'clip_encoder', 't5_encoder', 'clip_tokenizers', 'tiny_t5_tokenizer', 'flow_scheduler',
            'tiny_sd3_components', 'tokenize_sd3', 'encode_clip', 'encode_sd3', 'drop_encoders', 'sd3_context',
            'SD3Family', 'sd3_text_disk_cache', 'scaled_sincos_table', 'crop_table', 'ResolutionPosEmbed',
            'latent_sizes', 'use_resolution_pos_embed', 'mmdit_layers', 'mmdit_lora_table', 'parse_emb_dims',
@@ -750,8 +750,6 @@ def save_sd3_single_file(path: str|Path, comp: Components, parts=("mmdit", "vae"
     return Path(path)
 
 # %% ../nbs/04b_sd3.ipynb #9fb5c363
-IGNORED_AS_IN_SD_SCRIPTS = ("t5xxl_device", "t5xxl_dtype", "save_clip", "save_t5xxl")
-
 def _trains_t5(cfg: TrainConfig) -> bool:
     try: return parse_network_args(cfg.network_args, SD3_NETWORK_ARGS).get("train_t5xxl", False)
     except ValueError: return False     # reported by the network-args check
@@ -780,9 +778,6 @@ def check_sd3(cfg: TrainConfig) -> list[str]:
     if cfg.weighting_scheme not in WEIGHTING_SCHEMES: out.append(f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}")
     if cfg.training_shift is not None and cfg.training_shift <= 0: out.append("--training_shift must be positive")
     if not 0 <= cfg.pos_emb_random_crop_rate <= 1: out.append(f"--pos_emb_random_crop_rate must be between 0 and 1 (got {cfg.pos_emb_random_crop_rate})")
-    if cfg.blocks_to_swap: print(f"note: --blocks_to_swap {cfg.blocks_to_swap} ignored: lora_kit keeps the whole MMDiT on its device (block swapping only saves GPU memory)")
-    for n in IGNORED_AS_IN_SD_SCRIPTS:
-        if getattr(cfg, n): print(f"note: --{n} ignored: sd-scripts marks it [DOES NOT WORK] and ignores it too")
     return out
 
 # %% ../nbs/04b_sd3.ipynb #f577f624

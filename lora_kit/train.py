@@ -16,7 +16,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from .config import OPTIONS, ConfigError, TrainConfig, parse_resolution, validate
+from .config import OPTIONS, ConfigError, TrainConfig, option_notes, parse_resolution, validate
 from .data import (BucketBatchSampler, DatasetError, cache_latents, cache_text_encoder_outputs, cache_text_encoder_outputs_to_disk,
                            collate, load_datasets, vae_fingerprint)
 from .lora import (LoRANetwork, SAVE_DTYPES, atomic_path, dims_from_state, load_into, load_lora, merge_lora, parse_network_args,
@@ -24,7 +24,7 @@ from .lora import (LoRANetwork, SAVE_DTYPES, atomic_path, dims_from_state, load_
 from .loss import OBJECTIVES, ddpm_only_problems
 from .models import check_model, configure_denoiser, load_components, model_source
 import lora_kit.sd3  # registers the SD3 family (its model source and the "flow" objective)
-from .optim import make_optimizer, make_scheduler
+from .optim import optim_problems, optimizer_from_config, scheduler_from_config
 
 # %% auto #0
 __all__ = ['lora_file_problems', 'merge_base_weights', 'check_all', 'machine_problems', 'resume_problems', 'count_steps',
@@ -49,7 +49,7 @@ def merge_base_weights(cfg: TrainConfig, comp):
 # %% ../nbs/06_train.ipynb #12087795
 def check_all(cfg: TrainConfig):
     "Validate options, model path, network args and datasets together; returns (datasets, summary, warnings)."
-    problems = validate(cfg) + check_model(cfg) + machine_problems(cfg) + lora_file_problems(cfg)
+    problems = validate(cfg) + check_model(cfg) + machine_problems(cfg) + lora_file_problems(cfg) + optim_problems(cfg)
     if not cfg.output_dir: problems.append("--output_dir is required: where the LoRA files are written")
     src = model_source(cfg.pretrained_model_name_or_path)
     if src: problems += ddpm_only_problems(cfg, src.name)
@@ -534,6 +534,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
     datasets, summary, warnings = check_all(cfg)
     acc = _accelerator(cfg)
     for w in warnings: acc.print("warning:", w)
+    for n in option_notes(cfg): acc.print("note:", n)
     acc.print(summary)
     if cfg.seed is None: cfg.seed = broadcast_object_list([random.randint(0, 2**32 - 1)])[0]   # one seed for all processes
     set_seed(cfg.seed)
@@ -570,7 +571,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     te_lr = (cfg.text_encoder_lr or [None])[0]
     groups = network.param_groups({"lora_te": te_lr, "lora_unet": cfg.unet_lr}, cfg.learning_rate)
     if not groups: raise ConfigError(["nothing to train: every LoRA part has learning rate 0"])
-    optimizer = make_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args)
+    optimizer = optimizer_from_config(cfg, groups)
     nproc = acc.num_processes
     loaders = [torch.utils.data.DataLoader(_ProcessRows(d), collate_fn=_collate_rows,
                                            batch_sampler=_ProcessBatches(BucketBatchSampler(d, cfg.seed, d.batch_size * nproc), nproc, acc.process_index),
@@ -583,11 +584,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     global_batches = sum(len(dl) for dl in loaders)
     steps, epochs = count_steps(global_batches, cfg)
     if cfg.save_n_epoch_ratio: cfg.save_every_n_epochs = math.floor(epochs / cfg.save_n_epoch_ratio) or 1
-    # accelerate steps a prepared scheduler once per process at each update: count in those ticks (sd-scripts' get_scheduler_fix)
-    ticks = lambda n: n if isinstance(n, float) else (n or 0) * nproc
-    scheduler = make_scheduler(cfg.lr_scheduler, optimizer, steps * nproc, ticks(cfg.lr_warmup_steps), cfg.lr_scheduler_num_cycles,
-                               cfg.lr_scheduler_power, ticks(cfg.lr_decay_steps), cfg.lr_scheduler_timescale,
-                               cfg.lr_scheduler_min_lr_ratio, cfg.lr_scheduler_type, cfg.lr_scheduler_args)
+    scheduler = scheduler_from_config(cfg, optimizer, steps, nproc)
     network, optimizer, scheduler = acc.prepare(network, optimizer, scheduler)
     objective = OBJECTIVES[comp.family.objective](cfg)
     per_epoch = math.ceil(global_batches / cfg.gradient_accumulation_steps)

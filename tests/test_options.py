@@ -309,3 +309,29 @@ def test_loraplus_groups_lrs_and_log_names(data, tmp_path):
     assert lrs == pytest.approx({"lr/unet": 1e-3, "lr/unet plus": 1.6e-2, "lr/textencoder": 5e-4, "lr/textencoder plus": 2e-3})
     _, md = load_lora(tmp_path / "lp.safetensors")
     assert json.loads(md["ss_network_args"]) == {"loraplus_lr_ratio": "16", "loraplus_text_encoder_lr_ratio": "4"}
+
+
+def test_deprecated_optimizer_flags_and_no_effect_notes(data, tmp_path, capsys):
+    "--use_8bit_adam / --use_lion_optimizer train with AdamW8bit / Lion, as in sd-scripts; no-effect flags print why."
+    import importlib.util
+    run(data, tmp_path / "8bit", "--output_name", "x", "--use_8bit_adam", "--no_half_vae", "--lowram", steps=1)
+    assert load_lora(tmp_path / "8bit" / "x.safetensors")[1]["ss_optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit"
+    out = capsys.readouterr().out
+    if importlib.util.find_spec("lion_pytorch"):
+        run(data, tmp_path / "lion", "--output_name", "x", "--use_lion_optimizer", steps=1)
+        assert load_lora(tmp_path / "lion" / "x.safetensors")[1]["ss_optimizer"].endswith(".Lion")
+    else:
+        with pytest.raises(ConfigError, match="--optimizer_type Lion needs the package 'lion-pytorch'"):
+            run(data, tmp_path / "lion", "--use_lion_optimizer", steps=1)
+    assert "note: --no_half_vae has no effect: lora_kit always keeps the VAE in float32" in out and "note: --lowram has no effect" in out
+    with pytest.raises(ConfigError, match="--use_8bit_adam and --optimizer_type exclude each other"):
+        run(data, tmp_path / "bad", "--use_8bit_adam", "--optimizer_type", "AdamW", steps=1)
+
+
+def test_bad_optimizer_refused_before_loading(data, tmp_path, monkeypatch):
+    "An unknown optimizer or unreadable --optimizer_args is reported with the other problems, before any model loads."
+    import lora_kit.train as T
+    monkeypatch.setattr(T, "load_components", lambda cfg: pytest.fail("loaded a model"))
+    with pytest.raises(ConfigError) as e:
+        run(data, tmp_path, "--optimizer_type", "NoSuchOpt", "--lr_scheduler_args", "power", steps=1)
+    assert any("--optimizer_type 'NoSuchOpt' is unknown" in p for p in e.value.problems)
