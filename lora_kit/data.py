@@ -4,6 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #d5f740b3
 from __future__ import annotations
+import dataclasses
 import difflib
 import json
 import logging
@@ -761,8 +762,8 @@ class DatasetImages:
 
 # %% ../nbs/01_data.ipynb #3384dc28
 def split_train_val(paths: Sequence[str], validation_split: float, is_training: bool, rng: random.Random) -> list[str]:
-    """train_util.split_train_val (not wired into collect_dreambooth_images yet): shuffle the subset's images
-    (sd-scripts: random.seed(validation_seed) if given, else the global random), then the training part is the
+    """train_util.split_train_val: shuffle the subset's images (with `rng`: lora_kit seeds it with validation_seed, or
+    --seed without one; sd-scripts then draws from its global random, differently for the two parts), then the training part is the
     first ceil(n * (1 - split)) and the validation part the last round(n * split). Reg subsets are not split."""
     items = list(paths)
     rng.shuffle(items)
@@ -795,9 +796,10 @@ def balance_reg_repeats(num_train_images: int, reg_repeats: Sequence[int]) -> li
     return final
 
 # %% ../nbs/01_data.ipynb #d8be8c8a
-def collect_dreambooth_images(ds: DatasetSpec, warn: Optional[Callable[[str], None]] = None) -> DatasetImages:
-    """DreamBoothDataset.__init__ (training split, no validation split, no metadata_cache.json):
+def collect_dreambooth_images(ds: DatasetSpec, warn: Optional[Callable[[str], None]] = None, part: str = "train") -> DatasetImages:
+    """DreamBoothDataset.__init__ (no metadata_cache.json) for the training or the validation `part`:
     subsets with num_repeats < 1, duplicated image_dir, a missing folder or no images are skipped with a warning;
+    with validation_split each training subset is split (`split_train_val`; reg subsets stay whole in training);
     captions from files with class_tokens fallback; reg images registered after all train images and balanced."""
     warn = warn or logger.warning
     out = DatasetImages()
@@ -817,6 +819,10 @@ def collect_dreambooth_images(ds: DatasetSpec, warn: Optional[Callable[[str], No
         if not paths:
             out.warnings.append(f"ignore subset with image_dir='{sub.image_dir}': no images found")
             continue
+        if 0 < ds.validation_split <= 1:
+            if sub.is_reg and part == "validation": continue
+            if not sub.is_reg: paths = split_train_val(paths, ds.validation_split, part == "train", random.Random(ds.validation_seed))
+            if not paths: continue
         caps, missing = C.dreambooth_captions(paths, normalize_caption_extension(sub.caption_extension), sub.class_tokens,
                                               sub.enable_wildcard)
         missing_all += missing
@@ -956,9 +962,9 @@ class DatasetPlan:
 
 # %% ../nbs/01_data.ipynb #4ebbafc9
 def plan_dataset(spec: DatasetSpec, warn: Optional[Callable[[str], None]] = None,
-                 image_size: Callable[[str], tuple] = get_image_size) -> DatasetPlan:
-    """Collect images, read their sizes (unless known from metadata), assign buckets, fill them (with repeats)."""
-    images = (collect_finetuning_images if spec.kind == FT else collect_dreambooth_images)(spec, warn)
+                 image_size: Callable[[str], tuple] = get_image_size, part: str = "train") -> DatasetPlan:
+    """Collect the images of `part` (train or validation), read their sizes (unless known from metadata), assign buckets, fill them (with repeats)."""
+    images = collect_finetuning_images(spec, warn) if spec.kind == FT else collect_dreambooth_images(spec, warn, part)
     sizes = [it.image_size or image_size(it.path) for it in images.items]
     for it, s in zip(images.items, sizes):
         it.image_size = tuple(s)
@@ -1381,9 +1387,11 @@ def option_problems(cfg: TrainConfig, specs: list) -> list[str]:
     "Dataset options lora_kit does not implement yet, and options that cannot be combined with caching."
     problems, subs = [], [s for d in specs for s in d.subsets]
     for name, used in (("face_crop_aug_range", any(s.face_crop_aug_range for s in subs)), ("alpha_mask", any(s.alpha_mask for s in subs)),
-                       ("validation_split", any(d.validation_split for d in specs)),
                        ("network_multiplier", any(d.network_multiplier != 1.0 for d in specs))):
         if used: problems.append(f"dataset option {name} is not supported by lora_kit yet; remove it from the dataset config")
+    if any(d.validation_split and d.kind == FT for d in specs):
+        problems.append("validation_split splits image_dir (DreamBooth-style) datasets only, as in sd-scripts; a metadata_file "
+                        "dataset cannot be split: remove validation_split from it")
     if (cfg.cache_latents or cfg.cache_latents_to_disk) and any(s.random_crop or s.color_aug for s in subs):
         problems.append("--cache_latents / --cache_latents_to_disk cannot be used with random_crop or color_aug "
                         "(the augmentation would be frozen in the cache); turn one of them off")
@@ -1395,13 +1403,18 @@ def option_problems(cfg: TrainConfig, specs: list) -> list[str]:
     return problems
 
 # %% ../nbs/01_data.ipynb #f7b4e1ac
-def load_datasets(cfg: TrainConfig) -> tuple[list[TrainDataset], DataSummary, list[str]]:
-    "The training datasets described by `cfg`, a summary and warnings; raises `DatasetError` with every problem."
+def load_datasets(cfg: TrainConfig, part: str = "train") -> tuple[list[TrainDataset], DataSummary, list[str]]:
+    """The training (or, with `part="validation"`, the validation) datasets described by `cfg`, a summary and warnings;
+    raises `DatasetError` with every problem. A dataset without validation_split has no validation part."""
     warnings: list[str] = []
     missing = [f"--{n} {getattr(cfg, n)} does not exist (or is not a folder)" for n in ("train_data_dir", "reg_data_dir")
                if not cfg.dataset_config and getattr(cfg, n) and not os.path.isdir(getattr(cfg, n))]
     if missing: raise DatasetError(missing)
-    specs = dataset_specs(cli_values(cfg), cfg.dataset_config, warn=warnings.append)
+    specs = [dataclasses.replace(s, validation_seed=cfg.seed or 0) if s.validation_seed is None else s
+             for s in dataset_specs(cli_values(cfg), cfg.dataset_config, warn=warnings.append)]
+    if part == "validation":        # only datasets with a validation split have a validation part
+        specs = [s for s in specs if 0 < s.validation_split <= 1]
+        if not specs: return [], DataSummary(0, 0, 0, {}), []
     found = scan_dataset(specs) + option_problems(cfg, specs)
     warnings += [p[len("warning: "):] for p in found if p.startswith("warning: ")]
     problems = [p for p in found if not p.startswith("warning: ")]
@@ -1409,11 +1422,12 @@ def load_datasets(cfg: TrainConfig) -> tuple[list[TrainDataset], DataSummary, li
     datasets, counts, tables = [], {}, []
     n_train = n_reg = 0
     for spec in specs:
-        plan = plan_dataset(spec, warn=lambda m: None)
+        plan = plan_dataset(spec, warn=lambda m: None, part=part)
         if not plan.images.items: continue
         ds = TrainDataset(plan, cfg.seed or 0)
         datasets.append(ds); tables.append(plan.summary())
         n_train += plan.images.num_train_images; n_reg += plan.images.num_reg_images
         for r, n in ds.bucket_counts().items(): counts[r] = counts.get(r, 0) + n
-    if n_train == 0: raise DatasetError(["no training images: every dataset has only regularisation images (is_reg); add training images"])
+    if n_train == 0 and part == "train":
+        raise DatasetError(["no training images: every dataset has only regularisation images (is_reg); add training images"])
     return datasets, DataSummary(n_train, n_reg, batches_per_epoch([d.plan for d in datasets]), counts, tables), warnings

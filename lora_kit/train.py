@@ -4,12 +4,13 @@
 
 # %% ../nbs/06_train.ipynb #ff5628eb
 from __future__ import annotations
-import base64, csv, errno, gc, importlib.util, itertools, json, math, mimetypes, os, random, shutil, signal, tempfile, threading, time, uuid
+import base64, csv, dataclasses, errno, gc, importlib.util, itertools, json, math, mimetypes, os, random, shutil, signal, tempfile, threading, time, uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
@@ -31,7 +32,8 @@ __all__ = ['lora_file_problems', 'merge_base_weights', 'check_all', 'machine_pro
            'initial_step', 'starting_point', 'lora_filename', 'state_dirname', 'epoch_to_remove', 'step_to_remove',
            'training_metadata', 'dataset_metadata', 'modelspec', 'TrainState', 'Callback', 'TrainingStopped', 'LossLog',
            'plot_loss', 'output_lock', 'stop_signals', 'build_network', 'process_share', 'rows_loss',
-           'average_gradients', 'save_state', 'load_state', 'free_cached_text_encoders', 'cpu_threads', 'train']
+           'average_gradients', 'save_state', 'load_state', 'free_cached_text_encoders', 'cpu_threads', 'train',
+           'batch_loss', 'validation_timesteps', 'Validation']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
@@ -155,13 +157,13 @@ _SS_MINIMUM = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_networ
 
 # %% ../nbs/06_train.ipynb #9f204ae1
 def training_metadata(cfg: TrainConfig, family, summary, steps: int, epochs: int, optimizer, session_id: str, started: float,
-                      datasets: list = (), num_processes: int = 1) -> dict:
+                      datasets: list = (), num_processes: int = 1, num_validation_images: int = 0) -> dict:
     "`ss_*` and `modelspec.*` metadata for a LoRA trained with `cfg`, with sd-scripts' key set (`--no_metadata`: its minimum)."
     opt_args = "(" + ",".join(cfg.optimizer_args or []) + ")" if cfg.optimizer_args else ""
     md = {f"ss_{n}": getattr(cfg, n) for n in _SS_FROM_CFG}
     md.update({"ss_session_id": session_id, "ss_training_started_at": started, "ss_output_name": cfg.output_name,
                "ss_text_encoder_lr": (cfg.text_encoder_lr or [None])[0], "ss_num_train_images": summary.num_train_images,
-               "ss_num_validation_images": 0, "ss_num_reg_images": summary.num_reg_images,
+               "ss_num_validation_images": num_validation_images, "ss_num_reg_images": summary.num_reg_images,
                "ss_num_batches_per_epoch": summary.batches_per_epoch, "ss_num_epochs": epochs, "ss_max_train_steps": steps,
                "ss_network_dim": cfg.network_dim or 4, "ss_v2": bool(family.v2), "ss_base_model_version": family.base_model_version,
                "ss_sd_scripts_commit_hash": f"lora_kit {_version()}", "ss_debiased_estimation": bool(cfg.debiased_estimation_loss),
@@ -234,6 +236,7 @@ class TrainState:
     avg_loss: float = float("nan")
     lrs: dict = field(default_factory=dict)
     history: list = field(default_factory=list)   # (step, epoch, loss, avg_loss, lr) per step
+    validation: list = field(default_factory=list)  # (step, epoch, "step" or "epoch", validation loss) per validation
     saved: list = field(default_factory=list)     # paths written
     stop: bool = False
     started: float = 0.0
@@ -437,6 +440,15 @@ def average_gradients(params: list, accelerator) -> None:
     for p, g, h in zip(params, total.split([p.numel() for p in params]), has):
         p.grad = g.view_as(p).to(p.dtype) if h > 0 else None
 
+# %% ../nbs/06_train.ipynb #2fc707e4
+def _loader(cfg, dataset, num_processes: int = 1, rank: int = 0) -> torch.utils.data.DataLoader:
+    "Batches of `dataset` (this process's share of each global batch), loaded by `--max_data_loader_n_workers` workers."
+    return torch.utils.data.DataLoader(_ProcessRows(dataset), collate_fn=_collate_rows,
+                                       batch_sampler=_ProcessBatches(BucketBatchSampler(dataset, cfg.seed, dataset.batch_size * num_processes), num_processes, rank),
+                                       num_workers=min(cfg.max_data_loader_n_workers, os.cpu_count() or 1),
+                                       persistent_workers=cfg.persistent_data_loader_workers and cfg.max_data_loader_n_workers > 0,
+                                       generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
+
 # %% ../nbs/06_train.ipynb #ac0f38ef
 def _batches(loaders, epoch: int, skip: int = 0):
     "All batches of one epoch, dataset after dataset, leaving out the first `skip`."
@@ -532,6 +544,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
           progress: bool = True) -> TrainState:   # False: no tqdm bar (e.g. a notebook view shows its own)
     "Train a LoRA as `cfg` says; returns the final state (its `saved` lists the files written)."
     datasets, summary, warnings = check_all(cfg)
+    val_datasets = load_datasets(cfg, "validation")[0]
     acc = _accelerator(cfg)
     for w in warnings: acc.print("warning:", w)
     for n in option_notes(cfg): acc.print("note:", n)
@@ -545,7 +558,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
             if comp: comp.family = comp.family.with_options(cfg)
             else: comp = load_components(cfg)
             return _run(cfg, comp, acc, datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [], progress, signalled,
-                        owned and not any(getattr(cb, "uses_models", True) for cb in callbacks))
+                        owned and not any(getattr(cb, "uses_models", True) for cb in callbacks), val_datasets)
         finally: acc.end_training()
 
 # %% ../nbs/06_train.ipynb #69516bd7
@@ -561,7 +574,7 @@ def _prepare_models(cfg, comp, device, dtype, train_te: bool, datasets):
     if cfg.xformers: comp.denoiser.enable_xformers_memory_efficient_attention()
 
 # %% ../nbs/06_train.ipynb #647d6df3
-def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None, release_models=False) -> TrainState:
+def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None, release_models=False, val_datasets=()) -> TrainState:
     dtype, device = _weight_dtype(acc), acc.device
     train_te = not cfg.network_train_unet_only
     _prepare_models(cfg, comp, device, dtype, train_te, datasets)   # in a function: no local here keeps a model alive
@@ -573,13 +586,9 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     if not groups: raise ConfigError(["nothing to train: every LoRA part has learning rate 0"])
     optimizer = optimizer_from_config(cfg, groups)
     nproc = acc.num_processes
-    loaders = [torch.utils.data.DataLoader(_ProcessRows(d), collate_fn=_collate_rows,
-                                           batch_sampler=_ProcessBatches(BucketBatchSampler(d, cfg.seed, d.batch_size * nproc), nproc, acc.process_index),
-                                           num_workers=min(cfg.max_data_loader_n_workers, os.cpu_count() or 1),
-                                           persistent_workers=cfg.persistent_data_loader_workers and cfg.max_data_loader_n_workers > 0,
-                                           generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
-               for d in datasets]
-    with acc.main_process_first(): freed = _cache(cfg, comp, datasets, progress and acc.is_local_main_process, release_models)
+    loaders = [_loader(cfg, d, nproc, acc.process_index) for d in datasets]
+    validation = Validation(cfg, val_datasets, acc, train_te, dtype)
+    with acc.main_process_first(): freed = _cache(cfg, comp, [*datasets, *val_datasets], progress and acc.is_local_main_process, release_models)
     if freed: acc.print(f"freed the {' and '.join(freed)}: their outputs are cached")
     global_batches = sum(len(dl) for dl in loaders)
     steps, epochs = count_steps(global_batches, cfg)
@@ -596,7 +605,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     for d in datasets: d.max_train_steps = steps
     session = str(uuid.uuid4())
     metadata = lambda: training_metadata(cfg, comp.family, summary, steps, epochs, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                         session, state.started, datasets, nproc)
+                                         session, state.started, datasets, nproc, validation.num_images)
     if acc.is_main_process and acc.log_with:
         acc.init_trackers(cfg.log_tracker_name or "network_train", config={k: v for k, v in cfg.to_dict(changed_only=True).items() if isinstance(v, (int, float, str, bool))})
     _emit(callbacks, "on_train_start", state)
@@ -609,9 +618,11 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
                 loss = _step(cfg, comp, network, objective, optimizer, scheduler, acc, batch, train_te, dtype)
                 if not acc.sync_gradients: continue
                 _after_step(state, loss, scheduler, bar, callbacks, metadata)
+                if validation.due_at_step(state.step): validation.run(state, "step", bar)
                 for d in datasets: d.step.value = state.step   # token warm-up follows the global step
                 if _signalled(state, signalled): raise KeyboardInterrupt
                 if state.step >= steps or state.stop: break
+            if not state.stop and validation.due_at_epoch(state.epoch): validation.run(state, "epoch", bar)   # the last epoch too
             if state.step >= steps or state.stop: break
             epoch_losses = [h[2] for h in state.history if h[1] == state.epoch]
             if epoch_losses: acc.log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=state.epoch)
@@ -647,23 +658,27 @@ def _save_stopped(state: TrainState, metadata, callbacks) -> Path:
     return _save(state, lora_filename(state.cfg, step=state.step), metadata(), callbacks)
 
 # %% ../nbs/06_train.ipynb #a212948e
+def batch_loss(cfg, comp, objective, acc, batch, train_te: bool, dtype, num_processes: int = 1) -> torch.Tensor:
+    "This process's part of the loss of one (global) batch, weighted so that the processes' parts average to the batch mean."
+    fam = comp.family
+    latents = (batch["latents"] if "latents" in batch else fam.encode_images(comp, batch["pixels"].to(acc.device))).to(acc.device, dtype)
+    if "text_cond" in batch:
+        cond = {k: v.to(acc.device, dtype) for k, v in batch["text_cond"].items()}
+        if train_te:    # a partial cache (SD3: T5 cached, CLIP trained): the trained encoders run on top of it
+            with acc.autocast(): cond = fam.encode_text(comp, batch["captions"], cfg.clip_skip, cfg.max_token_length, cached=cond)
+    else:
+        with torch.set_grad_enabled(train_te and torch.is_grad_enabled()), acc.autocast():
+            cond = fam.encode_text(comp, batch["captions"], cfg.clip_skip, cfg.max_token_length)
+    offset, n = batch["rows"]
+    with acc.autocast():
+        per_sample = rows_loss(objective, lambda noisy, t: fam.predict(comp, noisy, t, cond), latents, offset, n)
+    return (per_sample * batch["loss_weights"].to(per_sample.device)).sum() * num_processes / n
+
+# %% ../nbs/06_train.ipynb #97b44cd2
 def _step(cfg, comp, network, objective, optimizer, scheduler, acc, batch, train_te, dtype) -> torch.Tensor:
     "One forward/backward pass (an optimizer step when gradients are synchronised)."
-    fam = comp.family
     with acc.accumulate(network):
-        latents = (batch["latents"] if "latents" in batch else fam.encode_images(comp, batch["pixels"].to(acc.device))).to(acc.device, dtype)
-        if "text_cond" in batch:
-            cond = {k: v.to(acc.device, dtype) for k, v in batch["text_cond"].items()}
-            if train_te:    # a partial cache (SD3: T5 cached, CLIP trained): the trained encoders run on top of it
-                with acc.autocast(): cond = fam.encode_text(comp, batch["captions"], cfg.clip_skip, cfg.max_token_length, cached=cond)
-        else:
-            with torch.set_grad_enabled(train_te), acc.autocast():
-                cond = fam.encode_text(comp, batch["captions"], cfg.clip_skip, cfg.max_token_length)
-        offset, n = batch["rows"]
-        with acc.autocast():
-            per_sample = rows_loss(objective, lambda noisy, t: fam.predict(comp, noisy, t, cond), latents, offset, n)
-        # the mean over the global batch once the processes' gradients are averaged
-        loss = (per_sample * batch["loss_weights"].to(per_sample.device)).sum() * acc.num_processes / n
+        loss = batch_loss(cfg, comp, objective, acc, batch, train_te, dtype, acc.num_processes)
         total = acc.reduce(loss.detach(), "mean") if acc.num_processes > 1 else loss.detach()   # the same on every process
         if not torch.isfinite(total):
             if cfg.on_nan_loss != "skip": raise FloatingPointError("non-finite loss")
@@ -676,6 +691,48 @@ def _step(cfg, comp, network, objective, optimizer, scheduler, acc, batch, train
             if cfg.max_grad_norm: acc.clip_grad_norm_(network.parameters(), cfg.max_grad_norm)
         optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
     return total
+
+# %% ../nbs/06_train.ipynb #d4f6ed54
+def validation_timesteps(cfg) -> list[int]:
+    "sd-scripts' 4 validation timesteps, evenly inside [--min_timestep, --max_timestep]."
+    lo, hi = cfg.min_timestep or 0, 1000 if cfg.max_timestep is None else cfg.max_timestep
+    return [int(t) for t in np.linspace(lo, hi, 6, dtype=int)[1:-1]]
+
+# %% ../nbs/06_train.ipynb #cfe6d26b
+class Validation:
+    "The validation loss of a run: when it is due, and its value."
+    def __init__(self, cfg, datasets, acc, train_te: bool, dtype):
+        self.cfg, self.acc, self.train_te, self.dtype = cfg, acc, train_te, dtype
+        self.loaders = [_loader(cfg, d) for d in datasets] if acc.is_main_process else []
+        self.num_images = sum(d.plan.images.num_train_images for d in datasets)
+
+    def due_at_step(self, step: int) -> bool:
+        return bool(self.loaders and self.cfg.validate_every_n_steps and step % self.cfg.validate_every_n_steps == 0)
+
+    def due_at_epoch(self, epoch: int) -> bool:
+        return bool(self.loaders and (not self.cfg.validate_every_n_epochs or epoch % self.cfg.validate_every_n_epochs == 0))
+
+    @torch.no_grad()
+    def loss(self, state) -> float:
+        "The mean loss over the validation batches and timesteps, with the validation seed."
+        cfg, comp, acc = self.cfg, state.comp, self.acc
+        batches = itertools.islice(_batches(self.loaders, 0), cfg.max_validation_steps)
+        objectives = [OBJECTIVES[comp.family.objective](dataclasses.replace(cfg, min_timestep=t, max_timestep=t)) for t in validation_timesteps(cfg)]
+        state.network.eval()
+        try:
+            with torch.random.fork_rng(devices=[acc.device.index or 0] if acc.device.type == "cuda" else []):
+                torch.manual_seed(cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
+                losses = [batch_loss(cfg, comp, o, acc, b, self.train_te, self.dtype).item() for b in batches for o in objectives]
+        finally: state.network.train()
+        return sum(losses) / len(losses)
+
+    def run(self, state, kind: str, bar):
+        "Validate now; log, record and show the result (`kind`: step or epoch)."
+        value = self.loss(state)
+        state.validation.append((state.step, state.epoch, kind, value))
+        self.acc.log({f"loss/validation/{kind}_average": value, f"loss/validation/{kind}_divergence": value - state.avg_loss},
+                     step=state.step if kind == "step" else state.epoch)
+        bar.set_postfix(loss=f"{state.loss:.4f}", avr_loss=f"{state.avg_loss:.4f}", val_loss=f"{value:.4f}")
 
 # %% ../nbs/06_train.ipynb #1d2bfe61
 _LR_NAMES = {"lora_te": "textencoder", "lora_unet": "unet"}

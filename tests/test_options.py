@@ -335,3 +335,19 @@ def test_bad_optimizer_refused_before_loading(data, tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         run(data, tmp_path, "--optimizer_type", "NoSuchOpt", "--lr_scheduler_args", "power", steps=1)
     assert any("--optimizer_type 'NoSuchOpt' is unknown" in p for p in e.value.problems)
+
+
+def test_validation_loss(data, tmp_path):
+    """validation_split holds out images; their loss is measured every --validate_every_n_steps and at the end of each
+    epoch, deterministically (same LoRA, same value), without changing the training (same losses as a run that never
+    validates); the held-out images are counted in the metadata."""
+    split = ("--validation_split", "0.34", "--validation_seed", "5")
+    a = run(data, tmp_path / "a", "--output_name", "x", *split, "--validate_every_n_steps", "2", steps=6)
+    # 3 images: 2 train (x3 repeats = 6, 3 batches per epoch), 1 validation
+    assert [(s, e, k) for s, e, k, _ in a.validation] == [(2, 1, "step"), (3, 1, "epoch"), (4, 2, "step"), (6, 2, "step"), (6, 2, "epoch")]
+    values = [v for *_, v in a.validation]
+    assert all(math.isfinite(v) and v > 0 for v in values) and values[3] == values[4] and values[0] != values[2]
+    b = run(data, tmp_path / "b", "--output_name", "x", *split, "--validate_every_n_epochs", "100", steps=6)
+    assert b.validation == [] and [h[2] for h in b.history] == [h[2] for h in a.history]
+    md = load_lora(tmp_path / "a" / "x.safetensors")[1]
+    assert (md["ss_num_train_images"], md["ss_num_validation_images"], md["ss_validation_split"]) == ("6", "3", "0.34")
