@@ -252,8 +252,9 @@ class LiveView(Callback):
         self.raw, = self.ax.plot([], [], color="tab:blue", alpha=0.35, lw=1, label="loss")
         self.avg, = self.ax.plot([], [], color="tab:blue", lw=2, label="avr_loss")
         self.lr, = self.ax_lr.plot([], [], color="tab:orange", ls="--", lw=1, label="lr")
+        self.val, = self.ax.plot([], [], color="tab:green", marker="o", ms=4, lw=1, label="val_loss")
         self.ax.set_xlabel("step"); self.ax.set_ylabel("loss"); self.ax_lr.set_ylabel("learning rate")
-        self.ax.legend(handles=[self.raw, self.avg, self.lr], loc="upper right", fontsize=8); self.fig.tight_layout()
+        self.ax.legend(handles=[self.raw, self.avg, self.val, self.lr], loc="upper right", fontsize=8); self.fig.tight_layout()
         self.plot = W.Image(format="png", layout=W.Layout(width="675px"))
         self.gallery = W.Box(layout=W.Layout(flex_flow="row wrap"))
         self.widget = W.VBox([W.HBox([self.bar.container, self.stop_button]), self.stats, self.plot, self.gallery, self.status])
@@ -264,10 +265,11 @@ class LiveView(Callback):
 
 # %% ../nbs/08_ui.ipynb #2f4eda1e
 @patch
-def draw(self: LiveView, history: list):
-    "Redraw the loss and lr curves from `TrainState.history` rows."
+def draw(self: LiveView, history: list, validation: list = ()):
+    "Redraw the loss and lr curves from `TrainState.history` rows, and the validation losses (`TrainState.validation`) as points."
     steps = [h[0] for h in history]
     self.raw.set_data(steps, [h[2] for h in history]); self.avg.set_data(steps, [h[3] for h in history])
+    self.val.set_data([v[0] for v in validation], [v[3] for v in validation])     # TrainState.validation rows
     self.lr.set_data(steps, [h[4] for h in history])
     for ax in (self.ax, self.ax_lr): ax.relim(); ax.autoscale_view()
     self.ax.set_xlim(0, max(steps[-1] if steps else 1, self.state.max_steps if self.state else 1))
@@ -311,7 +313,7 @@ def on_step_end(self: LiveView, state: TrainState):
     lr = ", ".join(f"{k.replace('lora_', '')} {v:.2e}" if len(state.lrs) > 1 else f"{v:.2e}" for k, v in state.lrs.items())
     self.stats.value = (f"step <b>{state.step}</b>/{state.max_steps} · epoch {state.epoch}/{state.num_epochs} · loss {state.loss:.4f} · "
                         f"avr_loss {state.avg_loss:.4f} · lr {lr} · {rate:.2f} step/s · ETA {_duration((state.max_steps - state.step) / rate)}")
-    if time.monotonic() - self._drawn >= self.min_interval: self.draw(state.history)
+    if time.monotonic() - self._drawn >= self.min_interval: self.draw(state.history, state.validation)
     self.show_samples()
 
 @patch
@@ -322,7 +324,7 @@ def on_save(self: LiveView, state: TrainState, path: Path): self.status.value = 
 
 @patch
 def on_train_end(self: LiveView, state: TrainState):
-    self.draw(state.history); self.show_samples()
+    self.draw(state.history, state.validation); self.show_samples()
     self.bar.n = state.step; self.bar.refresh(); self.bar.close()
     self.stop_button.disabled = True
     how = "stopped" if state.stop else "finished"
