@@ -34,11 +34,11 @@ __all__ = ['logger', 'GENERAL', 'DATASET', 'SUBSET', 'DB', 'FT', 'CN', 'KIND_LAB
            'glob_images', 'get_image_size', 'ImageItem', 'DatasetImages', 'split_train_val', 'balance_reg_repeats',
            'collect_dreambooth_images', 'collect_finetuning_images', 'read_metadata', 'DatasetPlan', 'plan_dataset',
            'sdscripts_dataset_seed', 'batches_per_epoch', 'steps_per_epoch', 'max_train_steps_for_epochs',
-           'num_train_epochs', 'scan_dataset', 'color_aug', 'TrainDataset', 'BucketBatchSampler', 'collate',
-           'latents_npz_path', 'vae_fingerprint', 'latent_cache_key', 'load_cached_latents', 'save_cached_latents',
-           'cache_latents', 'text_cacheable', 'cache_text_encoder_outputs', 'weights_fingerprint', 'text_cache_key',
-           'TextDiskCache', 'cache_text_encoder_outputs_to_disk', 'DataSummary', 'cli_values', 'option_problems',
-           'load_datasets']
+           'num_train_epochs', 'scan_dataset', 'color_aug', 'to_pixels', 'TrainDataset', 'BucketBatchSampler',
+           'collate', 'latents_npz_path', 'vae_fingerprint', 'latent_cache_key', 'load_cached_latents',
+           'save_cached_latents', 'cache_latents', 'text_cacheable', 'cache_text_encoder_outputs',
+           'weights_fingerprint', 'text_cache_key', 'TextDiskCache', 'cache_text_encoder_outputs_to_disk',
+           'DataSummary', 'cli_values', 'option_problems', 'load_datasets']
 
 # %% ../nbs/01_data.ipynb #f4d56957
 logger = logging.getLogger(__name__)
@@ -1146,6 +1146,11 @@ def color_aug(image: np.ndarray, rng: random.Random) -> np.ndarray:
     return np.clip(image.astype(np.float64) ** rng.uniform(0.95, 1.05), 0, 255).astype(np.uint8)
 
 # %% ../nbs/01_data.ipynb #cd3daed8
+def to_pixels(image: np.ndarray) -> torch.Tensor:
+    "An (H, W, 3 or 4) uint8 image as the VAE's (3, H, W) input in [-1, 1]."
+    return torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1).float() / 127.5 - 1.0
+
+# %% ../nbs/01_data.ipynb #3c0bfba6
 class TrainDataset(torch.utils.data.Dataset):
     "One dataset: images, buckets, and per-item loading with augmentation, caption ops and caches."
     def __init__(self, plan: DatasetPlan, seed: int = 0, max_train_steps: int = 0):
@@ -1160,15 +1165,18 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def subset(self, i: int): return self.plan.spec.subsets[self.plan.images.items[i].subset]
 
-    def pixels(self, i: int, rng: random.Random|None = None, flipped: bool = False) -> torch.Tensor:
-        "Image i resized and cropped to its bucket, as a (3, H, W) tensor in [-1, 1]."
+    def image(self, i: int, rng: random.Random|None = None, flipped: bool = False) -> np.ndarray:
+        "Image i resized and cropped to its bucket: (H, W, 3) uint8, or (H, W, 4) with the subset's `alpha_mask`."
         item, sub, choice = self.plan.images.items[i], self.subset(i), self.plan.plan.choices[i]
         interp = sub.resize_interpolation if sub.resize_interpolation is not None else self.plan.spec.resize_interpolation
         random_crop = sub.random_crop and rng is not None
-        img, _, _ = B.trim_and_resize(B.load_image(item.path), choice.reso, choice.resized_size, random_crop, rng, interp)
-        if sub.color_aug and rng is not None: img = color_aug(np.ascontiguousarray(img), rng)
-        if flipped: img = img[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(img[:, :, :3])).permute(2, 0, 1).float() / 127.5 - 1.0
+        img, _, _ = B.trim_and_resize(B.load_image(item.path, alpha=sub.alpha_mask), choice.reso, choice.resized_size, random_crop, rng, interp)
+        if sub.color_aug and rng is not None: img = np.dstack([color_aug(np.ascontiguousarray(img[:, :, :3]), rng), img[:, :, 3:]])
+        return np.ascontiguousarray(img[:, ::-1] if flipped else img)
+
+    def pixels(self, i: int, rng: random.Random|None = None, flipped: bool = False) -> torch.Tensor:
+        "Image i resized and cropped to its bucket, as a (3, H, W) tensor in [-1, 1]."
+        return to_pixels(self.image(i, rng, flipped))
 
     def caption(self, i: int, rng: random.Random, epoch: int) -> str:
         return C.process_caption(self.plan.images.items[i].caption, self.subset(i), rng, epoch=epoch, step=self.step.value,
@@ -1181,9 +1189,12 @@ class TrainDataset(torch.utils.data.Dataset):
         item, sub = self.plan.images.items[i], self.subset(i)
         flipped = sub.flip_aug and rng.random() < 0.5
         out = {"index": i, "loss_weight": self.plan.spec.prior_loss_weight if item.is_reg else 1.0}
+        img = None if i in self.latents or i in self.npz else self.image(i, rng, flipped)
         if i in self.latents: out["latents"] = self.latents[i][int(flipped)]
         elif i in self.npz: out["latents"] = load_cached_latents(self.npz[i], flipped)
-        else: out["pixels"] = self.pixels(i, rng, flipped)
+        else: out["pixels"] = to_pixels(img)
+        if sub.alpha_mask:      # with cached latents the image is read again for its mask, centred as when caching
+            out["alpha_mask"] = torch.from_numpy((self.image(i, None, flipped) if img is None else img)[:, :, 3].copy()).float() / 255
         out["caption"] = self.caption(i, rng, epoch)
         if self.text_cond: out["text_cond"] = self.text_cond[out["caption"]]
         return out
@@ -1213,6 +1224,10 @@ def collate(samples: list[dict]) -> dict:
         if k in samples[0]: out[k] = torch.stack([s[k] for s in samples])
     if "text_cond" in samples[0]:
         out["text_cond"] = {k: torch.stack([s["text_cond"][k] for s in samples]) for k in samples[0]["text_cond"]}
+    masks = [s.get("alpha_mask") for s in samples]
+    if any(m is not None for m in masks):     # subsets without alpha_mask count everywhere (sd-scripts: ones)
+        shape = next(m.shape for m in masks if m is not None)
+        out["alpha_masks"] = torch.stack([torch.ones(shape) if m is None else m for m in masks])
     return out
 
 # %% ../nbs/01_data.ipynb #06f83c7b
@@ -1386,7 +1401,7 @@ def cli_values(cfg: TrainConfig) -> dict:
 def option_problems(cfg: TrainConfig, specs: list) -> list[str]:
     "Dataset options lora_kit does not implement yet, and options that cannot be combined with caching."
     problems, subs = [], [s for d in specs for s in d.subsets]
-    for name, used in (("face_crop_aug_range", any(s.face_crop_aug_range for s in subs)), ("alpha_mask", any(s.alpha_mask for s in subs)),
+    for name, used in (("face_crop_aug_range", any(s.face_crop_aug_range for s in subs)),
                        ("network_multiplier", any(d.network_multiplier != 1.0 for d in specs))):
         if used: problems.append(f"dataset option {name} is not supported by lora_kit yet; remove it from the dataset config")
     if any(d.validation_split and d.kind == FT for d in specs):

@@ -13,8 +13,9 @@ from .config import OPTIONS
 
 # %% auto #0
 __all__ = ['HUBER_SCHEDULES', 'LOSS_TYPES', 'OBJECTIVES', 'DDPM_ONLY', 'training_scheduler', 'DDPMOptions', 'pyramid_noise',
-           'sample_noise', 'perturbed', 'sample_timesteps', 'diffusion_target', 'huber_threshold', 'per_sample_loss',
-           'snr_table', 'min_snr_weight', 'snr_weighted', 'sd_loss', 'DDPMObjective', 'ddpm_only_problems']
+           'sample_noise', 'perturbed', 'sample_timesteps', 'diffusion_target', 'huber_threshold', 'apply_mask',
+           'per_sample_loss', 'snr_table', 'min_snr_weight', 'snr_weighted', 'sd_loss', 'DDPMObjective',
+           'ddpm_only_problems']
 
 # %% ../nbs/04_loss.ipynb #5dd6db88
 def training_scheduler(v_prediction: bool = False, zero_terminal_snr: bool = False) -> DDPMScheduler:
@@ -118,8 +119,14 @@ def huber_threshold(sched: DDPMScheduler, timesteps: torch.Tensor, schedule: str
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 
 # %% ../nbs/04_loss.ipynb #c0afea9e
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: torch.Tensor|None = None) -> torch.Tensor:
-    "`--loss_type` per element, averaged per sample (in float32); `huber_c` is the per-sample threshold for huber/smooth_l1."
+def apply_mask(loss: torch.Tensor, mask: torch.Tensor|None) -> torch.Tensor:
+    "sd-scripts' `apply_masked_loss`: the element-wise loss times the mask ((B, 1, H, W) in [0, 1], e.g. alpha) area-resized to it."
+    if mask is None: return loss
+    return loss * F.interpolate(mask.to(loss.device, loss.dtype), size=loss.shape[2:], mode="area")
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: torch.Tensor|None = None,
+                    mask: torch.Tensor|None = None) -> torch.Tensor:
+    "`--loss_type` per element (times `mask`), averaged per sample (in float32); `huber_c` is the per-sample threshold for huber/smooth_l1."
     d = pred.float() - target.float()
     if loss_type == "l2": loss = d ** 2
     elif loss_type == "l1": loss = d.abs()
@@ -127,7 +134,7 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "
         c = huber_c.float().view(-1, *[1] * (d.dim() - 1))
         loss = 2 * (torch.sqrt(d ** 2 + c ** 2) - c) * (c if loss_type == "huber" else 1)
     else: raise ValueError(f"--loss_type {loss_type!r} must be one of {', '.join(LOSS_TYPES)}")
-    return loss.mean(dim=list(range(1, d.dim())))
+    return apply_mask(loss, mask).mean(dim=list(range(1, d.dim())))
 
 LOSS_TYPES = ("l1", "l2", "huber", "smooth_l1")
 
@@ -155,15 +162,15 @@ def snr_weighted(loss: torch.Tensor, snr_t: torch.Tensor, opts: DDPMOptions = DD
 
 # %% ../nbs/04_loss.ipynb #12b3a699
 def sd_loss(sched: DDPMScheduler, predict, latents: torch.Tensor, generator=None, all_snr: torch.Tensor|None = None,
-            **options) -> torch.Tensor:
-    "Per-sample SD 1.x/2.x loss; `predict(noisy, timesteps)` is the model call, `options` are `DDPMOptions` fields."
+            mask: torch.Tensor|None = None, **options) -> torch.Tensor:
+    "Per-sample SD 1.x/2.x loss; `predict(noisy, timesteps)` is the model call, `mask` weights pixels, `options` are `DDPMOptions` fields."
     o = DDPMOptions(**options)
     noise = sample_noise(latents, o, generator)
     t_min, t_max = o.min_timestep or 0, sched.config.num_train_timesteps if o.max_timestep is None else o.max_timestep
     t = sample_timesteps(latents.shape[0], t_min, t_max, generator, latents.device)
     pred = predict(sched.add_noise(latents, perturbed(noise, o, generator), t), t)
     huber_c = huber_threshold(sched, t, o.huber_schedule, o.huber_c, o.huber_scale) if o.loss_type in ("huber", "smooth_l1") else None
-    loss = per_sample_loss(pred, diffusion_target(sched, latents, noise, t), o.loss_type, huber_c)
+    loss = per_sample_loss(pred, diffusion_target(sched, latents, noise, t), o.loss_type, huber_c, mask)
     snr_t = (snr_table(sched) if all_snr is None else all_snr).to(t.device)[t]
     return snr_weighted(loss, snr_t, o, sched.config.prediction_type == "v_prediction")
 
@@ -179,8 +186,8 @@ class DDPMObjective:
             warnings.warn("--zero_terminal_snr without --v_parameterization: an epsilon model cannot predict pure noise's "
                           "signal; sd-scripts warns that training will be unexpected")
 
-    def __call__(self, predict, latents: torch.Tensor, generator=None) -> torch.Tensor:
-        return sd_loss(self.sched, predict, latents, generator, self.all_snr, **self.options)
+    def __call__(self, predict, latents: torch.Tensor, generator=None, mask: torch.Tensor|None = None) -> torch.Tensor:
+        return sd_loss(self.sched, predict, latents, generator, self.all_snr, mask, **self.options)
 
 # %% ../nbs/04_loss.ipynb #637f3e38
 OBJECTIVES = {"ddpm": DDPMObjective}

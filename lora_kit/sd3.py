@@ -21,7 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 from .config import ASSETS, TrainConfig
 from .lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_network_args
-from .loss import OBJECTIVES
+from .loss import OBJECTIVES, apply_mask
 from .models import MODEL_SOURCES, Components, ModelSource
 from .data import TextDiskCache, weights_fingerprint
 
@@ -69,8 +69,8 @@ def loss_weight(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/04b_sd3.ipynb #4a967ec4
 def flow_loss(predict, latents: torch.Tensor, weighting_scheme: str = "uniform", logit_mean: float = 0.0,
               logit_std: float = 1.0, mode_scale: float = 1.29, training_shift: float = 1.0,
-              min_timestep: int|None = None, max_timestep: int|None = None, generator=None) -> torch.Tensor:
-    "Per-image SD3 loss; `predict(noisy, timesteps)` is the model call. Draw order as sd-scripts: noise, then u."
+              min_timestep: int|None = None, max_timestep: int|None = None, generator=None, mask: torch.Tensor|None = None) -> torch.Tensor:
+    "Per-image SD3 loss; `predict(noisy, timesteps)` is the model call, `mask` weights pixels. Draw order as sd-scripts: noise, then u."
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
     u = shift_u(sample_u(weighting_scheme, latents.shape[0], logit_mean, logit_std, mode_scale, generator), training_shift)
     t_min, t_max = min_timestep or 0, 1000 if max_timestep is None else max_timestep
@@ -79,7 +79,7 @@ def flow_loss(predict, latents: torch.Tensor, weighting_scheme: str = "uniform",
     noisy = sigmas * noise + (1 - sigmas) * latents
     x0 = predict(noisy, timesteps) * (-sigmas) + noisy
     loss = F.mse_loss(x0.float(), latents.float(), reduction="none") * loss_weight(weighting_scheme, sigmas)
-    return loss.mean(dim=list(range(1, loss.dim())))
+    return apply_mask(loss, mask).mean(dim=list(range(1, loss.dim())))
 
 # %% ../nbs/04b_sd3.ipynb #a3fd4e5e
 class FlowObjective:
@@ -89,8 +89,8 @@ class FlowObjective:
                        mode_scale=cfg.mode_scale, training_shift=cfg.training_shift,
                        min_timestep=cfg.min_timestep, max_timestep=cfg.max_timestep)
 
-    def __call__(self, predict, latents: torch.Tensor, generator=None) -> torch.Tensor:
-        return flow_loss(predict, latents, generator=generator, **self.kw)
+    def __call__(self, predict, latents: torch.Tensor, generator=None, mask: torch.Tensor|None = None) -> torch.Tensor:
+        return flow_loss(predict, latents, generator=generator, mask=mask, **self.kw)
 
 OBJECTIVES["flow"] = FlowObjective
 

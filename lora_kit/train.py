@@ -415,18 +415,19 @@ def _collate_rows(samples: list[dict]) -> dict:
     return {**collate(samples), "rows": samples[0]["rows"]}
 
 # %% ../nbs/06_train.ipynb #8c3f4e3c
-def rows_loss(objective, predict, latents: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+def rows_loss(objective, predict, latents: torch.Tensor, offset: int, n: int, mask: torch.Tensor|None = None) -> torch.Tensor:
     "Per-sample loss of the rows `offset…` of a global batch of `n`, with the noise and timesteps drawn for all `n`."
     b = latents.shape[0]
-    if offset == 0 and b == n: return objective(predict, latents)
+    if offset == 0 and b == n: return objective(predict, latents, mask=mask)
     rows = slice(offset, offset + b)
     full = latents.new_zeros((n, *latents.shape[1:]))
     full[rows] = latents
+    if mask is not None: mask = torch.cat([mask.new_ones((offset, *mask.shape[1:])), mask, mask.new_ones((n - offset - b, *mask.shape[1:]))])
     def predict_rows(noisy, t):
         out = noisy.new_zeros(noisy.shape)
         out[rows] = predict(noisy[rows], t[rows])
         return out
-    return objective(predict_rows, full)[rows]
+    return objective(predict_rows, full, mask=mask)[rows]
 
 # %% ../nbs/06_train.ipynb #5b3a28ec
 def average_gradients(params: list, accelerator) -> None:
@@ -671,7 +672,8 @@ def batch_loss(cfg, comp, objective, acc, batch, train_te: bool, dtype, num_proc
             cond = fam.encode_text(comp, batch["captions"], cfg.clip_skip, cfg.max_token_length)
     offset, n = batch["rows"]
     with acc.autocast():
-        per_sample = rows_loss(objective, lambda noisy, t: fam.predict(comp, noisy, t, cond), latents, offset, n)
+        mask = batch["alpha_masks"].unsqueeze(1).to(acc.device) if "alpha_masks" in batch else None
+        per_sample = rows_loss(objective, lambda noisy, t: fam.predict(comp, noisy, t, cond), latents, offset, n, mask)
     return (per_sample * batch["loss_weights"].to(per_sample.device)).sum() * num_processes / n
 
 # %% ../nbs/06_train.ipynb #97b44cd2

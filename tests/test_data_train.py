@@ -53,3 +53,18 @@ def test_cached_models_freed_only_when_unused(tmp_path):
     assert kept.vae is not None and len(kept.text_encoders) == 1 and len(list((tmp_path / "out" / "sample").glob("c_*.png"))) == 2
     partly = train(_cfg(tmp_path, "--cache_latents", "--output_name", "d")).comp
     assert partly.vae is None and len(partly.text_encoders) == 1
+
+
+def test_alpha_mask_transparent_images_teach_nothing(tmp_path):
+    """With alpha_mask the loss is weighted by the images' alpha: on fully transparent images it is exactly 0 and the
+    LoRA stays untrained (lora_up starts at zero); the same images without alpha_mask train it. Also with cached latents."""
+    from PIL import Image
+    from lora_kit.lora import load_lora
+    write_folder(tmp_path / "data" / "1_sks", n=2, seed=0)
+    for p in (tmp_path / "data" / "1_sks").glob("*.png"):
+        im = Image.open(p).convert("RGBA"); im.putalpha(0); im.save(p)
+    for name, extra in (("masked", ("--alpha_mask",)), ("masked_cached", ("--alpha_mask", "--cache_latents")), ("plain", ())):
+        state = train(_cfg(tmp_path, "--output_name", name, "--learning_rate", "1e-2", *extra))
+        ups = [v for k, v in load_lora(tmp_path / "out" / f"{name}.safetensors")[0].items() if k.endswith("lora_up.weight")]
+        if name == "plain": assert state.loss > 0 and any(u.abs().sum() > 0 for u in ups)
+        else: assert [h[2] for h in state.history] == [0.0, 0.0] and all(u.abs().sum() == 0 for u in ups)
