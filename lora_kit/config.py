@@ -96,7 +96,7 @@ adaptive_noise_scale ip_noise_gamma ip_noise_gamma_random_strength scale_v_pred_
 debiased_estimation_loss zero_terminal_snr
 enable_scaled_pos_embed pos_emb_random_crop_rate t5xxl_device t5xxl_dtype save_clip save_t5xxl text_encoder_batch_size
 disable_mmap_load_safetensors skip_cache_check use_8bit_adam use_lion_optimizer no_half_vae dim_from_weights lowram highvram
-validation_split validation_seed validate_every_n_steps validate_every_n_epochs max_validation_steps alpha_mask
+validation_split validation_seed validate_every_n_steps validate_every_n_epochs max_validation_steps alpha_mask debug_dataset
 """.split())
 
 # %% ../nbs/00_config.ipynb #fbeafdcb

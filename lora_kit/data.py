@@ -35,7 +35,7 @@ __all__ = ['logger', 'GENERAL', 'DATASET', 'SUBSET', 'DB', 'FT', 'CN', 'KIND_LAB
            'collect_dreambooth_images', 'collect_finetuning_images', 'read_metadata', 'DatasetPlan', 'plan_dataset',
            'sdscripts_dataset_seed', 'batches_per_epoch', 'steps_per_epoch', 'max_train_steps_for_epochs',
            'num_train_epochs', 'scan_dataset', 'color_aug', 'to_pixels', 'TrainDataset', 'BucketBatchSampler',
-           'collate', 'latents_npz_path', 'vae_fingerprint', 'latent_cache_key', 'load_cached_latents',
+           'debug_batches', 'collate', 'latents_npz_path', 'vae_fingerprint', 'latent_cache_key', 'load_cached_latents',
            'save_cached_latents', 'cache_latents', 'text_cacheable', 'cache_text_encoder_outputs',
            'weights_fingerprint', 'text_cache_key', 'TextDiskCache', 'cache_text_encoder_outputs_to_disk',
            'DataSummary', 'cli_values', 'option_problems', 'load_datasets']
@@ -1188,7 +1188,7 @@ class TrainDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed}/{epoch}/{slot}")
         item, sub = self.plan.images.items[i], self.subset(i)
         flipped = sub.flip_aug and rng.random() < 0.5
-        out = {"index": i, "loss_weight": self.plan.spec.prior_loss_weight if item.is_reg else 1.0}
+        out = {"index": i, "loss_weight": self.plan.spec.prior_loss_weight if item.is_reg else 1.0, "flipped": flipped}
         img = None if i in self.latents or i in self.npz else self.image(i, rng, flipped)
         if i in self.latents: out["latents"] = self.latents[i][int(flipped)]
         elif i in self.npz: out["latents"] = load_cached_latents(self.npz[i], flipped)
@@ -1214,6 +1214,18 @@ class BucketBatchSampler(B.BucketBatchSampler):
         for batch in self.batches():
             yield [(i, self.epoch, slot + k) for k, i in enumerate(batch)]
             slot += len(batch)
+
+# %% ../nbs/01_data.ipynb #35400da1
+def debug_batches(datasets: list, seed: int = 0, epoch: int = 1):
+    "Lines describing each batch of `epoch` as training would draw it, and its images."
+    for n, d in enumerate(datasets):
+        sampler = BucketBatchSampler(d, seed); sampler.set_epoch(epoch)
+        for b, keys in enumerate(sampler):
+            yield f"dataset {n}, epoch {epoch}, batch {b + 1}/{len(sampler)}, bucket {tuple(d.plan.plan.choices[keys[0][0]].reso)}:"
+            for key in keys:
+                item, it = d[key], d.plan.images.items[key[0]]
+                yield (f"  {it.path}, size {tuple(it.image_size)}, loss weight {item['loss_weight']}, flipped {item['flipped']}, "
+                       f"caption: \"{item['caption']}\"")
 
 # %% ../nbs/01_data.ipynb #4a570c87
 def collate(samples: list[dict]) -> dict:

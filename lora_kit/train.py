@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import OPTIONS, ConfigError, TrainConfig, option_notes, parse_resolution, validate
 from .data import (BucketBatchSampler, DatasetError, cache_latents, cache_text_encoder_outputs, cache_text_encoder_outputs_to_disk,
-                           collate, load_datasets, vae_fingerprint)
+                           collate, debug_batches, load_datasets, vae_fingerprint)
 from .lora import (LoRANetwork, SAVE_DTYPES, atomic_path, dims_from_state, load_into, load_lora, merge_lora, parse_network_args,
                            save_lora)
 from .loss import OBJECTIVES, ddpm_only_problems
@@ -52,7 +52,7 @@ def merge_base_weights(cfg: TrainConfig, comp):
 def check_all(cfg: TrainConfig):
     "Validate options, model path, network args and datasets together; returns (datasets, summary, warnings)."
     problems = validate(cfg) + check_model(cfg) + machine_problems(cfg) + lora_file_problems(cfg) + optim_problems(cfg)
-    if not cfg.output_dir: problems.append("--output_dir is required: where the LoRA files are written")
+    if not cfg.output_dir and not cfg.debug_dataset: problems.append("--output_dir is required: where the LoRA files are written")
     src = model_source(cfg.pretrained_model_name_or_path)
     if src: problems += ddpm_only_problems(cfg, src.name)
     try: parse_network_args(cfg.network_args, src and src.network_args)
@@ -543,8 +543,11 @@ def cpu_threads(device) -> int:
 # %% ../nbs/06_train.ipynb #e6fb0621
 def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
           progress: bool = True) -> TrainState:   # False: no tqdm bar (e.g. a notebook view shows its own)
-    "Train a LoRA as `cfg` says; returns the final state (its `saved` lists the files written)."
+    "Train a LoRA as `cfg` says; returns the final state (its `saved` lists the files written). `--debug_dataset`: print the batches instead."
     datasets, summary, warnings = check_all(cfg)
+    if cfg.debug_dataset:
+        for line in [summary, *debug_batches(datasets, cfg.seed or 0)]: print(line)
+        return TrainState(cfg)
     val_datasets = load_datasets(cfg, "validation")[0]
     acc = _accelerator(cfg)
     for w in warnings: acc.print("warning:", w)

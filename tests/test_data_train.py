@@ -1,5 +1,6 @@
 "The loop with the dataset options: latents cached to disk and reused, text-encoder outputs cached, 225-token captions."
 import numpy as np
+import pytest
 import torch
 
 from lora_kit.config import make_config
@@ -68,3 +69,17 @@ def test_alpha_mask_transparent_images_teach_nothing(tmp_path):
         ups = [v for k, v in load_lora(tmp_path / "out" / f"{name}.safetensors")[0].items() if k.endswith("lora_up.weight")]
         if name == "plain": assert state.loss > 0 and any(u.abs().sum() > 0 for u in ups)
         else: assert [h[2] for h in state.history] == [0.0, 0.0] and all(u.abs().sum() == 0 for u in ups)
+
+
+def test_debug_dataset_prints_batches_without_training(tmp_path, monkeypatch, capsys):
+    "--debug_dataset prints each batch of an epoch (bucket, images, processed captions) and loads no model, writes nothing."
+    import lora_kit.train as T
+    write_folder(tmp_path / "data" / "1_sks", n=3, seed=0)
+    monkeypatch.setattr(T, "load_components", lambda cfg: pytest.fail("loaded a model"))
+    cfg = make_config(["--pretrained_model_name_or_path", "tiny-sd1", "--network_module", "networks.lora", "--train_data_dir",
+                       str(tmp_path / "data"), "--caption_extension", ".txt", "--resolution", "64", "--train_batch_size", "2",
+                       "--debug_dataset"])
+    state = T.train(cfg)
+    out = capsys.readouterr().out
+    assert state.step == 0 and not (tmp_path / "out").exists()
+    assert out.count("dataset 0, epoch 1, batch") == 2 and out.count("caption: ") == 3 and "bucket (64, 64)" in out

@@ -306,3 +306,18 @@ def test_split_qkv_and_loraplus_train_save_and_resume(tmp_path):
                         tiny_sd3_components("tiny-sd3"))
     assert isinstance(net.loras[q], SplitLoRAModule) and net.loras[q].lora_dim == 4 and net.loras[q].scale == 0.5
     assert all(torch.equal(v, sd[k]) for k, v in net.state_dict().items())
+
+
+def test_validation_loss_sd3(tmp_path):
+    "Validation runs through the flow objective at the fixed timesteps: same LoRA, same value; changed LoRA, other value."
+    from lora_kit.config import make_config
+    from lora_kit.train import train
+    write_folder(tmp_path / "img" / "1_sks", n=4, seed=0)
+    cfg = make_config(["--pretrained_model_name_or_path", "tiny-sd3", "--network_module", "networks.lora_sd3", "--train_data_dir",
+                       str(tmp_path / "img"), "--caption_extension", ".txt", "--resolution", "64", "--train_batch_size", "1",
+                       "--max_train_steps", "4", "--seed", "0", "--learning_rate", "1e-2", "--network_train_unet_only",
+                       "--validation_split", "0.25", "--validate_every_n_steps", "2", "--weighting_scheme", "logit_normal",
+                       "--max_data_loader_n_workers", "0", "--output_dir", str(tmp_path / "out")])
+    v = train(cfg, progress=False).validation
+    assert [(s, k) for s, _, k, _ in v] == [(2, "step"), (3, "epoch"), (4, "step"), (4, "epoch")]
+    assert v[2][3] == v[3][3] and v[0][3] != v[2][3]
