@@ -77,9 +77,9 @@ def test_nan_loss_skip_policy(tmp_path, data, monkeypatch):
     import lora_kit.loss as L
     calls = {"n": 0}
     real = L.DDPMObjective.__call__
-    def sometimes_nan(self, predict, latents, generator=None):
+    def sometimes_nan(self, predict, latents, generator=None, mask=None):
         calls["n"] += 1
-        out = real(self, predict, latents, generator)
+        out = real(self, predict, latents, generator, mask)
         return out * float("nan") if calls["n"] == 2 else out
     monkeypatch.setattr(L.DDPMObjective, "__call__", sometimes_nan)
     cfg = make_config([*TRAIN, "--train_data_dir", str(data), "--output_dir", str(tmp_path), "--max_train_steps", "4",
