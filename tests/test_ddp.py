@@ -59,3 +59,22 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path, data):
     moved = max(v.abs().max().item() for k, v in b.items() if k.endswith("lora_up.weight"))   # lora_up starts at 0
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert moved > 1e-3 * scale and diff <= 1e-5 * scale, (diff, moved, scale)
+
+
+def test_validation_with_two_processes(tmp_path):
+    "With a validation split, the main process validates (logged) while the other waits at the next step; nothing hangs."
+    d = tmp_path / "data"
+    write_folder(d / "1_sks", n=5, seed=3)                       # 4 training images, 1 held out
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "lora_kit.cli", "train_network", *ARGS, "--train_data_dir", str(d), "--train_batch_size", "1",
+                        "--validation_split", "0.2", "--validate_every_n_steps", "1", "--output_dir", str(tmp_path / "out"),
+                        "--output_name", "run", "--logging_dir", str(tmp_path / "logs")],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    runs = list((tmp_path / "logs").iterdir())
+    assert len(runs) == 1                                          # one process logs
+    ev = EventAccumulator(str(runs[0] / "network_train")); ev.Reload()
+    assert [e.step for e in ev.Scalars("loss/validation/step_average")] == [1, 2, 3]
+    assert load_lora(tmp_path / "out" / "run.safetensors")[1]["ss_num_validation_images"] == "1"
