@@ -1298,11 +1298,12 @@ def cache_latents(ds: TrainDataset, encode: Callable[[torch.Tensor], torch.Tenso
         flip = ds.subset(i).flip_aug
         if to_disk:
             path = latents_npz_path(item.path, item.image_size, suffix)
-            if skip_check and _has_arrays(path, ("lora_kit_latents",) + (("lora_kit_latents_flipped",) if flip else ())):
+            arrays = ("lora_kit_latents",) + (("lora_kit_latents_flipped",) if flip else ())
+            if skip_check and _has_arrays(path, arrays):
                 ds.npz[i] = path; continue
             key = latent_cache_key(item.path, ds.plan.plan.choices[i], flip, vae_id)
             z = _read_npz(path)
-            if z.get("lora_kit_key") == key and "lora_kit_latents" in z and (not flip or "lora_kit_latents_flipped" in z):
+            if z.get("lora_kit_key") == key and all(a in z for a in arrays):
                 ds.npz[i] = path; continue
             todo[i] = (path, key)
         else: todo[i] = None

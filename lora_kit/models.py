@@ -67,12 +67,11 @@ class SDFamily:
     sample_sampler = True          # `--sample_sampler` chooses the sampling scheduler
     default_resolution = 512       # `modelspec.resolution` without `--resolution`
     latents_suffix = "_sd"         # latent cache files `<stem>_WxH_sd.npz`, as sd-scripts names them
+    cache_only_encoders = ()       # no text encoder is replaced by a partial cache (caching needs a frozen text encoder)
 
     def with_options(self, cfg) -> "SDFamily":
         "The family for training with `cfg`: SD 1.x/2.x take nothing from the options (the model files decide)."
         return self
-
-    cache_only_encoders = ()       # no text encoder is replaced by a partial cache (caching needs a frozen text encoder)
 
     def tokenize(self, tokenizer, captions: list[str]) -> torch.Tensor:
         return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids

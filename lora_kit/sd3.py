@@ -363,6 +363,8 @@ class ResolutionPosEmbed:
             s = max(h, w)
             self.tables[s] = scaled_sincos_table(self.dim, s)
             self.areas = sorted(self.areas + [(int(s * POS_EMBED_MAX_RATIO) ** 2, s)])
+        device = self.embed.pos_embed.device
+        if self.tables[s].device != device: self.tables[s] = self.tables[s].to(device)   # moved once, not at every step
         return self.tables[s]
 
     def __call__(self, height: int, width: int) -> torch.Tensor:
@@ -370,7 +372,7 @@ class ResolutionPosEmbed:
         h, w = height // self.p, width // self.p
         random_place = self.rate > 0 and torch.is_grad_enabled() and torch.rand(1).item() < self.rate
         table = self.table_for(h, w) if self.tables else self.embed.pos_embed
-        return crop_table(table, h, w, random_place).to(self.embed.pos_embed.device)
+        return crop_table(table, h, w, random_place)
 
 # %% ../nbs/04b_sd3.ipynb #563dedd6
 def latent_sizes(resolutions) -> list[int]:

@@ -591,7 +591,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     optimizer = optimizer_from_config(cfg, groups)
     nproc = acc.num_processes
     loaders = [_loader(cfg, d, nproc, acc.process_index) for d in datasets]
-    validation = Validation(cfg, val_datasets, acc, train_te, dtype)
+    validation = Validation(cfg, val_datasets, acc, comp.family.objective, train_te, dtype)
     with acc.main_process_first(): freed = _cache(cfg, comp, [*datasets, *val_datasets], progress and acc.is_local_main_process, release_models)
     if freed: acc.print(f"freed the {' and '.join(freed)}: their outputs are cached")
     global_batches = sum(len(dl) for dl in loaders)
@@ -629,7 +629,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
             if not state.stop and validation.due_at_epoch(state.epoch): validation.run(state, "epoch", bar)   # the last epoch too
             if state.step >= steps or state.stop: break
             epoch_losses = [h[2] for h in state.history if h[1] == state.epoch]
-            if epoch_losses: acc.log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=state.epoch)
+            if epoch_losses: _log(acc, {"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, state.epoch)
             if cfg.save_every_n_epochs and state.epoch % cfg.save_every_n_epochs == 0 and state.epoch < epochs:
                 _save_point(state, metadata, callbacks, epoch=state.epoch)
             _emit(callbacks, "on_epoch_end", state)
@@ -706,10 +706,12 @@ def validation_timesteps(cfg) -> list[int]:
 # %% ../nbs/06_train.ipynb #cfe6d26b
 class Validation:
     "The validation loss of a run: when it is due, and its value."
-    def __init__(self, cfg, datasets, acc, train_te: bool, dtype):
+    def __init__(self, cfg, datasets, acc, objective: str, train_te: bool, dtype):
         self.cfg, self.acc, self.train_te, self.dtype = cfg, acc, train_te, dtype
         self.loaders = [_loader(cfg, d) for d in datasets] if acc.is_main_process else []
         self.num_images = sum(d.plan.images.num_train_images for d in datasets)
+        self.objectives = [OBJECTIVES[objective](dataclasses.replace(cfg, min_timestep=t, max_timestep=t))   # one per fixed timestep
+                           for t in validation_timesteps(cfg)] if self.loaders else []
 
     def due_at_step(self, step: int) -> bool:
         return bool(self.loaders and self.cfg.validate_every_n_steps and step % self.cfg.validate_every_n_steps == 0)
@@ -722,12 +724,11 @@ class Validation:
         "The mean loss over the validation batches and timesteps, with the validation seed."
         cfg, comp, acc = self.cfg, state.comp, self.acc
         batches = itertools.islice(_batches(self.loaders, 0), cfg.max_validation_steps)
-        objectives = [OBJECTIVES[comp.family.objective](dataclasses.replace(cfg, min_timestep=t, max_timestep=t)) for t in validation_timesteps(cfg)]
         state.network.eval()
         try:
             with torch.random.fork_rng(devices=[acc.device.index or 0] if acc.device.type == "cuda" else []):
                 torch.manual_seed(cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
-                losses = [batch_loss(cfg, comp, o, acc, b, self.train_te, self.dtype).item() for b in batches for o in objectives]
+                losses = [batch_loss(cfg, comp, o, acc, b, self.train_te, self.dtype).item() for b in batches for o in self.objectives]
         finally: state.network.train()
         return sum(losses) / len(losses)
 
@@ -735,8 +736,8 @@ class Validation:
         "Validate now; log, record and show the result (`kind`: step or epoch)."
         value = self.loss(state)
         state.validation.append((state.step, state.epoch, kind, value))
-        self.acc.log({f"loss/validation/{kind}_average": value, f"loss/validation/{kind}_divergence": value - state.avg_loss},
-                     step=state.step if kind == "step" else state.epoch)
+        _log(self.acc, {f"loss/validation/{kind}_average": value, f"loss/validation/{kind}_divergence": value - state.avg_loss},
+             state.step if kind == "step" else state.epoch)
         bar.set_postfix(loss=f"{state.loss:.4f}", avr_loss=f"{state.avg_loss:.4f}", val_loss=f"{value:.4f}")
 
 # %% ../nbs/06_train.ipynb #1d2bfe61
@@ -748,6 +749,12 @@ def _lr_name(group: dict, i: int) -> str:
     return _LR_NAMES.get(prefix, f"group{i}") + (f" {plus}" if plus else "")
 
 # %% ../nbs/06_train.ipynb #cc49ca9b
+def _log(acc, logs: dict, step: int):
+    "Send `logs` to the trackers; a failing tracker is reported and training goes on."
+    try: acc.log(logs, step=step)
+    except Exception as e: print(f"warning: logging failed at step {step} ({type(e).__name__}: {e}); training continues")
+
+# %% ../nbs/06_train.ipynb #63632e91
 def _after_step(state: TrainState, loss, scheduler, bar, callbacks, metadata):
     "Bookkeeping after an optimizer step: averages, logs, progress, periodic saves, callbacks."
     cfg = state.cfg
@@ -764,8 +771,7 @@ def _after_step(state: TrainState, loss, scheduler, bar, callbacks, metadata):
     bar.update(1); bar.set_postfix(loss=f"{state.loss:.4f}", avr_loss=f"{state.avg_loss:.4f}")
     logs = {"loss/current": state.loss, "loss/average": state.avg_loss, **{f"lr/{k}": v for k, v in state.lrs.items()}}
     if norms: logs.update(zip(("max_norm/keys_scaled", "norm/avg_key_norm", "max_norm/max_key_norm"), norms))
-    try: state.accelerator.log(logs, step=state.step)
-    except Exception as e: print(f"warning: logging failed at step {state.step} ({type(e).__name__}: {e}); training continues")
+    _log(state.accelerator, logs, state.step)
     if cfg.save_every_n_steps and state.step % cfg.save_every_n_steps == 0 and state.step < state.max_steps:
         _save_point(state, metadata, callbacks, step=state.step)
     _emit(callbacks, "on_step_end", state)
