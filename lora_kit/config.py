@@ -97,7 +97,7 @@ debiased_estimation_loss zero_terminal_snr
 enable_scaled_pos_embed pos_emb_random_crop_rate t5xxl_device t5xxl_dtype save_clip save_t5xxl text_encoder_batch_size
 disable_mmap_load_safetensors skip_cache_check use_8bit_adam use_lion_optimizer no_half_vae dim_from_weights lowram highvram
 validation_split validation_seed validate_every_n_steps validate_every_n_epochs max_validation_steps alpha_mask debug_dataset tokenizer_cache_dir log_config ddp_gradient_as_bucket_view
-ddp_static_graph
+ddp_static_graph ddp_timeout
 """.split())
 
 # %% ../nbs/00_config.ipynb #fbeafdcb
@@ -105,13 +105,11 @@ _DOES_NOT_WORK = "sd-scripts marks it [DOES NOT WORK] and ignores it too"
 NO_EFFECT = {
     "no_half_vae": "lora_kit always keeps the VAE in float32",
     "dim_from_weights": "lora_kit always takes the LoRA's dims from --network_weights",
-    "highvram": "lora_kit never empties the CUDA cache while caching",
     "lowram": "lora_kit loads the models into RAM, then moves them to the device",
     "tokenizer_cache_dir": "lora_kit uses the tokenizers of the model or its bundled ones, offline",
     "log_config": "lora_kit always logs the options given to the tracker",
     "ddp_gradient_as_bucket_view": "lora_kit averages the LoRA gradients itself; they do not pass through DDP's buckets",
     "ddp_static_graph": "lora_kit averages the LoRA gradients itself; they do not pass through DDP's buckets",
-    "blocks_to_swap": "lora_kit keeps the whole MMDiT on its device (block swapping only saves GPU memory)",
     "t5xxl_device": _DOES_NOT_WORK, "t5xxl_dtype": _DOES_NOT_WORK, "save_clip": _DOES_NOT_WORK, "save_t5xxl": _DOES_NOT_WORK,
 }
 

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 import math
@@ -36,9 +37,9 @@ __all__ = ['logger', 'GENERAL', 'DATASET', 'SUBSET', 'DB', 'FT', 'CN', 'KIND_LAB
            'sdscripts_dataset_seed', 'batches_per_epoch', 'steps_per_epoch', 'max_train_steps_for_epochs',
            'num_train_epochs', 'scan_dataset', 'color_aug', 'to_pixels', 'TrainDataset', 'BucketBatchSampler',
            'debug_batches', 'collate', 'latents_npz_path', 'vae_fingerprint', 'latent_cache_key', 'load_cached_latents',
-           'save_cached_latents', 'cache_latents', 'text_cacheable', 'cache_text_encoder_outputs',
-           'weights_fingerprint', 'text_cache_key', 'TextDiskCache', 'cache_text_encoder_outputs_to_disk',
-           'DataSummary', 'cli_values', 'option_problems', 'load_datasets']
+           'save_cached_latents', 'batched', 'part_of', 'seeded_rng', 'cache_latents', 'text_cacheable',
+           'cache_text_encoder_outputs', 'weights_fingerprint', 'text_cache_key', 'TextDiskCache',
+           'cache_text_encoder_outputs_to_disk', 'DataSummary', 'cli_values', 'option_problems', 'load_datasets']
 
 # %% ../nbs/01_data.ipynb #f4d56957
 logger = logging.getLogger(__name__)
@@ -1288,10 +1289,28 @@ def save_cached_latents(path: str, key: str, latents: torch.Tensor, flipped: tor
     with atomic_path(path) as tmp, open(tmp, "wb") as f: np.savez(f, **arrays)
 
 # %% ../nbs/01_data.ipynb #c8046f62
+def batched(items: list, size: int) -> list[list]:
+    "`items` in consecutive batches of `size`."
+    return [items[k:k + size] for k in range(0, len(items), size)]
+
+def part_of(batches: list, part: tuple[int, int] = (0, 1)) -> list:
+    "Process k of n's share of `batches` (`part` = (k, n)): every n-th batch from the k-th, so batches are the same whatever n is."
+    return batches[part[0]::part[1]]
+
+@contextmanager
+def seeded_rng(seed: int):
+    "Within this block the random generators (CPU and the current GPU) start from `seed`; afterwards they are as before."
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(seed)
+        yield
+
+# %% ../nbs/01_data.ipynb #e90b5eb8
 def cache_latents(ds: TrainDataset, encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str, to_disk: bool = False,
-                  batch_size: int = 1, suffix: str = "_sd", skip_check: bool = False, progress: bool = True) -> int:
+                  batch_size: int = 1, suffix: str = "_sd", skip_check: bool = False, progress: bool = True,
+                  part: tuple[int, int] = (0, 1)) -> int:
     """Fill `ds`'s latent cache (memory, or npz files on disk); returns how many images were encoded. `skip_check`
-    (`--skip_cache_check`) trusts any file that has the arrays, without checking it was made from this image and VAE."""
+    (`--skip_cache_check`) trusts any file that has the arrays, without checking it was made from this image and VAE.
+    `part` (k, n): encode only every n-th image to do, from the k-th (one process's share; the processes then exchange)."""
     from tqdm.auto import tqdm
     todo = {}
     for i, item in enumerate(ds.plan.images.items):
@@ -1309,20 +1328,20 @@ def cache_latents(ds: TrainDataset, encode: Callable[[torch.Tensor], torch.Tenso
         else: todo[i] = None
     by_bucket: dict = {}
     for i in todo: by_bucket.setdefault(ds.plan.plan.bucket_of[i], []).append(i)
-    with tqdm(total=len(todo), desc="caching latents", disable=not progress or not todo) as bar:
-        for idx in by_bucket.values():
-            for k in range(0, len(idx), batch_size):
-                chunk = idx[k:k + batch_size]
+    chunks = part_of([c for idx in by_bucket.values() for c in batched(idx, batch_size)], part)
+    with tqdm(total=sum(map(len, chunks)), desc="caching latents", disable=not progress or not chunks) as bar:
+        for chunk in chunks:
+            with seeded_rng(chunk[0]):      # the VAE samples its latents: the same for an image whichever process encodes it
                 pixels = torch.stack([ds.pixels(i) for i in chunk])
                 lat = encode(pixels).float().cpu()
                 flips = [ds.subset(i).flip_aug for i in chunk]
                 lat_f = encode(pixels.flip(-1)).float().cpu() if any(flips) else None
-                for j, i in enumerate(chunk):
-                    fl = lat_f[j].clone() if flips[j] else None
-                    if to_disk: save_cached_latents(todo[i][0], todo[i][1], lat[j], fl); ds.npz[i] = todo[i][0]
-                    else: ds.latents[i] = (lat[j].clone(), fl)
-                bar.update(len(chunk))
-    return len(todo)
+            for j, i in enumerate(chunk):
+                fl = lat_f[j].clone() if flips[j] else None
+                if to_disk: save_cached_latents(todo[i][0], todo[i][1], lat[j], fl); ds.npz[i] = todo[i][0]
+                else: ds.latents[i] = (lat[j].clone(), fl)
+            bar.update(len(chunk))
+    return sum(map(len, chunks))
 
 # %% ../nbs/01_data.ipynb #a2479e64
 def text_cacheable(sub) -> bool:
@@ -1331,15 +1350,16 @@ def text_cacheable(sub) -> bool:
 
 # %% ../nbs/01_data.ipynb #3e1b2850
 @torch.no_grad()
-def cache_text_encoder_outputs(ds: TrainDataset, encode: Callable[[list], dict], batch_size: int = 8, progress: bool = True) -> int:
-    "Encode each distinct caption of `ds` once; `encode(captions)` returns a dict of batch-first tensors."
+def cache_text_encoder_outputs(ds: TrainDataset, encode: Callable[[list], dict], batch_size: int = 8, progress: bool = True,
+                               part: tuple[int, int] = (0, 1)) -> int:
+    "Encode each distinct caption of `ds` once (`part` as in `cache_latents`); `encode(captions)` returns a dict of batch-first tensors."
     from tqdm.auto import tqdm
     captions = sorted({ds.caption(i, random.Random(0), 1) for i in range(len(ds))})
-    for k in tqdm(range(0, len(captions), batch_size), desc="caching text encoder outputs", disable=not progress):
-        chunk = captions[k:k + batch_size]
+    chunks = part_of(batched(captions, batch_size), part)
+    for chunk in tqdm(chunks, desc="caching text encoder outputs", disable=not progress):
         cond = encode(chunk)
         for j, c in enumerate(chunk): ds.text_cond[c] = {n: v[j].detach().cpu() for n, v in cond.items()}
-    return len(captions)
+    return sum(map(len, chunks))
 
 # %% ../nbs/01_data.ipynb #d5e0d609
 def weights_fingerprint(modules: list, max_values: int = 4096) -> str:
@@ -1372,9 +1392,10 @@ class TextDiskCache:
 # %% ../nbs/01_data.ipynb #3cb48adb
 @torch.no_grad()
 def cache_text_encoder_outputs_to_disk(ds: TrainDataset, disk: TextDiskCache, batch_size: int = 8, skip_check: bool = False,
-                                       progress: bool = True) -> int:
+                                       progress: bool = True, part: tuple[int, int] = (0, 1)) -> int:
     """Fill `ds`'s text cache from valid files next to the images, encoding and writing the others; returns how many files
-    were written. `skip_check` (`--skip_cache_check`) trusts any file that has the arrays, whatever caption or encoders made it."""
+    were written. `skip_check` (`--skip_cache_check`) trusts any file that has the arrays, whatever caption or encoders made it.
+    `part` as in `cache_latents`."""
     from tqdm.auto import tqdm
     todo: dict = {}                      # caption -> files to write
     for i, item in enumerate(ds.plan.images.items):
@@ -1383,9 +1404,7 @@ def cache_text_encoder_outputs_to_disk(ds: TrainDataset, disk: TextDiskCache, ba
         if all(k in z for k in disk.keys) and (skip_check or z.get("lora_kit_key") == text_cache_key(cap, disk.te_id, disk.settings)):
             ds.text_cond.setdefault(cap, disk.to_cond(z))
         else: todo.setdefault(cap, []).append(path)
-    captions = sorted(todo)
-    for k in tqdm(range(0, len(captions), batch_size), desc="caching text encoder outputs to disk", disable=not progress):
-        chunk = captions[k:k + batch_size]
+    for chunk in tqdm(part_of(batched(sorted(todo), batch_size), part), desc="caching text encoder outputs to disk", disable=not progress):
         for cap, arrays in zip(chunk, disk.encode(chunk)):
             arrays = {**arrays, "lora_kit_key": np.array(text_cache_key(cap, disk.te_id, disk.settings))}
             for path in todo[cap]:

@@ -4,20 +4,22 @@
 
 # %% ../nbs/07_sample.ipynb #7dd833ec
 from __future__ import annotations
-import json, re, tomllib
+import inspect, json, re, tomllib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
 import diffusers
+from diffusers.image_processor import VaeImageProcessor
 
 from .lora import atomic_path
-from .train import Callback, TrainState
+from .train import Callback, TrainState, model_names
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'SamplePrompt', 'parse_prompt_line', 'read_prompts', 'sample_scheduler', 'generate', 'sample_filename',
-           'SampleCallback']
+__all__ = ['SAMPLERS', 'SamplePrompt', 'parse_prompt_line', 'read_prompts', 'sample_scheduler', 'prompt_conditioning',
+           'decode_latents', 'generate', 'sample_filename', 'SampleCallback']
 
 # %% ../nbs/07_sample.ipynb #6a3fa0f3
 @dataclass
@@ -79,16 +81,41 @@ def sample_scheduler(sampler: str, config):
     except ImportError as e: raise ImportError(f"--sample_sampler {sampler} needs an extra package: {e} (for lms: pip install scipy)") from None
 
 # %% ../nbs/07_sample.ipynb #413119b2
-def generate(comp, prompts: list[SamplePrompt], sampler: str = "ddim", default_seed: int = 0) -> list:
-    "PIL images for `prompts` with the model as it is now (LoRA applied)."
+_EMBED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+def prompt_conditioning(pipe, p: SamplePrompt, clip_skip: int|None = None, autocast=nullcontext) -> dict:
+    "The pipeline's embeddings for `p` (keyword arguments of its call), computed by its text encoders, kept on the CPU."
+    more = {n: None for n in ("prompt_2", "prompt_3") if n in inspect.signature(pipe.encode_prompt).parameters}  # SD3: = prompt
+    with torch.no_grad(), autocast():
+        out = pipe.encode_prompt(prompt=p.prompt, **more, negative_prompt=p.negative_prompt or None, device=pipe.text_encoder.device,
+                                 num_images_per_prompt=1, do_classifier_free_guidance=p.scale > 1,
+                                 clip_skip=clip_skip - 1 if clip_skip and clip_skip > 1 else None)
+    return {name: e.cpu() for name, e in zip(_EMBED_NAMES, out) if e is not None}   # (SD 1.x/2.x: no pooled embeddings)
+
+# %% ../nbs/07_sample.ipynb #2148ded3
+def decode_latents(vae, latents: torch.Tensor):
+    "The PIL image of final latents, decoded in the VAE's own dtype (no autocast), with the VAE's scale and shift."
+    z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0)
+    with torch.no_grad(), torch.autocast(vae.device.type, enabled=False):
+        pixels = vae.decode(z).sample
+    return VaeImageProcessor().postprocess(pixels.float(), output_type="pil")[0]
+
+# %% ../nbs/07_sample.ipynb #8a75e4b3
+def generate(comp, prompts: list[SamplePrompt], sampler: str = "ddim", default_seed: int = 0, clip_skip: int|None = None,
+             autocast=nullcontext, conditioning: list[dict]|None = None) -> list:
+    "PIL images for `prompts` with the model as it is now (LoRA applied), under `autocast`; `conditioning`: cached embeddings."
     pipe = comp.family.pipeline(comp)
     if comp.family.sample_sampler: pipe.scheduler = sample_scheduler(sampler, comp.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    device = comp.denoiser.device
     out = []
     for i, p in enumerate(prompts):
+        cond = conditioning[i] if conditioning else prompt_conditioning(pipe, p, clip_skip, autocast)
         g = torch.Generator(device="cpu").manual_seed(p.seed if p.seed is not None else default_seed + i)
-        out.append(pipe(p.prompt, negative_prompt=p.negative_prompt or None, width=p.width, height=p.height,
-                        num_inference_steps=p.sample_steps, guidance_scale=p.scale, generator=g).images[0])
+        with torch.no_grad(), autocast():
+            latents = pipe(**{k: v.to(device) for k, v in cond.items()}, width=p.width, height=p.height, num_inference_steps=p.sample_steps,
+                           guidance_scale=p.scale, generator=g, output_type="latent").images
+        out.append(decode_latents(comp.vae, latents))
     return out
 
 # %% ../nbs/07_sample.ipynb #fc3c60fb
@@ -103,21 +130,34 @@ class SampleCallback(Callback):
         from lora_kit.config import parse_resolution
         w, h = parse_resolution(cfg.resolution) if cfg.resolution else (512, 512)
         self.prompts = read_prompts(cfg.sample_prompts, w, h) if cfg.sample_prompts else []
+        self.conditioning: list[dict]|None = None      # the prompts' embeddings, when the text encoders do not train
         self.images: list[tuple[int, Path]] = []      # (step, path) of every image written
 
     @property
-    def uses_models(self) -> bool: return bool(self.prompts)
+    def uses_models(self) -> set[str]:
+        if not self.prompts: return set()
+        return {"vae"} if self.conditioning is not None else {"vae", "text_encoders"}
+
+    def encode_prompts(self, state: TrainState):
+        "Compute the prompts' embeddings once, with the text encoders on the device meanwhile (only if no text encoder trains)."
+        comp = state.comp
+        if not self.prompts or state.network.modules_with("lora_te") or None in comp.text_encoders: return
+        pipe = comp.family.pipeline(comp)
+        with state.placement.also(model_names(comp, range(len(comp.text_encoders)))):
+            self.conditioning = [prompt_conditioning(pipe, p, state.cfg.clip_skip, state.accelerator.autocast) for p in self.prompts]
 
     def sample(self, state: TrainState, tag: str):
         if not self.prompts or not state.accelerator.is_main_process: return
         comp, cfg = state.comp, state.cfg
-        was = [m.training for m in (comp.denoiser, state.network)]
+        needs = {"vae"} | (set() if self.conditioning else model_names(comp, range(len(comp.text_encoders))))
+        was = state.network.training
         state.network.eval()
         try:
-            with torch.no_grad(): imgs = generate(comp, self.prompts, cfg.sample_sampler, cfg.seed or 0)
+            with state.placement.also(needs):
+                imgs = generate(comp, self.prompts, cfg.sample_sampler, cfg.seed or 0, cfg.clip_skip, state.accelerator.autocast, self.conditioning)
         except Exception as e:
             print(f"warning: sampling at step {state.step} failed ({type(e).__name__}: {e}); training continues"); return
-        finally: state.network.train(was[1])
+        finally: state.network.train(was)
         folder = Path(cfg.output_dir)/"sample"
         ts = datetime.now().strftime("%Y%m%d%H%M%S")
         for i, img in enumerate(imgs):
@@ -126,6 +166,7 @@ class SampleCallback(Callback):
             self.images.append((state.step, path))
 
     def on_train_start(self, state):
+        if state.accelerator.is_main_process: self.encode_prompts(state)
         if state.cfg.sample_at_first: self.sample(state, f"{0:06d}")
     def on_step_end(self, state):
         n = state.cfg.sample_every_n_steps

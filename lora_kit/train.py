@@ -4,17 +4,17 @@
 
 # %% ../nbs/06_train.ipynb #ff5628eb
 from __future__ import annotations
-import base64, csv, dataclasses, errno, gc, importlib.util, itertools, json, math, mimetypes, os, random, shutil, signal, tempfile, threading, time, uuid
+import base64, csv, dataclasses, errno, functools, gc, importlib.util, itertools, json, math, mimetypes, os, random, shutil, signal, tempfile, threading, time, uuid, weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from .config import OPTIONS, ConfigError, TrainConfig, option_notes, parse_resolution, validate
@@ -28,12 +28,14 @@ import lora_kit.sd3  # registers the SD3 family (its model source and the "flow"
 from .optim import optim_problems, optimizer_from_config, scheduler_from_config
 
 # %% auto #0
-__all__ = ['lora_file_problems', 'merge_base_weights', 'check_all', 'machine_problems', 'resume_problems', 'count_steps',
-           'initial_step', 'starting_point', 'lora_filename', 'state_dirname', 'epoch_to_remove', 'step_to_remove',
-           'training_metadata', 'dataset_metadata', 'modelspec', 'TrainState', 'Callback', 'TrainingStopped', 'LossLog',
-           'plot_loss', 'output_lock', 'stop_signals', 'build_network', 'process_share', 'rows_loss',
-           'average_gradients', 'save_state', 'load_state', 'free_cached_text_encoders', 'cpu_threads', 'train',
-           'batch_loss', 'validation_timesteps', 'Validation']
+__all__ = ['lora_file_problems', 'merge_base_weights', 'check_all', 'machine_problems', 'fp16_optimizer_problems',
+           'resume_problems', 'count_steps', 'initial_step', 'starting_point', 'lora_filename', 'state_dirname',
+           'epoch_to_remove', 'step_to_remove', 'training_metadata', 'dataset_metadata', 'modelspec', 'TrainState',
+           'Callback', 'TrainingStopped', 'LossLog', 'plot_loss', 'output_lock', 'stop_signals', 'allow_fp16_gradients',
+           'build_network', 'process_share', 'rows_loss', 'average_gradients', 'save_state', 'load_state',
+           'clean_memory', 'model_names', 'Placement', 'training_models', 'BlockSwap', 'free_cached_text_encoders',
+           'release_cached_models', 'models_used', 'cpu_threads', 'train', 'batch_loss', 'validation_timesteps',
+           'Validation']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
@@ -70,7 +72,7 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     out, cuda = [], torch.cuda.is_available()
     if cfg.resume: out += resume_problems(cfg.resume)
     if cfg.full_fp16 and cfg.mixed_precision != "fp16": out.append("--full_fp16 needs --mixed_precision fp16 (as in sd-scripts)")
-    elif cfg.full_fp16 and not cuda: out.append("--full_fp16 needs a CUDA GPU; on a CPU use --mixed_precision bf16 --full_bf16")
+    elif cfg.full_fp16: out += fp16_optimizer_problems(cfg)
     if cfg.full_bf16 and cfg.mixed_precision != "bf16": out.append("--full_bf16 needs --mixed_precision bf16 (as in sd-scripts)")
     if cfg.xformers and importlib.util.find_spec("xformers") is None:
         out.append("--xformers: the xformers package is not installed (pip install xformers; it needs a CUDA GPU); --sdpa gives the same memory saving")
@@ -79,6 +81,19 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
         out.append(f"--log_with {cfg.log_with}: the wandb package is not installed (pip install wandb), or use --log_with tensorboard")
     if cfg.log_with in ("tensorboard", "all") and not cfg.logging_dir: out.append(f"--log_with {cfg.log_with} needs --logging_dir <folder>")
     return out
+
+# %% ../nbs/06_train.ipynb #74851b2b
+def fp16_optimizer_problems(cfg: TrainConfig) -> list[str]:
+    "Whether the optimizer keeps float16 weights finite through a step with a zero gradient (`--full_fp16`)."
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    try:
+        opt = optimizer_from_config(cfg, [{"params": [w]}])
+        w.grad = torch.zeros_like(w)
+        opt.step()
+    except Exception: return []                   # optim_problems reports an optimizer that cannot be built
+    if torch.isfinite(w).all(): return []
+    return [f"--full_fp16: optimizer {cfg.optimizer_type or 'AdamW'} turns float16 weights into NaN at the first step (its eps is 0 in "
+            "float16); use --optimizer_type AdamW8bit (float32 states), a larger eps (--optimizer_args eps=1e-4), or no --full_fp16"]
 
 # %% ../nbs/06_train.ipynb #63db84a8
 def resume_problems(path) -> list[str]:
@@ -240,11 +255,13 @@ class TrainState:
     saved: list = field(default_factory=list)     # paths written
     stop: bool = False
     started: float = 0.0
+    placement: "Placement" = None                 # which models are on the device (callbacks bring others with `placement.also`)
 
 # %% ../nbs/06_train.ipynb #7cbf712f
 class Callback:
     "Base class: override the events you need."
-    uses_models = True   # whether it runs the VAE or text encoders (if no callback does, training may free them once cached)
+    uses_models = True   # which of the VAE and text encoders it runs: True (both), False, or a set of "vae"/"text_encoders"
+                         # (what no callback runs, training frees once it is cached)
     def on_train_start(self, state: TrainState): pass
     def on_step_end(self, state: TrainState): pass
     def on_epoch_end(self, state: TrainState): pass
@@ -338,20 +355,32 @@ def stop_signals(distributed: bool = False):
 
 # %% ../nbs/06_train.ipynb #d39d07b3
 def _accelerator(cfg: TrainConfig) -> Accelerator:
-    "The accelerator for `cfg`; logs go to `--logging_dir/{--log_prefix}{timestamp}` as in sd-scripts."
+    """The accelerator for `cfg`; logs go to `--logging_dir/{--log_prefix}{timestamp}` as in sd-scripts; `--ddp_timeout`
+    (minutes) bounds how long processes wait for each other (PyTorch's default: 10 minutes)."""
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()   # several CPU processes: gloo
-    if PartialState(cpu=cpu).num_processes == 1:      # fresh state, so one session can train again with other precision
+    timeout = {"timeout": timedelta(minutes=cfg.ddp_timeout)} if cfg.ddp_timeout else {}
+    if PartialState(cpu=cpu, **timeout).num_processes == 1:      # fresh state, so one session can train again with other precision
         AcceleratorState._reset_state(); GradientState._reset_state()
     log_dir = str(Path(cfg.logging_dir)/f"{cfg.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}") if cfg.logging_dir else None
     log_with = cfg.log_with or ("tensorboard" if log_dir else None)
     if log_with == "all": log_with = ["tensorboard", "wandb"]
     if log_with in ("wandb", ["tensorboard", "wandb"]) and log_dir: os.makedirs(log_dir, exist_ok=True); os.environ["WANDB_DIR"] = log_dir
-    mp = cfg.mixed_precision
-    if mp == "fp16" and not torch.cuda.is_available():
-        print("note: --mixed_precision fp16 needs a GPU; training in float32 on this CPU (use bf16 for mixed precision on a CPU)")
-        mp = "no"
-    return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                       log_with=log_with, project_dir=log_dir)
+    acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                      log_with=log_with, project_dir=log_dir)
+    if acc.mixed_precision == "fp16" and acc.device.type == "cpu": _cpu_fp16(acc)
+    return acc
+
+# %% ../nbs/06_train.ipynb #cc16fcb7
+def _cpu_fp16(acc: Accelerator):
+    "Give a CPU accelerator GPU-style fp16: autocast to float16 and a gradient scaler (set before `prepare`)."
+    print("note: --mixed_precision fp16 on a CPU runs as on a GPU (float16 autocast, gradient scaler) but slowly; bf16 is faster here")
+    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu")
+
+# %% ../nbs/06_train.ipynb #db051903
+def allow_fp16_gradients(scaler: torch.amp.GradScaler):
+    "Let `scaler` unscale float16 gradients (`--full_fp16`), as sd-scripts' `patch_accelerator_for_fp16_training` does."
+    unscale = scaler._unscale_grads_
+    scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(optimizer, inv_scale, found_inf, True)
 
 # %% ../nbs/06_train.ipynb #df29cac8
 def _weight_dtype(accelerator: Accelerator):
@@ -509,29 +538,150 @@ def _save_point(state: TrainState, metadata, callbacks, epoch: int|None = None, 
         if cfg.save_state and old_state is not None: _prune(state_dirname(cfg, **kw_state))
 
 # %% ../nbs/06_train.ipynb #ae418534
-def free_cached_text_encoders(cfg, comp) -> list[str]:
-    "Free (put None in place of) the text encoders that do not train and whose outputs are cached; returns their names."
-    frozen = range(len(comp.text_encoders)) if cfg.network_train_unet_only else comp.family.cache_only_encoders
-    comp.text_encoders = [None if i in frozen else te for i, te in enumerate(comp.text_encoders)]
+def clean_memory(device):
+    "Return freed memory for real: Python's garbage, then the device's cached blocks."
     gc.collect()
-    return [f"text encoder {i + 1}" for i in frozen]
+    if torch.device(device).type == "cuda": torch.cuda.empty_cache()
 
 # %% ../nbs/06_train.ipynb #5e14647c
-def _cache(cfg, comp, datasets, progress: bool = True, release: bool = False) -> list[str]:
-    "Fill the datasets' latent and text-encoder caches as the options ask; with `release`, free each model once its outputs are cached."
-    fam, freed = comp.family, []
+def model_names(comp, text_encoders=None) -> set[str]:
+    "Names `Placement` uses for the loaded models: 'denoiser', 'vae', 'text_encoder1'…; `text_encoders`: only those indices."
+    idx = range(len(comp.text_encoders)) if text_encoders is None else text_encoders
+    tes = {f"text_encoder{i + 1}" for i in idx if comp.text_encoders[i] is not None}
+    return tes if text_encoders is not None else {"denoiser", *(["vae"] if comp.vae is not None else []), *tes}
+
+# %% ../nbs/06_train.ipynb #1f6f75b1
+class Placement:
+    "Which of the models are on the device; `only` and `also` move them (`empty_cache=False`: sd-scripts' `--highvram`)."
+    def __init__(self, comp, device, empty_cache: bool = True):
+        self.comp, self.device, self.empty_cache = comp, torch.device(device), empty_cache
+        self.on_device = {n for n, m in self._models().items() if next(m.parameters()).device == self.device}
+
+    def _models(self) -> dict:
+        c = self.comp
+        return {n: m for n, m in [("denoiser", c.denoiser), ("vae", c.vae), *((f"text_encoder{i + 1}", te) for i, te in enumerate(c.text_encoders))]
+                if m is not None}
+
+    def only(self, names):
+        "Put the named models on the device and the other loaded models in CPU memory."
+        names, moved_off = set(names), False
+        for n, m in self._models().items():
+            if (n in names) != (n in self.on_device):
+                m.to(self.device if n in names else "cpu")
+                moved_off |= n not in names
+        self.on_device = set(names) & set(self._models())
+        if moved_off and self.empty_cache: clean_memory(self.device)
+
+    @contextmanager
+    def also(self, names):
+        "Within this block the named models are on the device too; afterwards only what was there before."
+        before = set(self.on_device)
+        self.only(before | set(names))
+        try: yield
+        finally: self.only(before & set(self._models()))
+
+# %% ../nbs/06_train.ipynb #7cbc0f98
+def training_models(cfg, comp) -> set[str]:
+    "The models a training step runs: the denoiser, the VAE unless latents are cached, the text encoders unless their outputs are (trained ones always)."
+    names = {"denoiser"} | ({"vae"} if not (cfg.cache_latents or cfg.cache_latents_to_disk) and comp.vae is not None else set())
+    te_cached = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
+    cached = range(len(comp.text_encoders)) if cfg.network_train_unet_only else comp.family.cache_only_encoders
+    return names | model_names(comp, [i for i in range(len(comp.text_encoders)) if not (te_cached and i in cached)])
+
+# %% ../nbs/06_train.ipynb #20943715
+class BlockSwap:
+    "Keep the last `n` of `blocks` in CPU memory; each comes to `device` only while it runs (see above)."
+    def __init__(self, blocks, n: int, device):
+        self.device, self.live, self.peak = torch.device(device), 0, 0    # device copies of tensors that exist now / at most
+        self.swapped = list(blocks)[len(blocks) - n:]
+        for b in self.swapped:
+            b.to("cpu")
+            if self.device.type == "cuda": b._apply(lambda t: t.pin_memory())
+            slots = [(d, k) for m in b.modules() for d in (m._parameters, m._buffers) for k, v in d.items() if v is not None]
+            b.forward = functools.partial(self._run, b.forward, slots, [d[k] for d, k in slots])
+
+    def _run(self, forward, slots, home, *args, **kwargs):
+        "The block's forward with device copies of its weights (put back even when checkpointing stops a recomputation early)."
+        for (d, k), t in zip(slots, home):
+            d[k] = copy = t.detach().to(self.device, non_blocking=True, copy=True)
+            self.live += 1; weakref.finalize(copy, self._freed)
+        self.peak = max(self.peak, self.live)
+        try: return forward(*args, **kwargs)
+        finally:
+            for (d, k), t in zip(slots, home): d[k] = t
+
+    def _freed(self): self.live -= 1
+
+    def remove(self):
+        "Stop swapping: every block back on the device for good."
+        for b in self.swapped:
+            del b.forward
+            b.to(self.device)
+
+# %% ../nbs/06_train.ipynb #9477f639
+def _block_swap(cfg, comp, device) -> BlockSwap|None:
+    "`--blocks_to_swap` on the denoiser's `transformer_blocks` (SD3's MMDiT; the option exists only for such models)."
+    if not cfg.blocks_to_swap: return None
+    blocks = comp.denoiser.transformer_blocks
+    if cfg.blocks_to_swap > len(blocks): print(f"note: --blocks_to_swap {cfg.blocks_to_swap}: this model has {len(blocks)} blocks; swapping them all")
+    return BlockSwap(blocks, min(cfg.blocks_to_swap, len(blocks)), device)
+
+# %% ../nbs/06_train.ipynb #90c9210d
+def free_cached_text_encoders(cfg, comp) -> list[str]:
+    "Free (put None in place of) the text encoders that do not train and whose outputs are cached; returns the names of those freed now."
+    frozen = range(len(comp.text_encoders)) if cfg.network_train_unet_only else comp.family.cache_only_encoders
+    freed = [f"text encoder {i + 1}" for i in frozen if comp.text_encoders[i] is not None]
+    comp.text_encoders = [None if i in frozen else te for i, te in enumerate(comp.text_encoders)]
+    return freed
+
+# %% ../nbs/06_train.ipynb #eef83def
+def release_cached_models(cfg, comp, keep: set, which=("vae", "text_encoders")) -> list[str]:
+    "Free the models of `which` whose outputs are all cached, unless a callback runs them (`keep`); returns their names."
+    freed, drop = [], set(which) - set(keep)
+    if "vae" in drop and (cfg.cache_latents or cfg.cache_latents_to_disk) and comp.vae is not None: comp.vae = None; freed.append("VAE")
+    if "text_encoders" in drop and (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
+        freed += free_cached_text_encoders(cfg, comp)
+    if freed: gc.collect()
+    return freed
+
+# %% ../nbs/06_train.ipynb #cbf48c44
+def models_used(callbacks) -> set[str]:
+    "Which of 'vae' and 'text_encoders' some callback runs (`uses_models`: a set of them, or true for both)."
+    used = (getattr(cb, "uses_models", True) for cb in callbacks)
+    return set().union(*(set(u) if isinstance(u, (set, frozenset)) else {"vae", "text_encoders"} if u else set() for u in used))
+
+# %% ../nbs/06_train.ipynb #4fc8d4db
+def _gather_cache(acc, cache: dict):
+    "Merge every process's part of a dict cache into `cache` (in place)."
+    for part in gather_object([cache]): cache.update(part)
+
+# %% ../nbs/06_train.ipynb #5e6474e5
+def _cache(cfg, comp, datasets, acc, placement: Placement, keep: set, progress: bool = True) -> list[str]:
+    "Fill the datasets' latent and text-encoder caches as the options ask, each model on the device only meanwhile; frees what `keep` allows."
+    fam, freed, part, shared = comp.family, [], (acc.process_index, acc.num_processes), acc.num_processes > 1
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         vae_id = vae_fingerprint(comp.vae)
-        for d in datasets: cache_latents(d, lambda px: fam.encode_images(comp, px), vae_id, cfg.cache_latents_to_disk, cfg.vae_batch_size,
-                                         fam.latents_suffix, cfg.skip_cache_check, progress)
-        if release: comp.vae = None; gc.collect(); freed.append("VAE")
-    te_batch = lambda d: cfg.text_encoder_batch_size or d.batch_size    # sd-scripts' default: the dataset's batch size
-    if cfg.cache_text_encoder_outputs_to_disk:      # implies --cache_text_encoder_outputs, as in sd-scripts
-        disk = fam.text_disk_cache(comp)
-        for d in datasets: cache_text_encoder_outputs_to_disk(d, disk, te_batch(d), cfg.skip_cache_check, progress)
-    elif cfg.cache_text_encoder_outputs:
-        for d in datasets: cache_text_encoder_outputs(d, lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length), te_batch(d), progress)
-    if release and (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk): freed += free_cached_text_encoders(cfg, comp)
+        placement.only({"vae"})
+        cache = lambda d, part: cache_latents(d, lambda px: fam.encode_images(comp, px), vae_id, cfg.cache_latents_to_disk, cfg.vae_batch_size,
+                                              fam.latents_suffix, cfg.skip_cache_check, progress, part)
+        for d in datasets: cache(d, part)
+        if shared:
+            acc.wait_for_everyone()
+            for d in datasets: cache(d, (0, 1)) if cfg.cache_latents_to_disk else _gather_cache(acc, d.latents)  # the others' files / parts
+        freed += release_cached_models(cfg, comp, keep, ["vae"])
+    if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
+        placement.only(model_names(comp, range(len(comp.text_encoders))))
+        batch = lambda d: cfg.text_encoder_batch_size or d.batch_size    # sd-scripts' default: the dataset's batch size
+        encode = lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length)
+        disk = lambda d, part: cache_text_encoder_outputs_to_disk(d, fam.text_disk_cache(comp), batch(d), cfg.skip_cache_check, progress, part)
+        with acc.autocast():
+            for d in datasets:    # --cache_text_encoder_outputs_to_disk implies --cache_text_encoder_outputs, as in sd-scripts
+                disk(d, part) if cfg.cache_text_encoder_outputs_to_disk else cache_text_encoder_outputs(d, encode, batch(d), progress, part)
+        if shared:
+            acc.wait_for_everyone()
+            for d in datasets: disk(d, (0, 1)) if cfg.cache_text_encoder_outputs_to_disk else _gather_cache(acc, d.text_cond)
+        freed += release_cached_models(cfg, comp, keep, ["text_encoders"])
+    placement.only(set())
     return freed
 
 # %% ../nbs/06_train.ipynb #5b30935d
@@ -562,26 +712,31 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
             if comp: comp.family = comp.family.with_options(cfg)
             else: comp = load_components(cfg)
             return _run(cfg, comp, acc, datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [], progress, signalled,
-                        owned and not any(getattr(cb, "uses_models", True) for cb in callbacks), val_datasets)
+                        owned, val_datasets)
         finally: acc.end_training()
 
 # %% ../nbs/06_train.ipynb #69516bd7
-def _prepare_models(cfg, comp, device, dtype, train_te: bool, datasets):
-    "Frozen base models on the device (VAE in float32), with the base weights merged and the attention/checkpointing options."
+def _prepare_models(cfg, comp, dtype, train_te: bool, datasets):
+    """Frozen base models in their dtypes (the VAE in float32, the others in the weight dtype; each cast once, directly), with the
+    base weights merged and the attention/checkpointing options. They stay where they are: `Placement` moves them."""
     for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
     merge_base_weights(cfg, comp)
-    comp.to(device, dtype)
-    if comp.vae.dtype != torch.float32: comp.vae.to(dtype=torch.float32)
-    configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing, train_te, [d.plan.spec.resolution for d in datasets])
+    for m, want in [(comp.denoiser, dtype), (comp.vae, torch.float32), *((te, dtype) for te in comp.text_encoders)]:
+        if m.dtype != want: m.to(dtype=want)
+    if cfg.blocks_to_swap and not cfg.gradient_checkpointing:
+        print("note: --blocks_to_swap turns on --gradient_checkpointing (a swapped block runs again in the backward pass instead of being kept)")
+    configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing or bool(cfg.blocks_to_swap), train_te,
+                       [d.plan.spec.resolution for d in datasets])
     for m in [comp.denoiser, *comp.text_encoders]:   # checkpointed layers act only in training mode (sd-scripts sets it too)
         if getattr(m, "is_gradient_checkpointing", False): m.train()
     if cfg.xformers: comp.denoiser.enable_xformers_memory_efficient_attention()
 
 # %% ../nbs/06_train.ipynb #647d6df3
-def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None, release_models=False, val_datasets=()) -> TrainState:
+def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None, owned=False, val_datasets=()) -> TrainState:
+    "The loop (`owned`: `comp` was loaded by `train`, so the models the caches replace may be freed)."
     dtype, device = _weight_dtype(acc), acc.device
     train_te = not cfg.network_train_unet_only
-    _prepare_models(cfg, comp, device, dtype, train_te, datasets)   # in a function: no local here keeps a model alive
+    _prepare_models(cfg, comp, dtype, train_te, datasets)   # in a function: no local here keeps a model alive
     network = build_network(cfg, comp)
     network.to(device).train()
     if cfg.full_bf16 or cfg.full_fp16: network.to(dtype)          # LoRA weights and gradients in bf16/fp16
@@ -592,16 +747,18 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     nproc = acc.num_processes
     loaders = [_loader(cfg, d, nproc, acc.process_index) for d in datasets]
     validation = Validation(cfg, val_datasets, acc, comp.family.objective, train_te, dtype)
-    with acc.main_process_first(): freed = _cache(cfg, comp, [*datasets, *val_datasets], progress and acc.is_local_main_process, release_models)
-    if freed: acc.print(f"freed the {' and '.join(freed)}: their outputs are cached")
+    placement = Placement(comp, device, empty_cache=not cfg.highvram)
+    keep = (lambda: models_used(callbacks)) if owned else (lambda: {"vae", "text_encoders"})   # never free a caller's models
+    freed = _cache(cfg, comp, [*datasets, *val_datasets], acc, placement, keep(), progress and acc.is_local_main_process)
     global_batches = sum(len(dl) for dl in loaders)
     steps, epochs = count_steps(global_batches, cfg)
     if cfg.save_n_epoch_ratio: cfg.save_every_n_epochs = math.floor(epochs / cfg.save_n_epoch_ratio) or 1
     scheduler = scheduler_from_config(cfg, optimizer, steps, nproc)
     network, optimizer, scheduler = acc.prepare(network, optimizer, scheduler)
+    if cfg.full_fp16: allow_fp16_gradients(acc.scaler)
     objective = OBJECTIVES[comp.family.objective](cfg)
     per_epoch = math.ceil(global_batches / cfg.gradient_accumulation_steps)
-    state = TrainState(cfg, comp, acc.unwrap_model(network), acc, steps, epochs, per_epoch, started=time.time())
+    state = TrainState(cfg, comp, acc.unwrap_model(network), acc, steps, epochs, per_epoch, started=time.time(), placement=placement)
     if cfg.resume: load_state(state, cfg.resume)
     if (p := _start_problem(cfg, initial_step(cfg, per_epoch, state.step), steps)): raise ConfigError([p])
     state.step, first_epoch, done_in_epoch = starting_point(cfg, per_epoch, state.step)
@@ -612,7 +769,11 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
                                          session, state.started, datasets, nproc, validation.num_images)
     if acc.is_main_process and acc.log_with:
         acc.init_trackers(cfg.log_tracker_name or "network_train", config={k: v for k, v in cfg.to_dict(changed_only=True).items() if isinstance(v, (int, float, str, bool))})
-    _emit(callbacks, "on_train_start", state)
+    placement.only(training_models(cfg, comp))
+    swap = _block_swap(cfg, comp, device)
+    _emit(callbacks, "on_train_start", state)           # (sampling encodes its prompts here, if the text encoders do not train)
+    freed += release_cached_models(cfg, comp, keep())
+    if freed: acc.print(f"freed the {' and '.join(freed)}: their outputs are cached")
     bar = tqdm(total=steps, initial=state.step, desc="steps", disable=not (progress and acc.is_local_main_process), dynamic_ncols=True)
     try:
         for epoch in range(first_epoch, epochs):
@@ -644,6 +805,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     if cfg.save_state or cfg.save_state_on_train_end: save_state(state, state_dirname(cfg))
     _save(state, lora_filename(cfg), metadata(), callbacks)
     _emit(callbacks, "on_train_end", state)
+    if swap: swap.remove()
     return state
 
 # %% ../nbs/06_train.ipynb #28622fbc

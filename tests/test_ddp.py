@@ -28,12 +28,15 @@ def data(tmp_path_factory):
     return d
 
 
-def test_two_processes_equal_one_with_twice_the_batch(tmp_path, data):
+@pytest.mark.parametrize("caches", [[], ["--cache_latents_to_disk", "--cache_text_encoder_outputs", "--network_train_unet_only"]])
+def test_two_processes_equal_one_with_twice_the_batch(tmp_path, data, caches):
+    """Also with the caching shared between the processes: each encodes its part, then they exchange the results (memory)
+    or read each other's files (disk)."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "lora_kit.cli", "train_network", *ARGS, "--train_data_dir", str(data), "--train_batch_size", "1",
-                        "--output_dir", str(ddp), "--output_name", "run", "--save_every_n_steps", "2", "--save_state"],
+                        "--output_dir", str(ddp), "--output_name", "run", "--save_every_n_steps", "2", "--save_state", "--ddp_timeout", "5", *caches],
                        capture_output=True, text=True, env=env, timeout=900)     # a free 2-core machine needs well under a minute; a loaded one more
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("saved ") == 1 and "after 3 steps" in r.stdout    # one process reports
@@ -46,7 +49,7 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path, data):
     from lora_kit.train import train
     torch.set_num_threads(1)
     train(make_config([*ARGS, "--train_data_dir", str(data), "--train_batch_size", "2", "--output_dir", str(single),
-                       "--output_name", "run"]), progress=False)
+                       "--output_name", "run", *caches]), progress=False)
     a, md = load_lora(ddp / "run.safetensors")
     b, _ = load_lora(single / "run.safetensors")
     assert md["ss_steps"] == "3" and md["ss_total_batch_size"] == "2"

@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
         save_file({k: v.contiguous() for k, v in te.state_dict().items() if k != "encoder.embed_tokens.weight"}, files[name])
     args = GUIDE.format(model="tiny-sd3", toml=d / "data.toml", out=d / "out", **files).split()
     r = run_cli("sd3_train_network", *args)
-    assert "note: --blocks_to_swap has no effect" in r.stdout
+    assert "note: --blocks_to_swap 32: this model has 2 blocks; swapping them all" in r.stdout
     return d
 
 
