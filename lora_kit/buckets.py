@@ -29,7 +29,9 @@ def make_bucket_resolutions(max_reso: Size, min_size: int = 256, max_size: int =
     square bucket floor(sqrt(area)/divisible)*divisible, then, for each width from min_size to max_size in steps of
     `divisible`, the tallest height that keeps w*h <= area (floored to `divisible`, capped at max_size), in both
     orientations, if that height is >= min_size. Sorted, no duplicates. NB the square bucket is added even if it is
-    outside [min_size, max_size]."""
+    outside [min_size, max_size]. Raises ValueError when a size is below 1 (sd-scripts: ZeroDivisionError)."""
+    if min(*max_reso, min_size, divisible) < 1:
+        raise ValueError(f"bucket sizes must be at least 1: resolution {tuple(max_reso)}, min_size {min_size}, divisible {divisible}")
     max_area = max_reso[0] * max_reso[1]
     resos = set()
     side = int(math.sqrt(max_area) // divisible) * divisible

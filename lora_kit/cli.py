@@ -18,14 +18,14 @@ __all__ = ['COMMANDS', 'ALIASES', 'train_network', 'sd3_train_network', 'convert
            'demo', 'check_toy', 'convert', 'merge', 'main']
 
 # %% ../nbs/09_cli.ipynb #92b87833
-def train_network(argv: list[str]) -> int:
-    "sd-scripts' `train_network.py` with the same flags; returns the exit status."
-    cfg = make_config(argv, check=False)
+def train_network(argv: list[str], script: str = "train_network") -> int:
+    "sd-scripts' `train_network.py` (or `script`) with the same flags; returns the exit status."
+    cfg = make_config(argv, check=False, script=script)
     if cfg.output_config:
         if not cfg.config_file: raise ConfigError(["--output_config needs --config_file <path to write>"])
         with atomic_path(cfg.config_file) as tmp: Path(tmp).write_text(cfg.to_toml().replace("output_config = true\n", ""))
         print(f"wrote {cfg.config_file}"); return 0
-    cfg = make_config(argv)
+    cfg = make_config(argv, script=script)
     state = train(cfg, [SampleCallback(cfg)])
     if state.saved: print(f"saved {state.saved[-1]} after {state.step} steps")   # only the main process saves
     return 0
@@ -33,12 +33,12 @@ def train_network(argv: list[str]) -> int:
 # %% ../nbs/09_cli.ipynb #2e2d554d
 def sd3_train_network(argv: list[str]) -> int:
     "sd-scripts' `sd3_train_network.py` with the same flags; returns the exit status."
-    cfg = make_config(argv, check=False)
+    cfg = make_config(argv, check=False, script="sd3_train_network")
     if not claims_sd3(cfg.pretrained_model_name_or_path or ""):
         raise ConfigError([f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path!r} is not an SD3 model "
                            f"(an SD3 .safetensors file, a diffusers SD3 folder or {', '.join(TINY_SD3)}); for SD 1.x/2.x use lora-kit train_network"])
     if cfg.network_module == "networks.lora": argv = [*argv, "--network_module", "networks.lora_sd3"]
-    return train_network(argv)
+    return train_network(argv, "sd3_train_network")
 
 # %% ../nbs/09_cli.ipynb #7df40c03
 def convert_sd3_lora(argv: list[str]) -> int:

@@ -11,8 +11,8 @@ from typing import Any
 
 # %% auto #0
 __all__ = ['ASSETS', 'GROUPS', 'SUPPORTED', 'NO_EFFECT', 'LORA_KIT_OPTIONS', 'OPTIONS', 'TrainConfig', 'NETWORK_MODULES',
-           'ConfigError', 'Opt', 'option_notes', 'load_options', 'unsupported_flags', 'convert', 'parse_argv',
-           'read_config_file', 'parse_resolution', 'validate', 'make_config']
+           'ConfigError', 'Opt', 'option_notes', 'load_options', 'unsupported_flags', 'convert', 'resolve_flag',
+           'parse_argv', 'read_config_file', 'ignored_config_keys', 'parse_resolution', 'validate', 'make_config']
 
 # %% ../nbs/00_config.ipynb #a3971a33
 ASSETS = Path(str(importlib.resources.files("lora_kit")))/"assets"
@@ -247,42 +247,56 @@ def _argv_value(o: Opt, vals: list[str]):
     return convert(o, vals[0])
 
 # %% ../nbs/00_config.ipynb #6fd36077
-def parse_argv(argv: list[str]) -> dict[str, Any]:
-    "Options given on a command line, converted; raises `ConfigError` listing every problem."
+def resolve_flag(name: str, script: str = "train_network") -> str:
+    "The option that flag `name` (without `--`) names in sd-scripts' `script`, exactly or as a unique prefix; raises ValueError."
+    if name in OPTIONS: return name
+    matches = [n for n, o in OPTIONS.items() if name and n.startswith(name) and {script, "lora_kit"} & set(o.scripts)]
+    if len(matches) == 1: return matches[0]
+    if matches: raise ValueError(f"ambiguous option --{name} could match {', '.join('--' + m for m in matches)}: write the flag in full")
+    raise ValueError(f"unknown option --{name}{_nearest(name, OPTIONS)}")
+
+# %% ../nbs/00_config.ipynb #889c6d4c
+def parse_argv(argv: list[str], script: str = "train_network") -> dict[str, Any]:
+    "Options given on a command line for sd-scripts' `script`, converted; raises `ConfigError` listing every problem."
     pairs, stray = _split_argv(argv)
     out, problems = {}, [f"unexpected argument {t!r}: values must follow a --flag" for t in stray]
     for name, vals in pairs:
-        o = OPTIONS.get(name)
-        if o is None:
-            problems.append(f"unknown option --{name}{_nearest(name, OPTIONS)}"); continue
-        try: out[name] = _argv_value(o, vals)
+        try:
+            name = resolve_flag(name, script)
+            out[name] = _argv_value(OPTIONS[name], vals)
         except ValueError as e: problems.append(str(e))
     if problems: raise ConfigError(problems)
     return out
 
 # %% ../nbs/00_config.ipynb #0ca6e114
-def read_config_file(path: str|Path) -> dict[str, Any]:
-    "Options from an sd-scripts `--config_file` TOML, converted; raises `ConfigError` listing every problem."
+def _config_entries(path: str|Path) -> list[tuple[str, str, Any]]:
+    "Triples (table name, key, value) of an sd-scripts `--config_file` TOML, one level of tables deep."
     path = Path(path)
     if not path.is_file(): raise ConfigError([f"--config_file: {path} does not exist"])
     try: data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e: raise ConfigError([f"--config_file {path}: invalid TOML: {e}"]) from None
+    entries = []   # in file order: a later key overrides an earlier one, as in sd-scripts
+    for k, v in data.items():
+        entries += [(f"[{k}]", k2, v2) for k2, v2 in v.items()] if isinstance(v, dict) else [("the top level", k, v)]
+    return entries
+
+# %% ../nbs/00_config.ipynb #1c1ce1fa
+def read_config_file(path: str|Path) -> dict[str, Any]:
+    "Options from an sd-scripts `--config_file` TOML, converted; keys that name no option are skipped; raises `ConfigError` listing every problem."
     out, problems = {}, []
-    for where, key, v in _flatten_toml(data):
-        o = OPTIONS.get(key)
-        if o is None: problems.append(f"{path}: unknown key '{key}' in {where}{_nearest(key, OPTIONS)}"); continue
-        try: out[key] = convert(o, v)
+    for _, key, v in _config_entries(path):
+        if key not in OPTIONS: continue
+        try: out[key] = convert(OPTIONS[key], v)
         except ValueError as e: problems.append(f"{path}: {e}")
     if problems: raise ConfigError(problems)
     return out
 
-# %% ../nbs/00_config.ipynb #1c1ce1fa
-def _flatten_toml(data: dict):
-    "Triples (table name, key, value) of an sd-scripts config TOML, one level of tables deep."
-    for k, v in data.items():
-        if isinstance(v, dict):
-            for k2, v2 in v.items(): yield f"[{k}]", k2, v2
-        else: yield "the top level", k, v
+# %% ../nbs/00_config.ipynb #2f719873
+def ignored_config_keys(path: str|Path|None) -> list[str]:
+    "A warning for each key of a `--config_file` TOML (if any) that names no sd-scripts option: sd-scripts ignores it, and so does lora_kit."
+    if not path: return []
+    return [f"--config_file {path}: '{key}' in {where} is not an sd-scripts option; ignored, as sd-scripts ignores it{_nearest(key, OPTIONS)}"
+            for where, key, _ in _config_entries(path) if key not in OPTIONS]
 
 # %% ../nbs/00_config.ipynb #c81a7bc4
 _POSITIVE = "network_dim train_batch_size gradient_accumulation_steps max_train_steps max_train_epochs save_every_n_epochs " \
@@ -377,9 +391,10 @@ def validate(c) -> list[str]:
 # %% ../nbs/00_config.ipynb #cbc34069
 def make_config(argv: list[str]|None = None,  # sd-scripts style command line
                 check: bool = True,            # raise `ConfigError` if `validate` finds problems
+                script: str = "train_network", # the sd-scripts script whose flags abbreviations expand to
                 **kwargs) -> TrainConfig:      # options by name, applied last (e.g. from Python)
     "A `TrainConfig` from a command line, its `--config_file` and keyword options."
-    given = parse_argv(argv or [])
+    given = parse_argv(argv or [], script)
     cf = given.get("config_file") or kwargs.get("config_file")
     values = {**(read_config_file(cf) if cf and not given.get("output_config") else {}), **given}
     problems = []

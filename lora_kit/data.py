@@ -590,6 +590,8 @@ def check_dataset_spec(spec: DatasetSpec, bucket_steps_multiple_of: Optional[int
     loc, problems, warnings = _loc_dataset(spec.index), [], []
     if spec.resolution is None:
         problems.append(f"{loc}: no resolution: set `resolution` in the config or --resolution")
+    elif min(spec.resolution) < 8:
+        problems.append(f"{loc}: resolution {tuple(spec.resolution)} is too small: each side must be at least 8 pixels, e.g. 512 or [768, 512]")
     if spec.batch_size is not None and spec.batch_size < 1:
         problems.append(f"{loc}: batch_size must be >= 1, got {spec.batch_size}")
     if spec.enable_bucket:
@@ -598,6 +600,10 @@ def check_dataset_spec(spec: DatasetSpec, bucket_steps_multiple_of: Optional[int
         else:
             mn, mx, notes = adjust_bucket_reso(spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps)
             warnings += [f"{loc}: {n}" for n in notes]
+            if mn < 1 and not spec.bucket_no_upscale:
+                problems.append(f"{loc}: min_bucket_reso {spec.min_bucket_reso} is below bucket_reso_steps {spec.bucket_reso_steps}: rounded "
+                                f"down to a multiple of it, it is {mn}, and sd-scripts stops with ZeroDivisionError; use at least "
+                                f"{spec.bucket_reso_steps} (sd-scripts' default is 256)")
             if spec.bucket_no_upscale and (spec.min_bucket_reso, spec.max_bucket_reso) != (256, 1024):
                 warnings.append(f"{loc}: min_bucket_reso and max_bucket_reso are ignored with bucket_no_upscale")
             if spec.resolution is not None:

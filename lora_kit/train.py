@@ -17,7 +17,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from .config import OPTIONS, ConfigError, TrainConfig, option_notes, parse_resolution, validate
+from .config import OPTIONS, ConfigError, TrainConfig, ignored_config_keys, option_notes, parse_resolution, validate
 from .data import (BucketBatchSampler, DatasetError, cache_latents, cache_text_encoder_outputs, cache_text_encoder_outputs_to_disk,
                            collate, debug_batches, load_datasets, vae_fingerprint)
 from .lora import (LoRANetwork, SAVE_DTYPES, atomic_path, dims_from_state, load_into, load_lora, merge_lora, parse_network_args,
@@ -700,7 +700,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
         return TrainState(cfg)
     val_datasets = load_datasets(cfg, "validation")[0]
     acc = _accelerator(cfg)
-    for w in warnings: acc.print("warning:", w)
+    for w in ignored_config_keys(cfg.config_file) + warnings: acc.print("warning:", w)
     for n in option_notes(cfg): acc.print("note:", n)
     acc.print(summary)
     if cfg.seed is None: cfg.seed = broadcast_object_list([random.randint(0, 2**32 - 1)])[0]   # one seed for all processes

@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from tqdm.notebook import tqdm as notebook_tqdm
 
 from .config import (NETWORK_MODULES, OPTIONS, ConfigError, Opt, TrainConfig, _NONNEGATIVE, _POSITIVE, convert,
-                     parse_resolution, read_config_file, validate)
+                     ignored_config_keys, parse_resolution, read_config_file, validate)
 from .data import DatasetError, load_datasets
 from .lora import atomic_path
 from .optim import OPTIMIZERS, SCHEDULERS
@@ -148,10 +148,10 @@ def _problem_html(problems: list[str]) -> str:
 # %% ../nbs/08_ui.ipynb #b89856d6
 @patch
 def load_toml(self: ConfigForm, path: str|Path|None = None) -> str:
-    "Show the options of an sd-scripts `--config_file` TOML (unset options get sd-scripts' defaults)."
+    "Show the options of an sd-scripts `--config_file` TOML (unset options get sd-scripts' defaults); says which keys it ignores."
     path = Path(path or self.toml_path.value)
     self.config = TrainConfig(**read_config_file(path))
-    return f"loaded {path}"
+    return "; ".join([f"loaded {path}", *ignored_config_keys(path)])
 
 @patch
 def save_toml(self: ConfigForm, path: str|Path|None = None) -> str:

@@ -2,7 +2,9 @@
 import tomllib
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
 
 from lora_kit.config import OPTIONS, ConfigError, make_config
 from lora_kit.data import DatasetError, load_datasets
@@ -57,3 +59,64 @@ def test_any_dataset_toml_is_clear_error_or_datasets(tmp_path, data):
     try: load_datasets(cfg)
     except DatasetError as e:
         assert e.problems and all(isinstance(m, str) and m for m in e.problems)
+
+
+# Bucket settings over the ranges published configs carry: kohya_ss writes resolution "1024,1024", numbers as floats
+# (bucket_reso_steps 64.0) or strings (max_bucket_reso "1024"), steps from 1 to 128; hand-edited files hold 0 and
+# values below bucket_reso_steps. Each goes on the command line, in a --config_file or in a dataset TOML's [general].
+def _forms(ints):
+    "An integer as configs write it: mostly itself, else as a float or a string."
+    return ints | ints | ints | ints.map(float) | ints.map(str)
+
+
+def _common(values, lo, hi):
+    "The values configs usually hold, or any integer in [lo, hi]."
+    return st.sampled_from(values) | st.integers(lo, hi)
+
+
+sides = _common([64, 512, 768, 1024], -64, 4096)
+bucket_options = st.fixed_dictionaries({
+    "resolution": _forms(sides) | st.tuples(sides, sides).map(lambda t: f"{t[0]},{t[1]}") | st.lists(sides, min_size=2, max_size=2)}, optional={
+    "enable_bucket": st.booleans(),
+    "bucket_no_upscale": st.booleans(),
+    "min_bucket_reso": _forms(_common([0, 32, 64, 256, 320], -64, 2048)),
+    "max_bucket_reso": _forms(_common([1024, 1280, 2048], -64, 8192)),
+    "bucket_reso_steps": _forms(_common([1, 8, 32, 64, 128], -8, 300)),
+})
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    "A DreamBooth folder with a landscape, a portrait, a tiny and a thin image."
+    d = tmp_path_factory.mktemp("buckets") / "2_sks"
+    d.mkdir()
+    for i, size in enumerate([(600, 400), (300, 500), (70, 70), (70, 900)]):
+        Image.new("RGB", size, (i * 60, 0, 0)).save(d / f"{i}.png"); (d / f"{i}.txt").write_text("sks")
+    return d
+
+
+def _bucket_argv(route, options, d, tmp):
+    "The command line that gives `options` by `route` (argv flags, --config_file, dataset TOML)."
+    argv = ["--pretrained_model_name_or_path", "tiny-sd1", "--network_module", "networks.lora", "--caption_extension", ".txt",
+            "--output_dir", str(tmp)]
+    if route == "argv":
+        flags = [[f"--{k}"] if v is True else [] if v is False else [f"--{k}", str(v)] for k, v in options.items()]
+        return argv + ["--train_data_dir", str(d.parent)] + [t for f in flags for t in f]
+    (tmp / "opts.toml").write_text(_toml(options))
+    if route == "config_file": return argv + ["--train_data_dir", str(d.parent), "--config_file", str(tmp / "opts.toml")]
+    (tmp / "ds.toml").write_text("[general]\n" + (tmp / "opts.toml").read_text() + f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{d}"\n')
+    return argv + ["--dataset_config", str(tmp / "ds.toml")]
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["argv", "config_file", "dataset"]), bucket_options)
+def test_bucket_settings_plan_or_clear_error(images, tmp_path, route, options):
+    try: datasets = load_datasets(make_config(_bucket_argv(route, options, images, tmp_path)))[0]
+    except (ConfigError, DatasetError) as e:
+        assert e.problems and all(isinstance(m, str) and m for m in e.problems); return
+    for d in datasets:
+        spec, plan = d.plan.spec, d.plan.plan
+        for c in plan.choices:       # every image can be resized and cropped to its bucket
+            assert min(c.reso) >= 1 and c.resized_size[0] >= c.reso[0] and c.resized_size[1] >= c.reso[1], (options, c)
+            if spec.enable_bucket: assert c.reso[0] % spec.bucket_reso_steps == 0 == c.reso[1] % spec.bucket_reso_steps
+            else: assert c.reso == tuple(spec.resolution)

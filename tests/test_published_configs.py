@@ -1,0 +1,153 @@
+"""Published sd-scripts configurations run as written, with only paths and step counts changed: kohya_ss GUI presets'
+bucket settings, a Colab trainer's --config_file with keys sd-scripts ignores, and commands with abbreviated flags."""
+import pytest
+import torch
+from PIL import Image
+
+from lora_kit.cli import main
+from lora_kit.config import ConfigError, ignored_config_keys, make_config
+from lora_kit.data import DatasetError, load_datasets
+from lora_kit.toyworld import write_folder
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    "A DreamBooth folder (`2_sks`) of toy images with captions, plus a landscape and a portrait image."
+    d = tmp_path_factory.mktemp("data")
+    write_folder(d / "2_sks", n=4, seed=0)
+    for name, size in (("wide", (96, 64)), ("tall", (64, 112))):
+        Image.new("RGB", size, (200, 40, 40)).save(d / "2_sks" / f"{name}.png"); (d / "2_sks" / f"{name}.txt").write_text("sks")
+    return d
+
+
+def toml(path, text):
+    path.write_text(text)
+    return path
+
+
+def gui_toml(tmp_path, data, buckets):
+    "A --config_file as the kohya_ss GUI writes it (one flat table, keys sorted), with a preset's bucket settings."
+    return toml(tmp_path / "config_lora.toml", buckets + f"""caption_extension = ".txt"
+epoch = 1
+network_module = "networks.lora"
+noise_offset_type = "Original"
+output_dir = "{tmp_path / 'out'}"
+pretrained_model_name_or_path = "tiny-sd1"
+train_data_dir = "{data}"
+""")
+
+
+# Bucket settings of kohya_ss GUI presets (presets/lora/*.json, presets/finetune/*.json), as the GUI writes them to
+# the TOML: resolution is the preset's max_resolution string; numbers keep the preset's type (64.0, "1024").
+PRESETS = {
+    "SDXL - LoRA face dogu_cat v1.0": 'bucket_reso_steps = 32\nenable_bucket = true\nmax_bucket_reso = 2048\nmin_bucket_reso = 64\nresolution = "1024,1024"\n',
+    "sd15 - LoKr v2.0": 'bucket_no_upscale = true\nbucket_reso_steps = 1\nenable_bucket = true\nmax_bucket_reso = 2048\nmin_bucket_reso = 256\nresolution = "512,512"\n',
+    "sd15 - EDG_LoraOptiSettings": 'bucket_no_upscale = true\nbucket_reso_steps = 64.0\nresolution = "512,650"\n',
+    "finetune/SDXL - AI_Now PagedAdamW8bit v1.0": 'bucket_reso_steps = 64\nenable_bucket = true\nmax_bucket_reso = "1024"\nmin_bucket_reso = "64"\nresolution = "1024,1024"\n',
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_kohya_ss_preset_bucket_settings_run(data, tmp_path, preset):
+    cfg = make_config(["--config_file", str(gui_toml(tmp_path, data, PRESETS[preset]))])
+    datasets, summary, _ = load_datasets(cfg)
+    steps = cfg.bucket_reso_steps if cfg.enable_bucket else 1
+    assert summary.buckets and all(w % steps == 0 == h % steps for w, h in summary.buckets)
+    assert len(ignored_config_keys(cfg.config_file)) == 2          # epoch, noise_offset_type: kohya_ss' own keys
+
+
+def test_bucket_settings_that_crash_sd_scripts_are_one_clear_error(data, tmp_path):
+    # A preset with min_bucket_reso set to 0 or below bucket_reso_steps: sd-scripts rounds it down to 0 and stops with
+    # ZeroDivisionError in make_bucket_resolutions.
+    for buckets in ('bucket_reso_steps = 64\nenable_bucket = true\nmin_bucket_reso = 0\nresolution = "512,512"\n',
+                    'bucket_reso_steps = 64\nenable_bucket = true\nmin_bucket_reso = 32\nresolution = "512,512"\n'):
+        with pytest.raises(DatasetError) as e: load_datasets(make_config(["--config_file", str(gui_toml(tmp_path, data, buckets))]))
+        assert len(e.value.problems) == 1 and "is below bucket_reso_steps" in e.value.problems[0] and "ZeroDivisionError" in e.value.problems[0]
+        # with bucket_no_upscale, sd-scripts does not use min_bucket_reso: the same values run
+        load_datasets(make_config(["--config_file", str(gui_toml(tmp_path, data, buckets + "bucket_no_upscale = true\n"))]))
+
+
+# The example command of sd-scripts' docs/train_network.md, as posted with abbreviated flags (argparse prefix matching).
+COMMAND = ["--pretrained_model_name_or_path=tiny-sd1", "--output_name=mylora", "--save_model_as=safetensors",
+           "--prior_loss_weight=1.0", "--max_train_epoch=10", "--learning_rate=1e-4", "--optimizer_type=AdamW",
+           "--mixed_prec=no", "--cache_latents", "--gradient_check", "--save_every_n_epoch=1", "--network_module=networks.lora",
+           "--caption_extension", ".txt", "--resolution", "64"]
+
+
+def test_abbreviated_flags_of_a_published_command(data, tmp_path):
+    cfg = make_config([*COMMAND, "--train_data_dir", str(data), "--output_dir", str(tmp_path)])
+    assert (cfg.max_train_epochs, cfg.mixed_precision, cfg.cache_latents, cfg.gradient_checkpointing, cfg.save_every_n_epochs,
+            cfg.caption_extension) == (10, "no", True, True, 1, ".txt")
+    assert make_config([*COMMAND, "--cache_latents_to"], check=False).cache_latents_to_disk  # --cache_latents itself is exact
+    with pytest.raises(ConfigError) as e: make_config([*COMMAND, "--max_train", "10", "--caption_ext", ".txt"])
+    assert e.value.problems == ["ambiguous option --max_train could match --max_train_steps, --max_train_epochs: write the flag in full",
+                                "ambiguous option --caption_ext could match --caption_extension, --caption_extention: write the flag in full"]
+    # sd3_train_network.py has more flags: --clip_ is --clip_skip for train_network.py only, as in sd-scripts' parsers
+    assert make_config(["--clip_", "2"], check=False).clip_skip == 2
+    with pytest.raises(ConfigError, match="--clip_ could match --clip_skip, --clip_l"): make_config(["--clip_", "2"], check=False, script="sd3_train_network")
+
+
+def test_ambiguous_flag_stops_the_cli_before_loading(capsys):
+    assert main(["train_network", "--pretrained_model_name_or_path", "tiny-sd1", "--save_every", "1"]) == 2
+    assert "ambiguous option --save_every could match --save_every_n_epochs, --save_every_n_steps" in capsys.readouterr().err
+
+
+def test_colab_config_with_old_keys_trains(data, tmp_path, capsys):
+    # The training_config.toml of a Colab LoRA trainer (tables as in Hollowstrawberry's notebook), carrying keys that
+    # sd-scripts ignores: old names of front-end scripts (lr_restart_cycles), another script's option (train_text_encoder),
+    # kohya_ss' epoch, and max_train_epoch (TOML keys are not prefix-matched).
+    cfg_file = toml(tmp_path / "training_config.toml", f"""[additional_network_arguments]
+network_dim = 4
+network_alpha = 4
+network_module = "networks.lora"
+network_train_unet_only = true
+
+[optimizer_arguments]
+learning_rate = 1e-3
+lr_scheduler = "cosine_with_restarts"
+lr_scheduler_num_cycles = 3
+optimizer_type = "AdamW"
+train_text_encoder = false
+
+[optimizer]
+lr_restart_cycles = 1
+
+[training_arguments]
+max_train_steps = 2
+max_train_epoch = 10
+epoch = 10
+train_batch_size = 2
+seed = 42
+max_token_length = 225
+max_data_loader_n_workers = 0
+mixed_precision = "no"
+output_dir = "{tmp_path / 'out'}"
+output_name = "colab"
+
+[model_arguments]
+pretrained_model_name_or_path = "tiny-sd1"
+v2 = false
+
+[saving_arguments]
+save_model_as = "safetensors"
+
+[dreambooth_arguments]
+prior_loss_weight = 1.0
+
+[dataset_arguments]
+cache_latents = true
+""")
+    warnings = ignored_config_keys(cfg_file)
+    assert [w.split("'")[1] for w in warnings] == ["train_text_encoder", "lr_restart_cycles", "max_train_epoch", "epoch"]
+    assert "'lr_restart_cycles' in [optimizer] is not an sd-scripts option; ignored, as sd-scripts ignores it (did you mean --lr_scheduler_num_cycles?)" in warnings[1]
+    # the command line resolves abbreviations and overrides the file, as in sd-scripts
+    argv = ["train_network", "--config_file", str(cfg_file), "--train_data_dir", str(data), "--resolution", "64",
+            "--caption_extension", ".txt", "--max_train_step", "3"]
+    cfg = make_config(argv[1:])
+    assert (cfg.lr_scheduler_num_cycles, cfg.max_train_epochs, cfg.max_train_steps, cfg.network_dim) == (3, None, 3, 4)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert all(f"warning: {w}" in out for w in warnings)
+    assert (tmp_path / "out" / "colab.safetensors").is_file()
