@@ -4,7 +4,7 @@
 
 # %% ../nbs/01c_checkpoint.ipynb #b02b29a5
 from __future__ import annotations
-import os, pickle, re, tempfile
+import os, pickle, re, uuid
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,18 +19,25 @@ __all__ = ['UNET_TOP_LEVEL', 'UNET_RESNET_PARTS', 'VAE_ATTENTION_PARTS', 'OPENCL
            'vae_key_to_ldm', 'vae_to_ldm', 'clip_to_ldm', 'openclip_to_ldm', 'to_ldm_checkpoint', 'save_checkpoint']
 
 # %% ../nbs/01c_checkpoint.ipynb #20596d22
+def _new_file(folder: Path, prefix: str) -> Path:
+    "A new empty file in `folder` with a unique name, mode 0666 less the umask."
+    while True:
+        tmp = folder/f"{prefix}{uuid.uuid4().hex[:8]}.tmp"
+        try: os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)); return tmp
+        except FileExistsError: continue
+
+# %% ../nbs/01c_checkpoint.ipynb #adcb888d
 @contextmanager
 def atomic_path(path: str|Path):
     "Yield a temporary path next to `path`; on success it replaces `path`, on failure it is removed."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_file(path.parent, f".{path.name}.")
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp): os.remove(tmp)
+        if tmp.exists(): tmp.unlink()
 
 # %% ../nbs/01c_checkpoint.ipynb #4f8f0ae5
 class UnsafeCheckpointError(RuntimeError):
