@@ -566,6 +566,12 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
         finally: acc.end_training()
 
 # %% ../nbs/06_train.ipynb #69516bd7
+def _checkpointing(model) -> bool:
+    "Whether gradient checkpointing is on in `model`: transformers ≥ 5 names it `is_activation_checkpointing` (the old name warns), diffusers `is_gradient_checkpointing`."
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+# %% ../nbs/06_train.ipynb #4341c87e
 def _prepare_models(cfg, comp, device, dtype, train_te: bool, datasets):
     "Frozen base models on the device (VAE in float32), with the base weights merged and the attention/checkpointing options."
     for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
@@ -574,7 +580,7 @@ def _prepare_models(cfg, comp, device, dtype, train_te: bool, datasets):
     if comp.vae.dtype != torch.float32: comp.vae.to(dtype=torch.float32)
     configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing, train_te, [d.plan.spec.resolution for d in datasets])
     for m in [comp.denoiser, *comp.text_encoders]:   # checkpointed layers act only in training mode (sd-scripts sets it too)
-        if getattr(m, "is_gradient_checkpointing", False): m.train()
+        if _checkpointing(m): m.train()
     if cfg.xformers: comp.denoiser.enable_xformers_memory_efficient_attention()
 
 # %% ../nbs/06_train.ipynb #647d6df3
