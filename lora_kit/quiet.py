@@ -10,11 +10,13 @@ import logging, sys
 __all__ = ['drop_bitsandbytes_kernel_notice', 'bind_pil_image_processors']
 
 # %% ../nbs/00a_quiet.ipynb #e9224247
-def _not_4bit_kernel_notice(record: logging.LogRecord) -> bool: return "gemm_4bit_forward" not in record.getMessage()
+def _not_4bit_kernel_notice(record: logging.LogRecord) -> bool:
+    return not any(s in record.getMessage() for s in ("gemm_4bit_forward", "kernels-community/quantization-bitsandbytes"))
 
 def drop_bitsandbytes_kernel_notice():
-    "Drop bitsandbytes' warning that its CPU 4-bit inference kernel cannot be loaded (lora_kit never runs 4-bit layers)."
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_4bit_kernel_notice)
+    "Drop the warnings that bitsandbytes' CPU 4-bit inference kernel cannot be loaded (lora_kit never runs 4-bit layers)."
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).addFilter(_not_4bit_kernel_notice)
 
 # %% ../nbs/00a_quiet.ipynb #4d62e8fe
 def bind_pil_image_processors():
