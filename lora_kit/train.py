@@ -31,9 +31,9 @@ from .optim import optim_problems, optimizer_from_config, scheduler_from_config
 __all__ = ['lora_file_problems', 'merge_base_weights', 'check_all', 'machine_problems', 'resume_problems', 'count_steps',
            'initial_step', 'starting_point', 'lora_filename', 'state_dirname', 'epoch_to_remove', 'step_to_remove',
            'training_metadata', 'dataset_metadata', 'model_file_metadata', 'modelspec', 'TrainState', 'Callback',
-           'TrainingStopped', 'LossLog', 'plot_loss', 'output_lock', 'stop_signals', 'build_network', 'process_share',
-           'rows_loss', 'average_gradients', 'save_state', 'load_state', 'free_cached_text_encoders', 'cpu_threads',
-           'train', 'batch_loss', 'validation_timesteps', 'Validation']
+           'TrainingStopped', 'averaged_weights', 'LossLog', 'plot_loss', 'output_lock', 'stop_signals',
+           'build_network', 'process_share', 'rows_loss', 'average_gradients', 'save_state', 'load_state',
+           'free_cached_text_encoders', 'cpu_threads', 'train', 'batch_loss', 'validation_timesteps', 'Validation']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
@@ -308,6 +308,7 @@ class TrainState:
     saved: list = field(default_factory=list)     # paths written
     stop: bool = False
     started: float = 0.0
+    optimizer: object = None                      # the (accelerate-wrapped) optimizer
 
 # %% ../nbs/06_train.ipynb #7cbf712f
 class Callback:
@@ -324,12 +325,26 @@ class TrainingStopped(RuntimeError):
     "Training ended early (Ctrl-C or a non-finite loss); the message says what was saved."
 
 # %% ../nbs/06_train.ipynb #c275291a
-def _emit(callbacks, event: str, *args):
-    "Call `event` on every callback; a failing callback is reported and training goes on."
-    for cb in callbacks:
-        try: getattr(cb, event)(*args)
-        except (KeyboardInterrupt, TrainingStopped): raise
-        except Exception as e: print(f"warning: {type(cb).__name__}.{event} failed ({type(e).__name__}: {e}); training continues")
+def _emit(callbacks, event: str, state: TrainState, *args):
+    "Call `event` on every callback (with the averaged weights of a schedule-free optimizer); a failing callback is reported and training goes on."
+    with averaged_weights(state):
+        for cb in callbacks:
+            try: getattr(cb, event)(state, *args)
+            except (KeyboardInterrupt, TrainingStopped): raise
+            except Exception as e: print(f"warning: {type(cb).__name__}.{event} failed ({type(e).__name__}: {e}); training continues")
+
+# %% ../nbs/06_train.ipynb #f351afc7
+from .optim import is_schedule_free, optimizer_type
+
+@contextmanager
+def averaged_weights(state: TrainState):
+    "Within this block a schedule-free optimizer is in eval mode (the LoRA holds its averaged weights); no-op for others."
+    opt = getattr(state.optimizer, "optimizer", state.optimizer)        # accelerate wraps it
+    switch = opt is not None and is_schedule_free(optimizer_type(state.cfg))
+    if switch: opt.eval()
+    try: yield
+    finally:
+        if switch: opt.train()
 
 # %% ../nbs/06_train.ipynb #8228549e
 class LossLog(Callback):
@@ -536,7 +551,7 @@ def save_state(state: TrainState, folder: Path) -> Path:
     tmp = folder.with_name(f".{folder.name}.partial")    # one name for all processes; the output lock keeps it ours
     if acc.is_main_process: shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))          # the main process writes the model and optimizer, every process its random generators
+    with averaged_weights(state): acc.save_state(str(tmp))   # the main process writes the model and optimizer, every process its random generators
     acc.wait_for_everyone()
     if acc.is_main_process:
         try:
@@ -680,6 +695,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     objective = OBJECTIVES[comp.family.objective](cfg)
     per_epoch = math.ceil(global_batches / cfg.gradient_accumulation_steps)
     state = TrainState(cfg, comp, acc.unwrap_model(network), acc, steps, epochs, per_epoch, started=time.time())
+    state.optimizer = optimizer
     if cfg.resume: load_state(state, cfg.resume)
     if (p := _start_problem(cfg, initial_step(cfg, per_epoch, state.step), steps)): raise ConfigError([p])
     state.step, first_epoch, done_in_epoch = starting_point(cfg, per_epoch, state.step)
@@ -806,7 +822,7 @@ class Validation:
         try:
             with torch.random.fork_rng(devices=[acc.device.index or 0] if acc.device.type == "cuda" else []):
                 torch.manual_seed(cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
-                losses = [batch_loss(cfg, comp, o, acc, b, self.train_te, self.dtype).item() for b in batches for o in self.objectives]
+                with averaged_weights(state): losses = [batch_loss(cfg, comp, o, acc, b, self.train_te, self.dtype).item() for b in batches for o in self.objectives]
         finally: state.network.train()
         return sum(losses) / len(losses)
 
@@ -861,7 +877,8 @@ def _save(state: TrainState, path: Path, metadata: dict, callbacks) -> Path:
     acc.wait_for_everyone()
     if acc.is_main_process:
         md = {**metadata, "ss_training_finished_at": str(time.time()), "ss_steps": str(state.step), "ss_epoch": str(state.epoch)}
-        try: save_lora(state.network.state_dict(), path, md, SAVE_DTYPES[state.cfg.save_precision])
+        try:
+            with averaged_weights(state): save_lora(state.network.state_dict(), path, md, SAVE_DTYPES[state.cfg.save_precision])
         except OSError as e:
             if e.errno != errno.ENOSPC: raise
             kept = ", ".join(str(p) for p in state.saved) or "none yet"
