@@ -4,7 +4,7 @@
 
 # %% ../nbs/01c_checkpoint.ipynb #b02b29a5
 from __future__ import annotations
-import os, pickle, re, tempfile
+import os, pickle, re, stat, uuid
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,22 +15,41 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['UNET_TOP_LEVEL', 'UNET_RESNET_PARTS', 'VAE_ATTENTION_PARTS', 'OPENCLIP_TOP_LEVEL', 'OPENCLIP_LAYER_PARTS', 'PREFIXES',
-           'atomic_path', 'UnsafeCheckpointError', 'load_state_dict', 'read_shapes', 'unet_key_to_ldm', 'unet_to_ldm',
-           'vae_key_to_ldm', 'vae_to_ldm', 'clip_to_ldm', 'openclip_to_ldm', 'to_ldm_checkpoint', 'save_checkpoint']
+           'atomic_path', 'follow_umask', 'UnsafeCheckpointError', 'load_state_dict', 'read_shapes', 'unet_key_to_ldm',
+           'unet_to_ldm', 'vae_key_to_ldm', 'vae_to_ldm', 'clip_to_ldm', 'openclip_to_ldm', 'to_ldm_checkpoint',
+           'save_checkpoint']
 
 # %% ../nbs/01c_checkpoint.ipynb #20596d22
+def _new_file(folder: Path, prefix: str) -> Path:
+    "A new empty file in `folder` with a unique name, mode 0666 less the umask."
+    while True:
+        tmp = folder/f"{prefix}{uuid.uuid4().hex[:8]}.tmp"
+        try: os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)); return tmp
+        except FileExistsError: continue
+
+# %% ../nbs/01c_checkpoint.ipynb #adcb888d
 @contextmanager
 def atomic_path(path: str|Path):
     "Yield a temporary path next to `path`; on success it replaces `path`, on failure it is removed."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_file(path.parent, f".{path.name}.")
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
-        yield Path(tmp)
+        yield tmp
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp): os.remove(tmp)
+        if tmp.exists(): tmp.unlink()
+
+# %% ../nbs/01c_checkpoint.ipynb #0be8bc5f
+def follow_umask(folder: str|Path):
+    "Give every file under `folder` the mode `open()` gives new files there (0666 less the umask)."
+    probe = _new_file(Path(folder), ".mode.")
+    mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.unlink()
+    for f in Path(folder).rglob("*"):
+        if f.is_file(): os.chmod(f, mode)
 
 # %% ../nbs/01c_checkpoint.ipynb #4f8f0ae5
 class UnsafeCheckpointError(RuntimeError):

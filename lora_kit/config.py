@@ -14,6 +14,9 @@ __all__ = ['ASSETS', 'GROUPS', 'SUPPORTED', 'NO_EFFECT', 'LORA_KIT_OPTIONS', 'OP
            'ConfigError', 'Opt', 'option_notes', 'load_options', 'unsupported_flags', 'convert', 'resolve_flag',
            'parse_argv', 'read_config_file', 'ignored_config_keys', 'parse_resolution', 'validate', 'make_config']
 
+# %% ../nbs/00_config.ipynb #a34d165a
+from . import quiet  # noqa: F401  before anything imports diffusers: keeps its import-time noise away (00a_quiet)
+
 # %% ../nbs/00_config.ipynb #a3971a33
 ASSETS = Path(str(importlib.resources.files("lora_kit")))/"assets"
 

@@ -10,9 +10,9 @@ import torch
 from diffusers.optimization import get_scheduler
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULERS', 'parse_literal_args', 'optimizer_class', 'make_optimizer', 'warmup_steps',
-           'custom_scheduler', 'schedule_kwargs', 'make_scheduler', 'optimizer_type', 'optimizer_from_config',
-           'scheduler_from_config', 'optim_problems']
+__all__ = ['OPTIMIZERS', 'SCHEDULERS', 'parse_literal_args', 'optimizer_class', 'make_optimizer', 'is_schedule_free',
+           'warmup_steps', 'custom_scheduler', 'schedule_kwargs', 'make_scheduler', 'optimizer_type',
+           'optimizer_from_config', 'scheduler_from_config', 'optim_problems']
 
 # %% ../nbs/05_optim.ipynb #64029544
 OPTIMIZERS = {  # lower-case name: (module, class, pip package, fixed kwargs)
@@ -36,6 +36,9 @@ OPTIMIZERS = {  # lower-case name: (module, class, pip package, fixed kwargs)
     "dadaptlion": ("dadaptation", "DAdaptLion", "dadaptation", {}),
     "dadaptsgd": ("dadaptation", "DAdaptSGD", "dadaptation", {}),
     "prodigy": ("prodigyopt", "Prodigy", "prodigyopt", {}),
+    "adamwschedulefree": ("schedulefree", "AdamWScheduleFree", "schedulefree", {}),
+    "radamschedulefree": ("schedulefree", "RAdamScheduleFree", "schedulefree", {}),
+    "sgdschedulefree": ("schedulefree", "SGDScheduleFree", "schedulefree", {}),
 }
 
 # %% ../nbs/05_optim.ipynb #a68fa1b1
@@ -81,8 +84,14 @@ def make_optimizer(name: str, groups: list[dict], lr: float, args: list[str]|Non
         lrs = {g.get("lr", lr) for g in groups}
         if min(lrs) <= 0.1: warnings.warn(f"{name}: learning rate {min(lrs)} is low; D-Adaptation/Prodigy expect about 1.0")
         if len(lrs) > 1: warnings.warn(f"{name}: only the first learning rate takes effect")
-    try: return cls(groups, lr=lr, **kw)
+    try: opt = cls(groups, lr=lr, **kw)
     except TypeError as e: raise ValueError(f"--optimizer_args not accepted by {cls.__name__}: {e}") from None
+    if callable(getattr(opt, "train", None)): opt.train()
+    return opt
+
+def is_schedule_free(name: str|None) -> bool:
+    "Whether `--optimizer_type name` is a schedule-free optimizer, by sd-scripts' rule (the name ends in ScheduleFree)."
+    return (name or "").lower().endswith("schedulefree")
 
 # %% ../nbs/05_optim.ipynb #4bd96ad5
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -147,6 +156,7 @@ def optimizer_from_config(cfg, groups: list[dict]) -> torch.optim.Optimizer:
 
 def scheduler_from_config(cfg, optimizer, total_steps: int, nproc: int = 1):
     "The schedule of `cfg` over `total_steps` updates; with `nproc` processes accelerate steps it once per process at each update, so it counts in those ticks (sd-scripts' get_scheduler_fix)."
+    if is_schedule_free(optimizer_type(cfg)): return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)   # it schedules itself
     ticks = lambda n: n if isinstance(n, float) else (n or 0) * nproc
     return make_scheduler(cfg.lr_scheduler, optimizer, total_steps * nproc, ticks(cfg.lr_warmup_steps), cfg.lr_scheduler_num_cycles,
                           cfg.lr_scheduler_power, ticks(cfg.lr_decay_steps), cfg.lr_scheduler_timescale,

@@ -30,12 +30,12 @@ from .optim import optim_problems, optimizer_from_config, scheduler_from_config
 # %% auto #0
 __all__ = ['lora_file_problems', 'merge_base_weights', 'check_all', 'machine_problems', 'fp16_optimizer_problems',
            'resume_problems', 'count_steps', 'initial_step', 'starting_point', 'lora_filename', 'state_dirname',
-           'epoch_to_remove', 'step_to_remove', 'training_metadata', 'dataset_metadata', 'modelspec', 'TrainState',
-           'Callback', 'TrainingStopped', 'LossLog', 'plot_loss', 'output_lock', 'stop_signals', 'allow_fp16_gradients',
-           'build_network', 'process_share', 'rows_loss', 'average_gradients', 'save_state', 'load_state',
-           'clean_memory', 'model_names', 'Placement', 'training_models', 'BlockSwap', 'free_cached_text_encoders',
-           'release_cached_models', 'models_used', 'cpu_threads', 'train', 'batch_loss', 'validation_timesteps',
-           'Validation']
+           'epoch_to_remove', 'step_to_remove', 'training_metadata', 'dataset_metadata', 'model_file_metadata',
+           'modelspec', 'TrainState', 'Callback', 'TrainingStopped', 'averaged_weights', 'LossLog', 'plot_loss',
+           'output_lock', 'stop_signals', 'allow_fp16_gradients', 'build_network', 'process_share', 'rows_loss',
+           'average_gradients', 'save_state', 'load_state', 'clean_memory', 'model_names', 'Placement',
+           'training_models', 'BlockSwap', 'free_cached_text_encoders', 'release_cached_models', 'models_used',
+           'cpu_threads', 'train', 'batch_loss', 'validation_timesteps', 'Validation']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
@@ -183,12 +183,9 @@ def training_metadata(cfg: TrainConfig, family, summary, steps: int, epochs: int
                "ss_network_dim": cfg.network_dim or 4, "ss_v2": bool(family.v2), "ss_base_model_version": family.base_model_version,
                "ss_sd_scripts_commit_hash": f"lora_kit {_version()}", "ss_debiased_estimation": bool(cfg.debiased_estimation_loss),
                "ss_optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}{opt_args}",
-               "ss_batch_size_per_device": cfg.train_batch_size, "ss_total_batch_size": cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps,
-               "ss_resolution": str(parse_resolution(cfg.resolution)) if cfg.resolution else None,
-               "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(summary.buckets.items()))}}),
-               "ss_sd_model_name": os.path.basename(str(cfg.pretrained_model_name_or_path)), **dataset_metadata(datasets)})
+               **dataset_metadata(cfg, datasets, num_processes), **model_file_metadata("sd", cfg.pretrained_model_name_or_path)})
     if cfg.network_args: md["ss_network_args"] = json.dumps(dict(a.split("=", 1) for a in cfg.network_args))
-    if cfg.vae: md["ss_vae_name"] = os.path.basename(cfg.vae)
+    if cfg.vae: md.update(model_file_metadata("vae", cfg.vae))
     md.update(family.metadata(cfg))
     if cfg.no_metadata: md = {k: v for k, v in md.items() if k in _SS_MINIMUM}
     return {k: str(v) for k, v in {**md, **modelspec(cfg, family, started)}.items()}
@@ -199,17 +196,88 @@ def _version() -> str:
     return __version__
 
 # %% ../nbs/06_train.ipynb #dbfff954
-def dataset_metadata(datasets: list) -> dict:
-    "`ss_dataset_dirs`, `ss_reg_dataset_dirs` and `ss_tag_frequency` of the training datasets, as sd-scripts writes them."
-    dirs, reg_dirs, tags = {}, {}, {}
-    for d in datasets:
+def dataset_metadata(cfg: TrainConfig, datasets: list, num_processes: int = 1) -> dict:
+    "sd-scripts' dataset keys: `ss_datasets` … with `--dataset_config`, the flat legacy keys in folder mode."
+    return _toml_dataset_metadata(datasets) if cfg.dataset_config else _folder_dataset_metadata(cfg, datasets, num_processes)
+
+# %% ../nbs/06_train.ipynb #9c51effd
+def _bucket_values(d) -> dict:
+    "The bucket settings a dataset keeps (sd-scripts: min/max rounded to the steps; None, None, False without bucketing)."
+    s = d.plan.plan.settings
+    return {"enable_bucket": bool(s.enable_bucket), "bucket_no_upscale": bool(s.bucket_no_upscale),
+            "min_bucket_reso": s.min_bucket_reso, "max_bucket_reso": s.max_bucket_reso}
+
+def _folder_dataset_metadata(cfg: TrainConfig, datasets: list, num_processes: int) -> dict:
+    "The flat keys of folder mode (`--train_data_dir` / `--in_json`: one dataset)."
+    dirs, reg_dirs, tags, buckets = {}, {}, {}, None
+    bucket = {"enable_bucket": bool(cfg.enable_bucket), "bucket_no_upscale": False, "min_bucket_reso": None, "max_bucket_reso": None}
+    for d in datasets[:1]:
         images, subsets = d.plan.images, d.plan.spec.subsets
         for idx, n in images.img_count.items():
             sub = subsets[idx]
-            name = os.path.basename(str(sub.image_dir or sub.metadata_file))
-            (reg_dirs if sub.is_reg else dirs)[name] = {"n_repeats": sub.num_repeats, "img_count": n}
-        for name, freq in images.tag_frequency.items(): tags.setdefault(name, {}).update(freq)
-    return {"ss_dataset_dirs": json.dumps(dirs), "ss_reg_dataset_dirs": json.dumps(reg_dirs), "ss_tag_frequency": json.dumps(tags)}
+            (reg_dirs if sub.is_reg else dirs)[os.path.basename(str(sub.image_dir or sub.metadata_file))] = {"n_repeats": sub.num_repeats, "img_count": n}
+        tags, buckets, bucket = images.tag_frequency, d.plan.bucket_info(), _bucket_values(d)
+    return {"ss_batch_size_per_device": cfg.train_batch_size,
+            "ss_total_batch_size": cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps,
+            "ss_resolution": parse_resolution(cfg.resolution) if cfg.resolution else None,
+            **{f"ss_{k}": bool(getattr(cfg, k)) for k in ("color_aug", "flip_aug", "random_crop", "shuffle_caption")},
+            **{f"ss_{k}": v for k, v in bucket.items()}, "ss_keep_tokens": cfg.keep_tokens,
+            "ss_dataset_dirs": json.dumps(dirs), "ss_reg_dataset_dirs": json.dumps(reg_dirs),
+            "ss_tag_frequency": json.dumps(tags), "ss_bucket_info": json.dumps(buckets)}
+
+_SUBSET_KEYS = ("num_repeats", "keep_tokens", "keep_tokens_separator", "secondary_separator", "caption_prefix", "caption_suffix",
+                "resize_interpolation")
+_SUBSET_FLAGS = ("color_aug", "flip_aug", "random_crop", "shuffle_caption", "enable_wildcard")
+
+def _subset_metadata(sub, img_count: int) -> dict:
+    "One entry of a dataset's `subsets` in `ss_datasets`."
+    m = {"img_count": img_count, **{k: getattr(sub, k) for k in _SUBSET_KEYS}, **{k: bool(getattr(sub, k)) for k in _SUBSET_FLAGS}}
+    if sub.image_dir: m["image_dir"] = os.path.basename(sub.image_dir)
+    if sub.kind == "dreambooth": m.update(class_tokens=sub.class_tokens, is_reg=sub.is_reg)
+    else: m["metadata_file"] = os.path.basename(sub.metadata_file)
+    return m
+
+def _toml_dataset_metadata(datasets: list) -> dict:
+    "`ss_datasets`, `ss_tag_frequency` and `ss_dataset_dirs` of a dataset TOML run."
+    out, tags, dirs = [], {}, {}
+    for d in datasets:
+        spec, images = d.plan.spec, d.plan.images
+        subsets = [_subset_metadata(spec.subsets[i], images.img_count.get(i, 0)) for i in images.used_subsets]
+        for sub in subsets:
+            name = sub.get("metadata_file") or (None if sub.get("is_reg") else sub.get("image_dir"))
+            if name is None: continue
+            unique = next(n for n in itertools.chain([name], (f"{name} ({i})" for i in itertools.count(2))) if n not in dirs)
+            dirs[unique] = {"n_repeats": sub["num_repeats"], "img_count": sub["img_count"]}
+        out.append({"is_dreambooth": spec.kind == "dreambooth", "batch_size_per_device": spec.batch_size,
+                    "num_train_images": images.num_train_images, "num_reg_images": images.num_reg_images,
+                    "resolution": spec.resolution, **{k: v for k, v in _bucket_values(d).items() if k != "bucket_no_upscale"},
+                    "tag_frequency": images.tag_frequency, "bucket_info": d.plan.bucket_info(),
+                    "resize_interpolation": spec.resize_interpolation, "subsets": subsets})
+        for name, freq in images.tag_frequency.items(): tags.setdefault(name, freq)   # a folder in several datasets counts once
+    return {"ss_datasets": json.dumps(out), "ss_tag_frequency": json.dumps(tags), "ss_dataset_dirs": json.dumps(dirs)}
+
+# %% ../nbs/06_train.ipynb #d9eb701a
+def model_file_metadata(kind: str, path: str|None) -> dict:
+    "`ss_{kind}_model_name` (`ss_vae_name`) and, for a local path, `ss_{kind}_model_hash` / `ss_new_{kind}_model_hash`, as sd-scripts writes them."
+    name = "vae" if kind == "vae" else f"{kind}_model"
+    if path is None or not os.path.exists(path): return {f"ss_{name}_name": path}
+    legacy, sha = _file_hashes(os.path.abspath(path), os.path.getmtime(path))
+    return {f"ss_{name}_hash": legacy, f"ss_new_{name}_hash": sha, f"ss_{name}_name": os.path.basename(os.path.normpath(path))}
+
+# %% ../nbs/06_train.ipynb #76709f8f
+from functools import lru_cache
+
+@lru_cache(maxsize=8)
+def _file_hashes(path: str, mtime: float) -> tuple[str, str]:
+    "(A1111's legacy model hash, SHA-256) of a file, or sd-scripts' placeholders for a folder."
+    import hashlib
+    if os.path.isdir(path): return "IsADirectory", "IsADirectory"
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0x100000); legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+        f.seek(0)
+        for chunk in iter(lambda: f.read(1 << 20), b""): sha.update(chunk)
+    return legacy, sha.hexdigest()
 
 # %% ../nbs/06_train.ipynb #1f773b9b
 def modelspec(cfg: TrainConfig, family, started: float) -> dict:
@@ -256,6 +324,7 @@ class TrainState:
     stop: bool = False
     started: float = 0.0
     placement: "Placement" = None                 # which models are on the device (callbacks bring others with `placement.also`)
+    optimizer: object = None                      # the (accelerate-wrapped) optimizer
 
 # %% ../nbs/06_train.ipynb #7cbf712f
 class Callback:
@@ -273,12 +342,26 @@ class TrainingStopped(RuntimeError):
     "Training ended early (Ctrl-C or a non-finite loss); the message says what was saved."
 
 # %% ../nbs/06_train.ipynb #c275291a
-def _emit(callbacks, event: str, *args):
-    "Call `event` on every callback; a failing callback is reported and training goes on."
-    for cb in callbacks:
-        try: getattr(cb, event)(*args)
-        except (KeyboardInterrupt, TrainingStopped): raise
-        except Exception as e: print(f"warning: {type(cb).__name__}.{event} failed ({type(e).__name__}: {e}); training continues")
+def _emit(callbacks, event: str, state: TrainState, *args):
+    "Call `event` on every callback (with the averaged weights of a schedule-free optimizer); a failing callback is reported and training goes on."
+    with averaged_weights(state):
+        for cb in callbacks:
+            try: getattr(cb, event)(state, *args)
+            except (KeyboardInterrupt, TrainingStopped): raise
+            except Exception as e: print(f"warning: {type(cb).__name__}.{event} failed ({type(e).__name__}: {e}); training continues")
+
+# %% ../nbs/06_train.ipynb #fd6d5853
+from .optim import is_schedule_free, optimizer_type
+
+@contextmanager
+def averaged_weights(state: TrainState):
+    "Within this block a schedule-free optimizer is in eval mode (the LoRA holds its averaged weights); no-op for others."
+    opt = getattr(state.optimizer, "optimizer", state.optimizer)        # accelerate wraps it
+    switch = opt is not None and is_schedule_free(optimizer_type(state.cfg))
+    if switch: opt.eval()
+    try: yield
+    finally:
+        if switch: opt.train()
 
 # %% ../nbs/06_train.ipynb #8228549e
 class LossLog(Callback):
@@ -488,17 +571,21 @@ def _batches(loaders, epoch: int, skip: int = 0):
     for dl in loaders: yield from dl
 
 # %% ../nbs/06_train.ipynb #2796b60e
+from .checkpoint import follow_umask
+
+# %% ../nbs/06_train.ipynb #350dc4f1
 def save_state(state: TrainState, folder: Path) -> Path:
     "Write a resumable state (accelerate `save_state` + `train_state.json`) to `folder`, atomically."
     acc, folder = state.accelerator, Path(folder)
     tmp = folder.with_name(f".{folder.name}.partial")    # one name for all processes; the output lock keeps it ours
     if acc.is_main_process: shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))          # the main process writes the model and optimizer, every process its random generators
+    with averaged_weights(state): acc.save_state(str(tmp))   # the main process writes the model and optimizer, every process its random generators
     acc.wait_for_everyone()
     if acc.is_main_process:
         try:
             (tmp/"train_state.json").write_text(json.dumps({"current_epoch": state.epoch, "current_step": state.step, "loss_history": state.history}))
+            follow_umask(tmp)             # accelerate writes model.safetensors with mode 0600
             old = folder.with_name(tmp.name + ".old")
             if folder.exists(): folder.rename(old)
             tmp.rename(folder)
@@ -716,6 +803,12 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
         finally: acc.end_training()
 
 # %% ../nbs/06_train.ipynb #69516bd7
+def _checkpointing(model) -> bool:
+    "Whether gradient checkpointing is on in `model`: transformers ≥ 5 names it `is_activation_checkpointing` (the old name warns), diffusers `is_gradient_checkpointing`."
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+# %% ../nbs/06_train.ipynb #14d38bfe
 def _prepare_models(cfg, comp, dtype, train_te: bool, datasets):
     """Frozen base models in their dtypes (the VAE in float32, the others in the weight dtype; each cast once, directly), with the
     base weights merged and the attention/checkpointing options. They stay where they are: `Placement` moves them."""
@@ -728,10 +821,10 @@ def _prepare_models(cfg, comp, dtype, train_te: bool, datasets):
     configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing or bool(cfg.blocks_to_swap), train_te,
                        [d.plan.spec.resolution for d in datasets])
     for m in [comp.denoiser, *comp.text_encoders]:   # checkpointed layers act only in training mode (sd-scripts sets it too)
-        if getattr(m, "is_gradient_checkpointing", False): m.train()
+        if _checkpointing(m): m.train()
     if cfg.xformers: comp.denoiser.enable_xformers_memory_efficient_attention()
 
-# %% ../nbs/06_train.ipynb #647d6df3
+# %% ../nbs/06_train.ipynb #5221ed0a
 def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None, owned=False, val_datasets=()) -> TrainState:
     "The loop (`owned`: `comp` was loaded by `train`, so the models the caches replace may be freed)."
     dtype, device = _weight_dtype(acc), acc.device
@@ -758,7 +851,8 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     if cfg.full_fp16: allow_fp16_gradients(acc.scaler)
     objective = OBJECTIVES[comp.family.objective](cfg)
     per_epoch = math.ceil(global_batches / cfg.gradient_accumulation_steps)
-    state = TrainState(cfg, comp, acc.unwrap_model(network), acc, steps, epochs, per_epoch, started=time.time(), placement=placement)
+    state = TrainState(cfg, comp, acc.unwrap_model(network), acc, steps, epochs, per_epoch, started=time.time(),
+                       placement=placement, optimizer=optimizer)
     if cfg.resume: load_state(state, cfg.resume)
     if (p := _start_problem(cfg, initial_step(cfg, per_epoch, state.step), steps)): raise ConfigError([p])
     state.step, first_epoch, done_in_epoch = starting_point(cfg, per_epoch, state.step)
@@ -890,7 +984,7 @@ class Validation:
         try:
             with torch.random.fork_rng(devices=[acc.device.index or 0] if acc.device.type == "cuda" else []):
                 torch.manual_seed(cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
-                losses = [batch_loss(cfg, comp, o, acc, b, self.train_te, self.dtype).item() for b in batches for o in self.objectives]
+                with averaged_weights(state): losses = [batch_loss(cfg, comp, o, acc, b, self.train_te, self.dtype).item() for b in batches for o in self.objectives]
         finally: state.network.train()
         return sum(losses) / len(losses)
 
@@ -945,7 +1039,8 @@ def _save(state: TrainState, path: Path, metadata: dict, callbacks) -> Path:
     acc.wait_for_everyone()
     if acc.is_main_process:
         md = {**metadata, "ss_training_finished_at": str(time.time()), "ss_steps": str(state.step), "ss_epoch": str(state.epoch)}
-        try: save_lora(state.network.state_dict(), path, md, SAVE_DTYPES[state.cfg.save_precision])
+        try:
+            with averaged_weights(state): save_lora(state.network.state_dict(), path, md, SAVE_DTYPES[state.cfg.save_precision])
         except OSError as e:
             if e.errno != errno.ENOSPC: raise
             kept = ", ".join(str(p) for p in state.saved) or "none yet"
