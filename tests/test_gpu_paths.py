@@ -159,3 +159,25 @@ def test_blocks_to_swap_trains_identically(data):
     a, _ = load_lora(data / "out" / "noswap.safetensors")
     b, _ = load_lora(data / "out" / "swap.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_readme_command_writes_samples_under_bf16(data):
+    """The README's train_network command, as written (bf16, --sample_prompts, AdamW8bit, gradient checkpointing), on the
+    tiny model with a small dataset: paths, resolution and epochs replaced, nothing else. It writes every sample image."""
+    import re, shlex, subprocess, sys
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Using it\n\n```sh\n(.*?)```", readme, re.S).group(1)
+    argv = shlex.split(block.replace("\\\n", " "))[1:]
+    assert argv[0] == "train_network" and "--mixed_precision" in argv and argv[argv.index("--mixed_precision") + 1] == "bf16"
+    put = {"--pretrained_model_name_or_path": "tiny-sd1", "--train_data_dir": str(data / "data"), "--resolution": "64",
+           "--output_dir": str(data / "out"), "--max_train_epochs": "2", "--sample_prompts": str(data / "prompts.txt"),
+           "--logging_dir": str(data / "logs")}
+    for flag, value in put.items(): argv[argv.index(flag) + 1] = value
+    r = subprocess.run([sys.executable, "-m", "lora_kit.cli", *argv], capture_output=True, text=True,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning: sampling" not in r.stdout + r.stderr
+    files = sorted(p.name for p in (data / "out" / "sample").glob("*.png"))
+    assert len(files) == 2 * 2, files                     # 2 prompts after epoch 1 and at the end (epoch 2)
+    assert (data / "out" / "mylora.safetensors").is_file()
