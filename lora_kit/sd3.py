@@ -46,11 +46,11 @@ WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "un
 
 # %% ../nbs/04b_sd3.ipynb #1257917a
 def sample_u(weighting_scheme: str, n: int, logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
-             generator=None) -> torch.Tensor:
-    "`n` values of u in [0, 1) drawn as `--weighting_scheme` says (sd-scripts' `compute_density_for_timestep_sampling`)."
+             generator=None, device=None) -> torch.Tensor:
+    "`n` values of u in [0, 1) drawn on `device` as `--weighting_scheme` says (sd-scripts' `compute_density_for_timestep_sampling`)."
     if weighting_scheme == "logit_normal":
-        return torch.sigmoid(torch.normal(logit_mean, logit_std, size=(n,), generator=generator))
-    u = torch.rand(n, generator=generator)
+        return torch.sigmoid(torch.normal(logit_mean, logit_std, size=(n,), generator=generator, device=device))
+    u = torch.rand(n, generator=generator, device=device)
     if weighting_scheme == "mode": u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     return u
 
@@ -71,10 +71,10 @@ def flow_loss(predict, latents: torch.Tensor, weighting_scheme: str = "uniform",
               logit_std: float = 1.0, mode_scale: float = 1.29, training_shift: float = 1.0,
               min_timestep: int|None = None, max_timestep: int|None = None, generator=None, mask: torch.Tensor|None = None) -> torch.Tensor:
     "Per-image SD3 loss; `predict(noisy, timesteps)` is the model call, `mask` weights pixels. Draw order as sd-scripts: noise, then u."
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-    u = shift_u(sample_u(weighting_scheme, latents.shape[0], logit_mean, logit_std, mode_scale, generator), training_shift)
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
+    u = shift_u(sample_u(weighting_scheme, latents.shape[0], logit_mean, logit_std, mode_scale, generator, latents.device), training_shift)
     t_min, t_max = min_timestep or 0, 1000 if max_timestep is None else max_timestep
-    timesteps = (u * (t_max - t_min) + t_min).long().to(latents.device, latents.dtype)
+    timesteps = (u * (t_max - t_min) + t_min).long().to(latents.dtype)
     sigmas = (timesteps / 1000).view(-1, *[1] * (latents.dim() - 1))
     noisy = sigmas * noise + (1 - sigmas) * latents
     x0 = predict(noisy, timesteps) * (-sigmas) + noisy
