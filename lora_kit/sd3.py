@@ -685,7 +685,7 @@ def sd3_mmdit(sd: dict, source: str, dtype: torch.dtype = torch.float32) -> SD3T
 
 # %% ../nbs/04b_sd3.ipynb #57bfd773
 def sd3_vae(sd: dict, source: str) -> AutoencoderKL:
-    "The 16-channel VAE from a Stability AI (`encoder.down.*`, with or without `first_stage_model.`) or diffusers state dict."
+    "The 16-channel VAE in float32 from a Stability AI (`encoder.down.*`, with or without `first_stage_model.`) or diffusers state dict."
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     sd = _component(sd, SAI_PREFIXES["vae"], torch.float32)
     if not any(k.startswith("encoder.down_blocks.") for k in sd): sd = convert_ldm_vae_checkpoint(sd, SD3_VAE)
