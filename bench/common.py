@@ -73,9 +73,9 @@ def worker_result(result: dict):
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_worker(script: Path, args: list[str], threads: int) -> dict:
-    "Run `script --worker …` in a fresh interpreter and return the dict it printed with `worker_result`."
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+def run_worker(script: Path, args: list[str], threads: int, code: Path = REPO) -> dict:
+    "Run `script --worker …` in a fresh interpreter, importing lora_kit from `code`, and return the dict it printed with `worker_result`."
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, str(script), "--worker", *args], env=env, capture_output=True, text=True)
     lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]

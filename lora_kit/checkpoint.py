@@ -4,9 +4,10 @@
 
 # %% ../nbs/01c_checkpoint.ipynb #b02b29a5
 from __future__ import annotations
-import os, pickle, re, stat, uuid
+import json, os, pickle, re, stat, uuid
 from collections.abc import Mapping
 from contextlib import contextmanager
+from mmap import ACCESS_COPY, ALLOCATIONGRANULARITY, mmap as memory_map
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,10 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['UNET_TOP_LEVEL', 'UNET_RESNET_PARTS', 'VAE_ATTENTION_PARTS', 'OPENCLIP_TOP_LEVEL', 'OPENCLIP_LAYER_PARTS', 'PREFIXES',
-           'atomic_path', 'follow_umask', 'UnsafeCheckpointError', 'load_state_dict', 'read_shapes', 'unet_key_to_ldm',
-           'unet_to_ldm', 'vae_key_to_ldm', 'vae_to_ldm', 'clip_to_ldm', 'openclip_to_ldm', 'to_ldm_checkpoint',
-           'save_checkpoint']
+__all__ = ['SAFETENSORS_DTYPES', 'UNET_TOP_LEVEL', 'UNET_RESNET_PARTS', 'VAE_ATTENTION_PARTS', 'OPENCLIP_TOP_LEVEL',
+           'OPENCLIP_LAYER_PARTS', 'PREFIXES', 'atomic_path', 'follow_umask', 'UnsafeCheckpointError',
+           'read_safetensors', 'load_state_dict', 'take_weights', 'read_shapes', 'unet_key_to_ldm', 'unet_to_ldm',
+           'vae_key_to_ldm', 'vae_to_ldm', 'clip_to_ldm', 'openclip_to_ldm', 'to_ldm_checkpoint', 'save_checkpoint']
 
 # %% ../nbs/01c_checkpoint.ipynb #20596d22
 def _new_file(folder: Path, prefix: str) -> Path:
@@ -87,15 +88,50 @@ def _is_zip(path: str) -> bool:
     with open(path, "rb") as f: return f.read(4) == b"PK\x03\x04"
 
 # %% ../nbs/01c_checkpoint.ipynb #77c046e7
-def load_state_dict(path: str|Path) -> dict[str, torch.Tensor]:
-    "Flat `{key: tensor}` of a `.safetensors` or pickle (`.ckpt`/`.pt`/`.bin`) file, read without running code."
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+# %% ../nbs/01c_checkpoint.ipynb #8562325a
+def _mapped_tensor(f, begin: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    "The bytes `begin:end` of the open file `f` as a flat tensor over a private memory map of just those bytes."
+    start = begin - begin % ALLOCATIONGRANULARITY                 # a map starts at a multiple of the granularity
+    mapped = memory_map(f.fileno(), end - start, offset=start, access=ACCESS_COPY)
+    return torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin - start)
+
+
+def _read_tensor(f, begin: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    "The bytes `begin:end` of the open file `f` read into a new flat tensor."
+    data = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(begin)
+    f.readinto(data.numpy())
+    return data.view(dtype)
+
+# %% ../nbs/01c_checkpoint.ipynb #3a6cf892
+def read_safetensors(path: str|Path, mmap: bool = True) -> dict[str, torch.Tensor]:
+    "`{key: tensor}` of a `.safetensors` file: each tensor memory-mapped on its own (`mmap`), or read into memory (`mmap=False`)."
+    out = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header, data_start = json.loads(f.read(n)), 8 + n
+        for key, info in header.items():
+            if key == "__metadata__": continue
+            if info["dtype"] not in SAFETENSORS_DTYPES: raise ValueError(f"{path}: tensor {key} has dtype {info['dtype']}, which lora_kit cannot read")
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = (data_start + o for o in info["data_offsets"])
+            if begin == end: flat = torch.empty(0, dtype=dtype)
+            else: flat = (_mapped_tensor if mmap else _read_tensor)(f, begin, end, dtype)
+            out[key] = flat.reshape(info["shape"])
+    return out
+
+# %% ../nbs/01c_checkpoint.ipynb #1c41687e
+def load_state_dict(path: str|Path, mmap: bool = True) -> dict[str, torch.Tensor]:
+    "Flat `{key: tensor}` of a `.safetensors` or pickle (`.ckpt`/`.pt`/`.bin`) file, read without running code; `mmap=False` reads the tensors into memory."
     path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
+    if path.endswith(".safetensors"): return read_safetensors(path, mmap)
     try:
         with torch.serialization.safe_globals(_extra_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
         bad, reason = _refused_globals(path), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if bad or "Weights only load failed" in str(e):
@@ -107,6 +143,13 @@ def load_state_dict(path: str|Path) -> dict[str, torch.Tensor]:
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict): obj = obj["state_dict"]   # Lightning wrapper
     if not isinstance(obj, dict): raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__})")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+# %% ../nbs/01c_checkpoint.ipynb #06570303
+def take_weights(state_dict: dict, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    "The tensors of `state_dict` whose keys start with `prefix` (keys kept), removed from it, floating-point ones cast to `dtype`."
+    return {k: _cast(state_dict.pop(k), dtype) for k in [k for k in state_dict if k.startswith(prefix)]}
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: return t.to(dtype) if t.is_floating_point() else t
 
 # %% ../nbs/01c_checkpoint.ipynb #135d0ba2
 def read_shapes(path: str|Path) -> dict[str, tuple]:

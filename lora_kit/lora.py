@@ -88,7 +88,8 @@ class MappedLoRAModule(LoRAModule):
         layers = [m for m, _ in parts]
         fused = layers[0] if len(layers) == 1 else nn.Linear(layers[0].in_features, sum(m.out_features for m in layers), bias=False, device="meta")
         super().__init__(lora_name, fused, dim, alpha, dropout, rank_dropout, module_dropout)
-        self._org, self.rows, self._cache = layers, [r for _, r in parts], None
+        self._org, self._cache = layers, None
+        for j, (_, rows) in enumerate(parts): self.register_buffer(f"rows_{j}", rows, persistent=False)
 
     def apply_to(self):
         self.org_forwards = [m.forward for m in self._org]
@@ -109,7 +110,8 @@ class MappedLoRAModule(LoRAModule):
         out = self.org_forwards[j](x)
         lx, scale = self._shared_low_rank(x)
         if lx is None: return out
-        up = self.lora_up(lx) if self.rows[j] is None else nn.functional.linear(lx, self.lora_up.weight[self.rows[j]])
+        rows = getattr(self, f"rows_{j}")
+        up = self.lora_up(lx) if rows is None else nn.functional.linear(lx, self.lora_up.weight[rows])
         return out + up * self.multiplier * scale
 
 # %% ../nbs/03_lora.ipynb #17bd01e0

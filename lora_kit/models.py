@@ -16,18 +16,19 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .captions import encode_chunked, get_input_ids
-from .checkpoint import load_state_dict, read_shapes, save_checkpoint, to_ldm_checkpoint
+from .checkpoint import PREFIXES, load_state_dict, read_shapes, save_checkpoint, take_weights, to_ldm_checkpoint
 from .config import ASSETS, OPTIONS, TrainConfig
 
 # %% auto #0
 __all__ = ['UNET_TARGETS', 'UNET_CONV_TARGETS', 'TE_TARGETS', 'FAMILIES', 'TINY_UNET', 'TINY_VAE', 'TINY_TEXT', 'SCHEDULER',
            'CONFIGS', 'FILE_KINDS', 'PREFIX_CLIP', 'PREFIX_OC', 'HUB_ID', 'BUILTIN_FOLDERS', 'BUILTIN_NAMES',
            'MODEL_SOURCES', 'SD_EXTENSIONS', 'Components', 'SDFamily', 'tiny_components', 'load_tokenizer',
-           'detect_family', 'check_family', 'MissingWeightsError', 'prepare_ldm_state_dict', 'load_vae',
-           'load_single_file', 'write_config_dir', 'tiny_config_dir', 'config_dir_for', 'ModelNotFoundError',
-           'hub_cache_dir', 'resolve_hub_id', 'is_builtin', 'resolve_model', 'family_of_folder', 'detect_model',
-           'check_vae_path', 'check_model_path', 'ModelSource', 'model_source', 'check_model', 'load_components',
-           'load_diffusers_folder', 'save_diffusers_folder', 'save_model', 'configure_denoiser']
+           'detect_family', 'check_family', 'MissingWeightsError', 'weight_dtype', 'assign_weights',
+           'prepare_ldm_state_dict', 'load_vae', 'load_single_file', 'write_config_dir', 'tiny_config_dir',
+           'config_dir_for', 'ModelNotFoundError', 'hub_cache_dir', 'resolve_hub_id', 'is_builtin', 'resolve_model',
+           'family_of_folder', 'detect_model', 'check_vae_path', 'check_model_path', 'ModelSource', 'model_source',
+           'check_model', 'load_components', 'load_diffusers_folder', 'save_diffusers_folder', 'save_model',
+           'configure_denoiser']
 
 # %% ../nbs/02_models.ipynb #9d10a54f
 @dataclass
@@ -231,6 +232,22 @@ class MissingWeightsError(ValueError):
 # %% ../nbs/02_models.ipynb #7fda07db
 PREFIX_CLIP, PREFIX_OC = "cond_stage_model.transformer.", "cond_stage_model.model."
 
+# %% ../nbs/02_models.ipynb #d2551597
+def weight_dtype(cfg: TrainConfig|None) -> torch.dtype:
+    "The dtype the frozen models run in: float16/bfloat16 with `--mixed_precision fp16/bf16`, else (and without `cfg`) float32 (sd-scripts' `weight_dtype`)."
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(getattr(cfg, "mixed_precision", None), torch.float32)
+
+# %% ../nbs/02_models.ipynb #7c6ca885
+def assign_weights(model: nn.Module, state_dict: dict) -> nn.Module:
+    "`model`, built on the meta device, with the tensors of `state_dict` as its weights (assigned: their dtype, no copy); strict."
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if not buf.is_meta: continue
+            if name != "position_ids": raise ValueError(f"{type(module).__name__}.{name} is not in the weights and lora_kit cannot make it")
+            module.register_buffer(name, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
+    return model.eval()
+
 # %% ../nbs/02_models.ipynb #3f9566b0
 def prepare_ldm_state_dict(sd: dict, text_layers: int) -> dict:
     "Normalise variants of the original layout (see above); returns a new dict."
@@ -243,44 +260,51 @@ def prepare_ldm_state_dict(sd: dict, text_layers: int) -> dict:
     return out
 
 # %% ../nbs/02_models.ipynb #6df75cb7
-def _missing_keys(cls, sd: dict, cfg_dir: str, subfolder: str) -> list[str]:
-    "Keys of model `cls` (built on meta from the config) that diffusers' converter does not produce from `sd`."
-    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
-    with torch.device("meta"): model = cls.from_config(cls.load_config(cfg_dir, subfolder=subfolder, local_files_only=True))
-    convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
-    keys = set(model.state_dict())
-    return sorted(keys - (set(sd) if keys <= set(sd) else set(convert(checkpoint=sd, config=dict(model.config)))))
+def _load_component(model: nn.Module, sd: dict, source: str, what: str) -> nn.Module:
+    "`model` (on meta) with its weights from the converted `sd`; the component is named when the file lacks tensors."
+    if missing := sorted(set(model.state_dict()) - set(sd)):
+        raise MissingWeightsError(f"{source}: the {what} weights are incomplete, {len(missing)} tensors missing "
+                                  f"(e.g. {', '.join(missing[:3])}). Is it a full SD checkpoint of the family set by --v2?")
+    return assign_weights(model, {k: sd[k] for k in model.state_dict()})
 
 
 def _from_single_file(cls, sd: dict, cfg_dir: str, subfolder: str, source: str):
-    "`cls.from_single_file` offline, with a clear error when the file lacks tensors."
-    if missing := _missing_keys(cls, sd, cfg_dir, subfolder):
-        raise MissingWeightsError(f"{source}: the {subfolder} weights are incomplete, {len(missing)} tensors missing "
-                                  f"(e.g. {', '.join(missing[:3])}). Is it a full SD checkpoint of the family set by --v2?")
-    return cls.from_single_file(sd, config=cfg_dir, subfolder=subfolder, local_files_only=True)
+    "A diffusers `cls` shaped by the config in `cfg_dir/subfolder`, with the weights of `sd` (original layout, or diffusers')."
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+    with torch.device("meta"): model = cls.from_config(cls.load_config(cfg_dir, subfolder=subfolder, local_files_only=True))
+    if not set(model.state_dict()) <= set(sd):
+        sd = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"](checkpoint=sd, config=dict(model.config))
+    return _load_component(model, sd, source, subfolder)
+
+
+def _text_encoder_from_ldm(sd: dict, cfg_dir: str, source: str) -> CLIPTextModel:
+    "The text encoder of an original-layout state dict (CLIP: SD 1.x; OpenCLIP: SD 2.x), shaped by `cfg_dir/text_encoder`."
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+    config = CLIPTextConfig.from_pretrained(cfg_dir, subfolder="text_encoder", local_files_only=True)
+    with torch.device("meta"): model = CLIPTextModel(config)
+    if any(k.startswith(PREFIX_OC) for k in sd): sd = convert_open_clip_checkpoint(model, sd, prefix=PREFIX_OC)
+    else: sd = convert_ldm_clip_checkpoint(sd)
+    if not hasattr(model, "text_model"): sd = {k.removeprefix("text_model."): v for k, v in sd.items()}   # transformers >= 5.6
+    return _load_component(model, sd, source, "text encoder")
 
 # %% ../nbs/02_models.ipynb #722735fc
 def load_vae(path: str|Path, config_dir: str|Path) -> AutoencoderKL:
-    "`--vae`: a diffusers folder or a single VAE file (original or diffusers layout), offline."
+    "`--vae`: a diffusers folder or a single VAE file (original or diffusers layout), offline, in float32."
     p = Path(path)
     if p.is_dir():
         return AutoencoderKL.from_pretrained(p, subfolder="vae" if (p/"vae"/"config.json").exists() else None, local_files_only=True)
     sd = {k: v for k, v in load_state_dict(p).items() if not k.startswith(("loss.", "model_ema."))}   # VAE training leftovers
-    return _from_single_file(AutoencoderKL, sd, os.fspath(config_dir), "vae", f"--vae {p}")
+    return _from_single_file(AutoencoderKL, take_weights(sd, "", torch.float32), os.fspath(config_dir), "vae", f"--vae {p}")
 
 # %% ../nbs/02_models.ipynb #4ee4c59e
-def load_single_file(path: str|Path, family: str, config_dir: str|Path) -> Components:
-    "Components of an original-layout `.safetensors`/`.ckpt` of `family`, shaped by the configs in `config_dir`, offline."
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+def load_single_file(path: str|Path, family: str, config_dir: str|Path, dtype: torch.dtype = torch.float32) -> Components:
+    "Components of an original-layout `.safetensors`/`.ckpt` of `family`, shaped by the configs in `config_dir`, in `dtype` (the VAE in float32), offline."
     cfg_dir, src = os.fspath(config_dir), os.fspath(path)
     layers = CLIPTextConfig.from_pretrained(cfg_dir, subfolder="text_encoder", local_files_only=True).num_hidden_layers
     sd = prepare_ldm_state_dict(load_state_dict(src), layers)
-    unet = _from_single_file(UNet2DConditionModel, sd, cfg_dir, "unet", src)
-    vae = _from_single_file(AutoencoderKL, {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}, cfg_dir, "vae", src)
-    try: te = create_diffusers_clip_model_from_ldm(CLIPTextModel, sd, subfolder="text_encoder", config=cfg_dir, local_files_only=True)
-    except (NotImplementedError, ValueError) as e: raise MissingWeightsError(f"{src}: the text encoder weights are incomplete ({e})") from None
-    if missing := [n for n, t in te.state_dict().items() if t.is_meta]:
-        raise MissingWeightsError(f"{src}: the text encoder weights are incomplete, e.g. {missing[:3]}")
+    unet = _from_single_file(UNet2DConditionModel, take_weights(sd, PREFIXES["unet"], dtype), cfg_dir, "unet", src)
+    vae = _from_single_file(AutoencoderKL, take_weights(sd, PREFIXES["vae"], torch.float32), cfg_dir, "vae", src)
+    te = _text_encoder_from_ldm(take_weights(sd, "cond_stage_model.", dtype), cfg_dir, src)
     sched = DDPMScheduler.from_pretrained(cfg_dir, subfolder="scheduler", local_files_only=True)
     return Components(FAMILIES[family], unet, vae, [te], [load_tokenizer(cfg_dir)], sched, source=src)
 
@@ -422,7 +446,7 @@ def check_model(cfg: TrainConfig) -> list[str]:
 
 # %% ../nbs/02_models.ipynb #5202048f
 def load_components(cfg: TrainConfig) -> Components:
-    "Load `--pretrained_model_name_or_path` (+ `--vae`) offline, checked against `--v2`/`--v_parameterization`."
+    "Load `--pretrained_model_name_or_path` (+ `--vae`) offline, checked against `--v2`/`--v_parameterization`; files and folders in `weight_dtype(cfg)`, the VAE in float32."
     name = cfg.pretrained_model_name_or_path
     if (src := model_source(name)): return src.load(cfg)
     kind, what, detected = detect_model(name)
@@ -430,22 +454,23 @@ def load_components(cfg: TrainConfig) -> Components:
     if errors := errors + check_vae_path(getattr(cfg, "vae", None)): raise ValueError("\n".join(errors))
     for w in warns: warnings.warn(w)
     if kind == "builtin": comp, cfg_dir = tiny_components(name), tiny_config_dir(family)
-    elif kind == "diffusers": comp, cfg_dir = load_diffusers_folder(what), what
+    elif kind == "diffusers": comp, cfg_dir = load_diffusers_folder(what, weight_dtype(cfg)), what
     else:
         cfg_dir = config_dir_for(family, read_shapes(what))
-        comp = load_single_file(what, family, cfg_dir)
+        comp = load_single_file(what, family, cfg_dir, weight_dtype(cfg))
     if getattr(cfg, "vae", None): comp.vae = load_vae(cfg.vae, cfg_dir)
     return comp
 
 # %% ../nbs/02_models.ipynb #5b581d7e
-def load_diffusers_folder(path: str|Path) -> Components:
-    "Components of an SD 1.x/2.x diffusers folder, offline."
+def load_diffusers_folder(path: str|Path, dtype: torch.dtype = torch.float32) -> Components:
+    "Components of an SD 1.x/2.x diffusers folder, offline, in `dtype` (the VAE in float32)."
     path = Path(path)
     fam = FAMILIES[family_of_folder(path)]
     kw = dict(local_files_only=True)
     tok = load_tokenizer(path if (path/"tokenizer"/"vocab.json").exists() else CONFIGS/fam.name)
-    return Components(fam, UNet2DConditionModel.from_pretrained(path/"unet", **kw), AutoencoderKL.from_pretrained(path/"vae", **kw),
-                      [CLIPTextModel.from_pretrained(path/"text_encoder", **kw)], [tok],
+    return Components(fam, UNet2DConditionModel.from_pretrained(path/"unet", torch_dtype=dtype, **kw),
+                      AutoencoderKL.from_pretrained(path/"vae", torch_dtype=torch.float32, **kw),
+                      [CLIPTextModel.from_pretrained(path/"text_encoder", torch_dtype=dtype, **kw)], [tok],
                       DDPMScheduler.from_pretrained(path/"scheduler", **kw), source=str(path))
 
 # %% ../nbs/02_models.ipynb #b1712f35

@@ -16,13 +16,13 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
 from safetensors import safe_open
-from safetensors.torch import load, load_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from .config import ASSETS, TrainConfig
 from .lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_network_args
 from .loss import OBJECTIVES, apply_mask
-from .models import MODEL_SOURCES, Components, ModelSource
+from .checkpoint import load_state_dict, take_weights
+from .models import MODEL_SOURCES, Components, ModelSource, assign_weights, weight_dtype
 from .data import TextDiskCache, weights_fingerprint
 
 # %% auto #0
@@ -46,11 +46,11 @@ WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "un
 
 # %% ../nbs/04b_sd3.ipynb #1257917a
 def sample_u(weighting_scheme: str, n: int, logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
-             generator=None) -> torch.Tensor:
-    "`n` values of u in [0, 1) drawn as `--weighting_scheme` says (sd-scripts' `compute_density_for_timestep_sampling`)."
+             generator=None, device=None) -> torch.Tensor:
+    "`n` values of u in [0, 1) drawn on `device` as `--weighting_scheme` says (sd-scripts' `compute_density_for_timestep_sampling`)."
     if weighting_scheme == "logit_normal":
-        return torch.sigmoid(torch.normal(logit_mean, logit_std, size=(n,), generator=generator))
-    u = torch.rand(n, generator=generator)
+        return torch.sigmoid(torch.normal(logit_mean, logit_std, size=(n,), generator=generator, device=device))
+    u = torch.rand(n, generator=generator, device=device)
     if weighting_scheme == "mode": u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     return u
 
@@ -71,10 +71,10 @@ def flow_loss(predict, latents: torch.Tensor, weighting_scheme: str = "uniform",
               logit_std: float = 1.0, mode_scale: float = 1.29, training_shift: float = 1.0,
               min_timestep: int|None = None, max_timestep: int|None = None, generator=None, mask: torch.Tensor|None = None) -> torch.Tensor:
     "Per-image SD3 loss; `predict(noisy, timesteps)` is the model call, `mask` weights pixels. Draw order as sd-scripts: noise, then u."
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-    u = shift_u(sample_u(weighting_scheme, latents.shape[0], logit_mean, logit_std, mode_scale, generator), training_shift)
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
+    u = shift_u(sample_u(weighting_scheme, latents.shape[0], logit_mean, logit_std, mode_scale, generator, latents.device), training_shift)
     t_min, t_max = min_timestep or 0, 1000 if max_timestep is None else max_timestep
-    timesteps = (u * (t_max - t_min) + t_min).long().to(latents.device, latents.dtype)
+    timesteps = (u * (t_max - t_min) + t_min).long().to(latents.dtype)
     sigmas = (timesteps / 1000).view(-1, *[1] * (latents.dim() - 1))
     noisy = sigmas * noise + (1 - sigmas) * latents
     x0 = predict(noisy, timesteps) * (-sigmas) + noisy
@@ -578,34 +578,35 @@ def _shapes_match(model: nn.Module, sd: dict) -> bool:
     own = model.state_dict()
     return set(own) <= set(sd) | {"text_projection.weight", "encoder.embed_tokens.weight"} and all(sd[k].shape == v.shape for k, v in own.items() if k in sd)
 
-def _matching(build, candidates: list, sd: dict, what: str):
-    "The model built from the first candidate config whose weights have the shapes of `sd`, with `sd` loaded."
+def _matching(build, candidates: list, sd: dict, what: str, dtype: torch.dtype):
+    "The model (built on the meta device) of the first candidate config whose weights have the shapes of `sd`, `sd` assigned."
     for cand in candidates:
-        with torch.device("meta"): probe = build(cand)
-        if _shapes_match(probe, sd):
-            with _seeded(0): model = build(cand)
-            if "text_projection.weight" in model.state_dict() and "text_projection.weight" not in sd:   # as sd-scripts: identity
-                sd = {**sd, "text_projection.weight": torch.eye(model.config.projection_dim, model.config.hidden_size)}
-            if "encoder.embed_tokens.weight" in model.state_dict() and "encoder.embed_tokens.weight" not in sd:
-                sd = {**sd, "encoder.embed_tokens.weight": sd["shared.weight"]}
-            model.load_state_dict({k: v for k, v in sd.items() if k in model.state_dict()})
-            return model.eval()
+        with torch.device("meta"): model = build(cand)
+        own = model.state_dict()
+        if not _shapes_match(model, sd): continue
+        if "text_projection.weight" in own and "text_projection.weight" not in sd:   # as sd-scripts: identity
+            sd = {**sd, "text_projection.weight": torch.eye(model.config.projection_dim, model.config.hidden_size, dtype=dtype)}
+        if "encoder.embed_tokens.weight" in own and "encoder.embed_tokens.weight" not in sd:
+            sd = {**sd, "encoder.embed_tokens.weight": sd["shared.weight"]}
+        return assign_weights(model, {k: v for k, v in sd.items() if k in own})
     raise ValueError(f"{what}: the weights match none of the known configurations (real or tiny)")
 
 # %% ../nbs/04b_sd3.ipynb #318a7545
-def _strip(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} if any(k.startswith(prefix) for k in sd) else sd
+def _component(sd: dict, prefix: str, dtype: torch.dtype) -> dict:
+    "One component's tensors taken out of `sd`, in `dtype`, keys without `prefix` (a file with no key under `prefix` is all of it)."
+    if not any(k.startswith(prefix) for k in sd): prefix = ""
+    return {k[len(prefix):]: v for k, v in take_weights(sd, prefix, dtype).items()}
 
-def _text_encoder(which: str, sd: dict, source: str):
-    sd = _strip(sd, TE_PREFIXES[which])
-    if which == "t5xxl": return _matching(lambda c: t5_encoder(c, sd["shared.weight"].shape[0]), [T5XXL, TINY_T5], sd, source)
+def _text_encoder(which: str, sd: dict, source: str, dtype: torch.dtype):
+    sd = _component(sd, TE_PREFIXES[which], dtype)
+    if which == "t5xxl": return _matching(lambda c: t5_encoder(c, sd["shared.weight"].shape[0]), [T5XXL, TINY_T5], sd, source, dtype)
     big, tiny = (CLIP_L, TINY_CLIP_L) if which == "clip_l" else (CLIP_G, TINY_CLIP_G)
-    return _matching(lambda c: clip_encoder(c, which[-1]), [big, tiny], sd, source)
+    return _matching(lambda c: clip_encoder(c, which[-1]), [big, tiny], sd, source, dtype)
 
 # %% ../nbs/04b_sd3.ipynb #eb19447b
 def read_weights(path: str|Path, cfg: TrainConfig|None = None) -> dict:
-    "A `.safetensors` file's tensors; `--disable_mmap_load_safetensors` reads the whole file first instead of memory-mapping it."
-    return load(Path(path).read_bytes()) if cfg is not None and cfg.disable_mmap_load_safetensors else load_file(str(path))
+    "A `.safetensors` file's tensors, memory-mapped one by one; `--disable_mmap_load_safetensors` reads them into memory instead."
+    return load_state_dict(path, mmap=not (cfg is not None and cfg.disable_mmap_load_safetensors))
 
 # %% ../nbs/04b_sd3.ipynb #704fcfb6
 def load_sd3(cfg: TrainConfig) -> Components:
@@ -614,24 +615,25 @@ def load_sd3(cfg: TrainConfig) -> Components:
     if not (name in TINY_SD3 or Path(name).is_dir()): return load_sd3_file(name, cfg)
     comp = tiny_sd3_components(name, cfg=cfg) if name in TINY_SD3 else load_sd3_folder(name, cfg)
     for i, w in enumerate(("clip_l", "clip_g", "t5xxl")):
-        if getattr(cfg, w): comp.text_encoders[i] = _text_encoder(w, read_weights(getattr(cfg, w), cfg), f"--{w} {getattr(cfg, w)}")
+        if getattr(cfg, w): comp.text_encoders[i] = _text_encoder(w, read_weights(getattr(cfg, w), cfg), f"--{w} {getattr(cfg, w)}", weight_dtype(cfg))
     if cfg.vae: comp.vae = sd3_vae(read_weights(cfg.vae, cfg), f"--vae {cfg.vae}")
     return comp
 
 # %% ../nbs/04b_sd3.ipynb #81e6b4db
 def load_sd3_folder(path: str|Path, cfg: TrainConfig|None = None) -> Components:
-    "Components of a diffusers SD3 / SD3.5 folder, offline."
-    path, kw = Path(path), dict(local_files_only=True)
+    "Components of a diffusers SD3 / SD3.5 folder, offline, in the weight dtype of `cfg` (the VAE in float32)."
+    path, kw = Path(path), dict(local_files_only=True, torch_dtype=weight_dtype(cfg))
     mmdit = SD3Transformer2DModel.from_pretrained(path/"transformer", **kw)
     c = mmdit.config
     model_type = ("5-medium" if c.dual_attention_layers else "5-large") if c.qk_norm else "medium"
     tok = lambda sub, **k: CLIPTokenizer.from_pretrained(path/sub, model_max_length=77, **k)
-    return Components(SD3Family.from_config(model_type, cfg), mmdit, AutoencoderKL.from_pretrained(path/"vae", **kw),
+    vae = AutoencoderKL.from_pretrained(path/"vae", **{**kw, "torch_dtype": torch.float32})
+    return Components(SD3Family.from_config(model_type, cfg), mmdit, vae,
                       [CLIPTextModelWithProjection.from_pretrained(path/"text_encoder", **kw),
                        CLIPTextModelWithProjection.from_pretrained(path/"text_encoder_2", **kw),
                        T5EncoderModel.from_pretrained(path/"text_encoder_3", **kw)],
-                      [tok("tokenizer"), tok("tokenizer_2"), T5Tokenizer.from_pretrained(path/"tokenizer_3", **kw)],
-                      FlowMatchEulerDiscreteScheduler.from_pretrained(path/"scheduler", **kw), str(path))
+                      [tok("tokenizer"), tok("tokenizer_2"), T5Tokenizer.from_pretrained(path/"tokenizer_3", local_files_only=True)],
+                      FlowMatchEulerDiscreteScheduler.from_pretrained(path/"scheduler", local_files_only=True), str(path))
 
 # %% ../nbs/04b_sd3.ipynb #72ded783
 SD3_VAE = dict(TINY_VAE, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024)
@@ -669,26 +671,25 @@ def mmdit_config(sd: dict) -> dict:
 
 # %% ../nbs/04b_sd3.ipynb #b86657a3
 def _assigned(model: nn.Module, sd: dict, source: str) -> nn.Module:
-    "`model` (built on the meta device) with `sd` assigned, in float32; missing or unexpected tensors are an error."
-    try: model.load_state_dict(sd, strict=True, assign=True)
+    "`model` (built on the meta device) with `sd` assigned, in the dtype of its tensors; missing or unexpected tensors are an error."
+    try: return assign_weights(model, sd)
     except RuntimeError as e: raise ValueError(f"{source}: the weights do not fit the model read from its shapes ({str(e)[:500]})") from None
-    return model.float().eval()
 
 # %% ../nbs/04b_sd3.ipynb #361aa5ca
-def sd3_mmdit(sd: dict, source: str) -> SD3Transformer2DModel:
-    "diffusers' MMDiT from a Stability AI MMDiT state dict (with or without `model.diffusion_model.`)."
+def sd3_mmdit(sd: dict, source: str, dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:
+    "diffusers' MMDiT in `dtype` from a Stability AI MMDiT state dict (with or without `model.diffusion_model.`; its tensors are taken out of `sd`)."
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-    sd = _strip(sd, SAI_PREFIXES["mmdit"])
+    sd = _component(sd, SAI_PREFIXES["mmdit"], dtype)
     with torch.device("meta"): model = SD3Transformer2DModel(**mmdit_config(sd))
-    return _assigned(model, convert_sd3_transformer_checkpoint_to_diffusers(dict(sd)), source)
+    return _assigned(model, convert_sd3_transformer_checkpoint_to_diffusers(sd), source)
 
 # %% ../nbs/04b_sd3.ipynb #57bfd773
 def sd3_vae(sd: dict, source: str) -> AutoencoderKL:
-    "The 16-channel VAE from a Stability AI (`encoder.down.*`, with or without `first_stage_model.`) or diffusers state dict."
+    "The 16-channel VAE in float32 from a Stability AI (`encoder.down.*`, with or without `first_stage_model.`) or diffusers state dict."
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    sd = _strip(sd, SAI_PREFIXES["vae"])
+    sd = _component(sd, SAI_PREFIXES["vae"], torch.float32)
     if not any(k.startswith("encoder.down_blocks.") for k in sd): sd = convert_ldm_vae_checkpoint(sd, SD3_VAE)
-    return _matching(lambda c: AutoencoderKL(**c), [SD3_VAE, TINY_VAE], sd, source)
+    return _matching(lambda c: AutoencoderKL(**c), [SD3_VAE, TINY_VAE], sd, source, torch.float32)
 
 # %% ../nbs/04b_sd3.ipynb #2cb8bb4f
 def t5_tokenizer_for(t5: T5EncoderModel):
@@ -706,11 +707,11 @@ def load_sd3_file(path: str|Path, cfg: TrainConfig|None = None) -> Components:
     "Components of a single-file SD3 checkpoint; `--clip_l/--clip_g/--t5xxl/--vae` files give (or replace) components."
     flags = {c: getattr(cfg, c, None) for c in COMPONENT_NAMES}
     if cfg is not None and (missing := missing_components(path, cfg)): raise ValueError("\n".join(missing))
-    sd = read_weights(path, cfg)
+    dtype, sd = weight_dtype(cfg), read_weights(path, cfg)
     part = lambda c: (read_weights(flags[c], cfg), f"--{c} {flags[c]}") if flags[c] else (sd, str(path))
-    mmdit = sd3_mmdit(sd, str(path))
+    mmdit = sd3_mmdit(sd, str(path), dtype)
     vae = sd3_vae(*part("vae"))
-    tes = [_text_encoder(c, *part(c)) for c in ("clip_l", "clip_g", "t5xxl")]
+    tes = [_text_encoder(c, *part(c), dtype) for c in ("clip_l", "clip_g", "t5xxl")]
     c = mmdit.config
     model_type = ("5-medium" if c.dual_attention_layers else "5-large") if c.qk_norm else "medium"
     return Components(SD3Family.from_config(model_type, cfg), mmdit, vae, tes, [*clip_tokenizers(), t5_tokenizer_for(tes[2])],
