@@ -23,7 +23,7 @@ from .data import (BucketBatchSampler, DatasetError, cache_latents, cache_text_e
 from .lora import (LoRANetwork, SAVE_DTYPES, atomic_path, dims_from_state, load_into, load_lora, merge_lora, parse_network_args,
                            save_lora)
 from .loss import OBJECTIVES, ddpm_only_problems
-from .models import check_model, configure_denoiser, load_components, model_source
+from .models import check_model, configure_denoiser, load_components, model_source, weight_dtype
 import lora_kit.sd3  # registers the SD3 family (its model source and the "flow" objective)
 from .optim import optim_problems, optimizer_from_config, scheduler_from_config
 
@@ -465,10 +465,6 @@ def allow_fp16_gradients(scaler: torch.amp.GradScaler):
     unscale = scaler._unscale_grads_
     scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(optimizer, inv_scale, found_inf, True)
 
-# %% ../nbs/06_train.ipynb #df29cac8
-def _weight_dtype(accelerator: Accelerator):
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
 # %% ../nbs/06_train.ipynb #1ea22aee
 def build_network(cfg: TrainConfig, comp) -> LoRANetwork:
     "The LoRA network for `cfg` on `comp` (from `--network_weights` if given), applied to the models."
@@ -827,7 +823,7 @@ def _prepare_models(cfg, comp, dtype, train_te: bool, datasets):
 # %% ../nbs/06_train.ipynb #5221ed0a
 def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None, owned=False, val_datasets=()) -> TrainState:
     "The loop (`owned`: `comp` was loaded by `train`, so the models the caches replace may be freed)."
-    dtype, device = _weight_dtype(acc), acc.device
+    dtype, device = weight_dtype(cfg), acc.device
     train_te = not cfg.network_train_unet_only
     _prepare_models(cfg, comp, dtype, train_te, datasets)   # in a function: no local here keeps a model alive
     network = build_network(cfg, comp)
