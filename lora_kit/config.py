@@ -371,8 +371,8 @@ def _combination_problems(c) -> list[str]:
     out = []
     if not c.pretrained_model_name_or_path: out.append("--pretrained_model_name_or_path is required (a diffusers folder, a .safetensors/.ckpt file, a cached hub id, or tiny-sd1 for the built-in demo model)")
     if not c.network_module: out.append("--network_module is required: use networks.lora")
-    if c.network_module and c.network_module not in NETWORK_MODULES:
-        out.append(f"--network_module {c.network_module!r} is not supported; use one of {', '.join(NETWORK_MODULES)}")
+    if c.network_module and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", c.network_module):
+        out.append(f"--network_module {c.network_module!r} is not a module name; use one of {', '.join(NETWORK_MODULES)} (or another installed module with create_network)")
     if not (c.dataset_config or c.train_data_dir): out.append("no training data: give --dataset_config <toml> or --train_data_dir <folder>")
     if c.dataset_config is None and c.train_data_dir and c.resolution is None: out.append("--resolution is required with --train_data_dir (e.g. --resolution 512)")
     if c.network_train_unet_only and c.network_train_text_encoder_only:
@@ -384,7 +384,7 @@ def _combination_problems(c) -> list[str]:
     return out
 
 # %% ../nbs/00_config.ipynb #e7d271ee
-NETWORK_MODULES = ("networks.lora", "networks.lora_sd3")
+NETWORK_MODULES = ("networks.lora", "networks.lora_sd3", "networks.lora_fa", "networks.dylora", "networks.oft", "lycoris.kohya")   # suggested; see `networks`
 
 # %% ../nbs/00_config.ipynb #6716fda9
 def validate(c) -> list[str]:

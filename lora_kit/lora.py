@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_lora.ipynb #f6eacdf6
 from __future__ import annotations
-import difflib, functools, hashlib, io, json, math, os, tempfile
+import difflib, functools, hashlib, io, json, math, os, re, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +15,16 @@ from safetensors.torch import load_file, save, save_file
 from .checkpoint import atomic_path
 
 # %% auto #0
-__all__ = ['LORAPLUS_ARGS', 'NETWORK_ARGS', 'SAVE_DTYPES', 'PEFT_PREFIXES', 'LoRAModule', 'MappedLoRAModule', 'SplitLoRAModule',
-           'MappedTargets', 'parse_network_args', 'lora_name', 'LoRANetwork', 'model_hashes', 'save_lora', 'load_lora',
-           'dims_from_state', 'load_into', 'count_peft_layers', 'peft_paths', 'to_peft', 'from_peft', 'merge_lora']
+__all__ = ['NUM_BLOCKS', 'LR_WEIGHT_PRESETS', 'BLOCK_ARGS', 'LORAPLUS_ARGS', 'NETWORK_ARGS', 'SAVE_DTYPES', 'PEFT_PREFIXES',
+           'LoRAModule', 'MappedLoRAModule', 'SplitLoRAModule', 'MappedTargets', 'block_index', 'block_ints',
+           'block_floats', 'lr_weights', 'mid_lr_weight', 'block_lr_weight', 'block_dims', 'parse_network_args',
+           'lora_name', 'LoRANetwork', 'model_hashes', 'save_lora', 'load_lora', 'dims_from_state', 'load_into',
+           'count_peft_layers', 'peft_paths', 'to_peft', 'from_peft', 'merge_lora']
 
 # %% ../nbs/03_lora.ipynb #a5e2f16d
 class LoRAModule(nn.Module):
     "A LoRA on one `Linear`/`Conv2d`, kohya's `networks.lora.LoRAModule` semantics."
+    frozen = ()                             # names of parameters the optimizer does not get (LoRA-FA: lora_down.weight)
     def __init__(self, lora_name: str, org_module: nn.Module, dim: int = 4, alpha: float|None = 1,
                  dropout: float|None = None, rank_dropout: float|None = None, module_dropout: float|None = None):
         super().__init__()
@@ -173,8 +176,77 @@ class MappedTargets:
     split: frozenset = frozenset()
 
 # %% ../nbs/03_lora.ipynb #9832c422
+NUM_BLOCKS = 25          # sd-scripts' block count of the SD 1.x/2.x UNet: 12 down, 1 mid, 12 up
+LR_WEIGHT_PRESETS = {"cosine": lambda i, n: math.sin(math.pi * (n - 1 - i) / (n - 1) / 2), "sine": lambda i, n: math.sin(math.pi * i / (n - 1) / 2),
+                     "linear": lambda i, n: i / (n - 1), "reverse_linear": lambda i, n: (n - 1 - i) / (n - 1), "zeros": lambda i, n: 0.0}
+
+# %% ../nbs/03_lora.ipynb #64b91414
+def block_index(name: str) -> int:
+    "sd-scripts' `get_block_index` for an SD 1.x/2.x UNet LoRA name (-1 if the name is in no block)."
+    if m := re.search(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_", name):
+        idx = 3 * int(m[2]) + (2 if m[3].endswith("samplers") else int(m[4]))
+        return 1 + idx if m[1] == "down" else NUM_BLOCKS // 2 + 1 + idx
+    return NUM_BLOCKS // 2 if "mid_block_" in name else -1
+
+# %% ../nbs/03_lora.ipynb #4da2650e
+def _numbers(v: str, kind: type = float) -> list:
+    "Comma-separated numbers; an empty entry is 0, as sd-scripts reads them."
+    return [kind(x) if x.strip() else kind(0) for x in v.split(",")]
+
+def block_ints(v: str) -> list[int]:
+    if len(out := _numbers(v, int)) != NUM_BLOCKS: raise ValueError
+    return out
+
+def block_floats(v: str) -> list[float]:
+    if len(out := _numbers(v)) != NUM_BLOCKS: raise ValueError
+    return out
+
+def lr_weights(v: str) -> list[float]:
+    "`down_lr_weight`/`up_lr_weight`: a preset (`+base` optional) or numbers, as 12 weights (filled with 1, or cut)."
+    n, (name, _, base) = NUM_BLOCKS // 2, v.partition("+")
+    if name.strip() in LR_WEIGHT_PRESETS: return [LR_WEIGHT_PRESETS[name.strip()](i, n) + float(base or 0) for i in range(n)]
+    return (_numbers(v) + [1.0] * n)[:n]
+
+def mid_lr_weight(v: str) -> list[float]: return _numbers(v)[:1]
+
+block_ints.__name__, block_floats.__name__ = f"list of {NUM_BLOCKS} ints", f"list of {NUM_BLOCKS} numbers"
+lr_weights.__name__, mid_lr_weight.__name__ = "preset (cosine, sine, linear, reverse_linear, zeros) or list of numbers", "number"
+BLOCK_ARGS = {"block_dims": block_ints, "block_alphas": block_floats, "conv_block_dims": block_ints, "conv_block_alphas": block_floats,
+              "down_lr_weight": lr_weights, "mid_lr_weight": mid_lr_weight, "up_lr_weight": lr_weights, "block_lr_zero_threshold": float}
+
+# %% ../nbs/03_lora.ipynb #bbe7d370
+def block_lr_weight(args: dict) -> list[float]|None:
+    "The 25 per-block lr multipliers of parsed `network_args` (None without any `*_lr_weight`), zeroed at `block_lr_zero_threshold`."
+    if not any(k in args for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")): return None
+    half, zero = NUM_BLOCKS // 2, args.get("block_lr_zero_threshold", 0.0)
+    weights = args.get("down_lr_weight", [1.0] * half) + args.get("mid_lr_weight", [1.0]) + args.get("up_lr_weight", [1.0] * half)
+    return [w if w > zero else 0 for w in weights]
+
+# %% ../nbs/03_lora.ipynb #ae403c3a
+def block_dims(targets: list, args: dict, dim: int, alpha: float, conv_dim: int|None, conv_alpha: float|None) -> tuple[dict, dict]|None:
+    "Per-module (dims, alphas) from `block_dims`/`conv_block_dims` and the lr weights (None if `network_args` set neither)."
+    lr = block_lr_weight(args)
+    if "block_dims" not in args and lr is None: return None
+    conv_alpha = 1.0 if conv_alpha is None else conv_alpha
+    lin = list(zip(args.get("block_dims", [dim] * NUM_BLOCKS), args.get("block_alphas", [alpha] * NUM_BLOCKS)))
+    conv = (list(zip(args["conv_block_dims"], args.get("conv_block_alphas", [conv_alpha] * NUM_BLOCKS))) if "conv_block_dims" in args
+            else [(conv_dim, conv_alpha)] * NUM_BLOCKS)
+    dims, alphas = {}, {}
+    for prefix, model, path_prefix, classes in targets:
+        for path, layer in _children(model, classes):
+            name = lora_name(prefix, path_prefix + path)
+            is_conv3 = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
+            if prefix != "lora_unet": d, a = (conv_dim, conv_alpha) if is_conv3 else (dim, alpha)
+            else:
+                i = block_index(name)
+                d, a = (conv if is_conv3 else lin)[i]
+                if lr is not None and lr[i] == 0: d = 0           # a block that does not learn gets no LoRA
+            if d: dims[name], alphas[name] = d, a
+    return dims, alphas
+
+# %% ../nbs/03_lora.ipynb #eceeb875
 LORAPLUS_ARGS = {"loraplus_lr_ratio": float, "loraplus_unet_lr_ratio": float, "loraplus_text_encoder_lr_ratio": float}
-NETWORK_ARGS = {"conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float, **LORAPLUS_ARGS}
+NETWORK_ARGS = {"conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float, **LORAPLUS_ARGS, **BLOCK_ARGS}
 
 # %% ../nbs/03_lora.ipynb #0892e392
 def parse_network_args(args: list[str]|None, table: dict|None = None) -> dict:
@@ -210,10 +282,11 @@ def lora_name(prefix: str, path: str) -> str:
 class LoRANetwork(nn.Module):
     "kohya `networks.lora` network over a list of (prefix, model, path prefix, target classes)."
     def __init__(self, targets: list, dim: int = 4, alpha: float = 1, conv_dim: int|None = None, conv_alpha: float|None = None,
-                 dropout=None, rank_dropout=None, module_dropout=None, dims: dict|None = None, alphas: dict|None = None):
+                 dropout=None, rank_dropout=None, module_dropout=None, dims: dict|None = None, alphas: dict|None = None,
+                 module: type = LoRAModule):  # the module class of plain targets (sd-scripts' other LoRA-like networks)
         super().__init__()
         self.loras: dict[str, LoRAModule] = {}   # also registered as children, so state_dict keys are kohya's
-        self.prefixes, self.loraplus_ratios = [], {}
+        self.prefixes, self.loraplus_ratios, self.block_lr_weight = [], {}, None
         for t in targets:
             if isinstance(t, MappedTargets):
                 self.prefixes.append(t.prefix)
@@ -234,7 +307,7 @@ class LoRANetwork(nn.Module):
                 elif is_conv3: d, a = conv_dim, conv_alpha if conv_alpha is not None else 1.0
                 else: d, a = dim, alpha
                 if not d: continue
-                self._add(LoRAModule(name, layer, d, a, dropout, rank_dropout, module_dropout))
+                self._add(module(name, layer, d, a, dropout, rank_dropout, module_dropout))
 
     def _add(self, m: LoRAModule):
         self.loras[m.lora_name] = m
@@ -260,20 +333,30 @@ class LoRANetwork(nn.Module):
                                 "lora_te": network_args.get("loraplus_text_encoder_lr_ratio") or every}
 
     def param_groups(self, lrs: dict[str, float|None], default_lr: float) -> list[dict]:
-        "Optimizer groups per prefix (e.g. `{'lora_unet': unet_lr, 'lora_te': te_lr}`), LoRA+ `lora_up` groups after each; a 0 lr freezes."
+        "Optimizer groups per prefix (e.g. `{'lora_unet': unet_lr, 'lora_te': te_lr}`) or UNet block, LoRA+ `lora_up` groups after each; a 0 lr freezes."
         groups = []
         for prefix in self.prefixes:
             lr = _by_prefix(lrs, prefix)
             lr = default_lr if lr is None else lr
             ratio = _by_prefix(self.loraplus_ratios, prefix)
-            plain, plus = [], []
-            for m in self.modules_with(prefix):
-                for name, p in m.named_parameters(): (plus if ratio is not None and "lora_up" in name else plain).append(p)
-            for params, group_lr, name in ((plain, lr, prefix), (plus, lr * (ratio or 0), f"{prefix} plus")):
-                if params and group_lr: groups.append({"params": params, "lr": group_lr, "name": name})
-                else:
-                    for p in params: p.requires_grad_(False)
+            for part, weight, modules in self._parts(prefix):
+                plain, plus = [], []
+                for m in modules:
+                    for name, p in m.named_parameters():
+                        if name not in m.frozen: (plus if ratio is not None and "lora_up" in name else plain).append(p)
+                for params, group_lr, name in ((plain, lr * weight, part), (plus, lr * weight * (ratio or 0), f"{part} plus")):
+                    if params and group_lr: groups.append({"params": params, "lr": group_lr, "name": name})
+                    else:
+                        for p in params: p.requires_grad_(False)
         return groups
+
+    def _parts(self, prefix: str) -> list[tuple[str, float, list]]:
+        "(group name, lr weight, modules) of a prefix: one part, or one per UNet block with block lr weights (`lora_unet_block3`)."
+        modules = self.modules_with(prefix)
+        if prefix != "lora_unet" or self.block_lr_weight is None: return [(prefix, 1.0, modules)]
+        blocks = {}
+        for m in modules: blocks.setdefault(block_index(m.lora_name), []).append(m)
+        return [(f"{prefix}_block{i}", self.block_lr_weight[i], ms) for i, ms in blocks.items()]
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm: float) -> tuple[int, float, float]:

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from .config import OPTIONS, ConfigError, TrainConfig, ignored_config_keys, option_notes, parse_resolution, validate
 from .data import (BucketBatchSampler, DatasetError, cache_latents, cache_text_encoder_outputs, cache_text_encoder_outputs_to_disk,
                            collate, debug_batches, load_datasets, vae_fingerprint)
-from .lora import (LoRANetwork, SAVE_DTYPES, atomic_path, dims_from_state, load_into, load_lora, merge_lora, parse_network_args,
-                           save_lora)
+from .lora import LoRANetwork, SAVE_DTYPES, atomic_path, load_lora, merge_lora, save_lora
+from .networks import build_network, network_problems
 from .loss import OBJECTIVES, ddpm_only_problems
 from .models import check_model, configure_denoiser, load_components, model_source, weight_dtype
 import lora_kit.sd3  # registers the SD3 family (its model source and the "flow" objective)
@@ -32,10 +32,10 @@ __all__ = ['lora_file_problems', 'merge_base_weights', 'check_all', 'machine_pro
            'resume_problems', 'count_steps', 'initial_step', 'starting_point', 'lora_filename', 'state_dirname',
            'epoch_to_remove', 'step_to_remove', 'training_metadata', 'dataset_metadata', 'model_file_metadata',
            'modelspec', 'TrainState', 'Callback', 'TrainingStopped', 'averaged_weights', 'LossLog', 'plot_loss',
-           'output_lock', 'stop_signals', 'allow_fp16_gradients', 'build_network', 'process_share', 'rows_loss',
-           'average_gradients', 'save_state', 'load_state', 'clean_memory', 'model_names', 'Placement',
-           'training_models', 'BlockSwap', 'free_cached_text_encoders', 'release_cached_models', 'models_used',
-           'cpu_threads', 'train', 'batch_loss', 'validation_timesteps', 'Validation']
+           'output_lock', 'stop_signals', 'allow_fp16_gradients', 'process_share', 'rows_loss', 'average_gradients',
+           'save_state', 'load_state', 'clean_memory', 'model_names', 'Placement', 'training_models', 'BlockSwap',
+           'free_cached_text_encoders', 'release_cached_models', 'models_used', 'cpu_threads', 'train', 'batch_loss',
+           'validation_timesteps', 'Validation']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
@@ -57,8 +57,7 @@ def check_all(cfg: TrainConfig):
     if not cfg.output_dir and not cfg.debug_dataset: problems.append("--output_dir is required: where the LoRA files are written")
     src = model_source(cfg.pretrained_model_name_or_path)
     if src: problems += ddpm_only_problems(cfg, src.name)
-    try: parse_network_args(cfg.network_args, src and src.network_args)
-    except ValueError as e: problems.append(str(e))
+    problems += network_problems(cfg, src)
     data = None
     if cfg.dataset_config or (cfg.train_data_dir and os.path.isdir(cfg.train_data_dir)):
         try: data = load_datasets(cfg)
@@ -464,31 +463,6 @@ def allow_fp16_gradients(scaler: torch.amp.GradScaler):
     "Let `scaler` unscale float16 gradients (`--full_fp16`), as sd-scripts' `patch_accelerator_for_fp16_training` does."
     unscale = scaler._unscale_grads_
     scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(optimizer, inv_scale, found_inf, True)
-
-# %% ../nbs/06_train.ipynb #1ea22aee
-def build_network(cfg: TrainConfig, comp) -> LoRANetwork:
-    "The LoRA network for `cfg` on `comp` (from `--network_weights` if given), applied to the models."
-    nargs = parse_network_args(cfg.network_args, comp.family.network_args)
-    targets = comp.family.lora_targets(comp, train_unet=not cfg.network_train_text_encoder_only,
-                                       train_text_encoder=not cfg.network_train_unet_only, conv=bool(nargs.get("conv_dim")), network_args=nargs)
-    kw = dict(dropout=cfg.network_dropout, rank_dropout=nargs.get("rank_dropout"), module_dropout=nargs.get("module_dropout"))
-    if cfg.network_weights:
-        state, _ = load_lora(cfg.network_weights)
-        dims, alphas = dims_from_state(state)
-        targets = comp.family.lora_targets(comp, conv=any(n in dims for n in _conv_names(comp)), network_args=nargs)
-        net = LoRANetwork(targets, dims=dims, alphas=alphas, **kw)
-        load_into(net, state, f"--network_weights {cfg.network_weights}")
-    else:
-        net = LoRANetwork(targets, dim=cfg.network_dim or 4, alpha=cfg.network_alpha, conv_dim=nargs.get("conv_dim"),
-                          conv_alpha=nargs.get("conv_alpha"), **kw)
-    net.set_loraplus_lr_ratio(nargs)
-    return net.apply_to()
-
-# %% ../nbs/06_train.ipynb #bd5debae
-def _conv_names(comp) -> set:
-    "kohya names of the 3×3 convs LoCon may target."
-    conv = LoRANetwork(comp.family.lora_targets(comp, conv=True), dim=1, conv_dim=1)
-    return {n for n, m in conv.loras.items() if isinstance(m.lora_down, torch.nn.Conv2d) and m.lora_down.kernel_size != (1, 1)}
 
 # %% ../nbs/06_train.ipynb #65d159dd
 def process_share(batch: list, num_processes: int, rank: int) -> list[tuple]:
@@ -993,12 +967,13 @@ class Validation:
         bar.set_postfix(loss=f"{state.loss:.4f}", avr_loss=f"{state.avg_loss:.4f}", val_loss=f"{value:.4f}")
 
 # %% ../nbs/06_train.ipynb #1d2bfe61
-_LR_NAMES = {"lora_te": "textencoder", "lora_unet": "unet"}
+_LR_NAMES = {"lora_te": "textencoder", "lora_unet": "unet", "oft_unet": "unet"}
 
 def _lr_name(group: dict, i: int) -> str:
-    "sd-scripts' log name of group `i`'s lr: textencoder / unet (else group{i}), ' plus' for a LoRA+ group."
+    "sd-scripts' log name of group `i`'s lr: textencoder / unet / unet_block{n} (else group{i}), ' plus' for a LoRA+ group."
     prefix, _, plus = (group.get("name") or "").partition(" ")
-    return _LR_NAMES.get(prefix, f"group{i}") + (f" {plus}" if plus else "")
+    prefix, block, n = prefix.partition("_block")
+    return _LR_NAMES.get(prefix, f"group{i}") + block + n + (f" {plus}" if plus else "")
 
 # %% ../nbs/06_train.ipynb #cc49ca9b
 def _log(acc, logs: dict, step: int):
