@@ -39,10 +39,10 @@ def _key(t: torch.Tensor) -> int: return StorageWeakRef(t.untyped_storage()).cda
 
 
 class LiveBytes(TorchDispatchMode):
-    "Peak bytes of the tensors created inside the block while anything holds them (Python, autograd's saved tensors, `.grad`)."
+    "Peak bytes of the tensors created inside the block while anything holds them (Python, autograd's saved tensors, .grad)."
     def __init__(self):
         super().__init__()
-        self.live, self.total, self.peak = {}, 0, 0    # storage -> (weak ref, bytes); live bytes (an upper bound between sweeps); exact peak
+        self.live, self.total, self.peak = {}, 0, 0    # storage -> (weak ref, bytes); live bytes (high between sweeps); peak
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -254,16 +254,18 @@ def swapped_bytes(denoiser, blocks_to_swap: int, dtype) -> int:
     return sum(sizes) - max(sizes)
 
 
+STATES = {"lion": 1, "sgdnesterov": 1, "prodigy": 4, "adamw": 2, "pagedadamw": 2, "pagedadamw32bit": 2}   # full-size states
+
+
 def optimizer_state_bytes(name: str, params: list) -> int:
-    "Bytes of the optimizer state sd-scripts' `--optimizer_type` keeps for `params`."
+    "Bytes of the optimizer state sd-scripts' `--optimizer_type` keeps for `params` (others are counted as AdamW)."
     name = (name or "AdamW").lower()
     if name.endswith("8bit"):     # bitsandbytes: 1 byte per state and a float32 absmax per 256 values; float32 below 4096 values
         states = 1 if "lion" in name or "sgd" in name else 2
         return sum(states * (p.numel() + 4 * -(-p.numel() // 256) if p.numel() >= 4096 else 4 * p.numel()) for p in params)
     if name == "adafactor":        # factored second moment (row and column means) of matrices, no first moment by default
         return sum(4 * (p.shape[0] + p[0].numel() if p.dim() >= 2 else p.numel()) for p in params)
-    states = {"lion": 1, "sgdnesterov": 1, "prodigy": 4}.get(name, 2)    # AdamW and the Adam family: exp_avg, exp_avg_sq
-    return states * tensor_bytes(params)
+    return STATES.get(name, 2) * tensor_bytes(params)
 
 
 # --- The plan
@@ -381,7 +383,10 @@ def make_plan(cfg) -> Plan:
     models = {n: (sum(p.numel() for p in m.parameters()), next(m.parameters()).dtype, model_bytes(m)) for n, m in names.items()}
     peaks = {"train step": step_peak(cfg, comp, network, res, autocast_for(cfg)),
              **inference_peaks(cfg, comp, res, sample_resolution(cfg, res))}
-    notes = option_notes(cfg) + ["--xformers is counted as --sdpa (both fused attention)"] * bool(cfg.xformers)
+    opt = (cfg.optimizer_type or "AdamW").lower()
+    modelled = opt in STATES or opt.endswith("8bit") or opt == "adafactor"
+    notes = (option_notes(cfg) + ["--xformers is counted as --sdpa (both fused attention)"] * bool(cfg.xformers)
+             + [f"--optimizer_type {cfg.optimizer_type}: its state is counted as AdamW's"] * (not modelled))
     return Plan(cfg, models, (len(network.loras), sum(p.numel() for p in params), params[0].dtype, tensor_bytes(params)),
                 optimizer_state_bytes(cfg.optimizer_type, params), swapped_bytes(comp.denoiser, cfg.blocks_to_swap, weight_dtype(cfg)),
                 not any(n.startswith("--blocks_to_swap") for n in notes), peaks, notes)
@@ -516,11 +521,12 @@ CHECK_RUNS = [("tiny", 256, []), ("mid", 256, []), ("mid", 256, ["--gradient_che
 
 
 def check_argv(model: str, res: int, data: Path, out: Path, extra: list[str], precision: str = "no") -> list[str]:
-    "The CPU training run `--check` measures: a bench model (tiny, mid), batch 2, UNet-only LoRA dim 8, AdamW, 3 steps."
+    """The CPU training run `--check` measures: a bench model (tiny, mid), batch 2, UNet-only LoRA dim 8, AdamW, 2 steps
+    (the second holds the optimizer state as well as its activations)."""
     return ["--pretrained_model_name_or_path", {"tiny": "tiny-sd1"}.get(model, model), "--train_data_dir", str(data),
             "--caption_extension", ".txt", "--resolution", str(res), "--train_batch_size", "2", "--network_module", "networks.lora",
             "--network_dim", "8", "--network_train_unet_only", "--optimizer_type", "AdamW", "--learning_rate", "1e-4",
-            "--mixed_precision", precision, "--max_train_steps", "3", "--seed", "0", "--max_data_loader_n_workers", "0",
+            "--mixed_precision", precision, "--max_train_steps", "2", "--seed", "0", "--max_data_loader_n_workers", "0",
             "--output_dir", str(out), *extra]
 
 
@@ -544,9 +550,9 @@ def train_bench_model(model: str, res: int, extra: list[str], tmp: Path) -> floa
 def measure_worker(runs: list):
     """In a fresh process: train the tiny model once so that the code of a training step is paged in, then each run of
     `runs`; print the RSS increase of each."""
-    tmp = Path(tempfile.mkdtemp(prefix="lk_vram_"))
-    train_bench_model("tiny", 64, [], tmp)
-    print("RESULT " + json.dumps([train_bench_model(*run, tmp) for run in runs]), flush=True)
+    with tempfile.TemporaryDirectory(prefix="lk_vram_") as tmp:
+        train_bench_model("tiny", 64, [], Path(tmp))
+        print("RESULT " + json.dumps([train_bench_model(*run, Path(tmp)) for run in runs]), flush=True)
 
 
 def start_measuring(runs: list) -> subprocess.Popen:
