@@ -321,7 +321,7 @@ def step_batch(cfg, comp, res) -> dict:
 
 
 def step_peak(cfg, comp, network, res, autocast) -> int:
-    "Peak live bytes of one lora_kit training step (its `batch_loss` and the backward pass) at resolution `res`."
+    "Peak bytes of one lora_kit training step (its `batch_loss` and the backward pass) at resolution `res`, with its batch."
     from lora_kit.loss import OBJECTIVES
     from lora_kit.train import batch_loss
     objective, batch = OBJECTIVES[comp.family.objective](cfg), step_batch(cfg, comp, res)
@@ -331,7 +331,7 @@ def step_peak(cfg, comp, network, res, autocast) -> int:
         run.autocast.enabled = run.autocast.dtype is not None   # checkpointing recomputes under autocast, as torch.utils.checkpoint does
         backward(loss)
     network.zero_grad(set_to_none=True)
-    return run.peak
+    return run.peak + tensor_bytes(t for t in tree_leaves(batch) if isinstance(t, torch.Tensor))
 
 
 def inference_peaks(cfg, comp, res, sample_res) -> dict:
