@@ -77,7 +77,7 @@ prior_loss_weight max_data_loader_n_workers persistent_data_loader_workers in_js
 enable_bucket min_bucket_reso max_bucket_reso bucket_reso_steps bucket_no_upscale resize_interpolation
 shuffle_caption keep_tokens keep_tokens_separator caption_separator secondary_separator enable_wildcard caption_prefix
 caption_suffix caption_dropout_rate caption_dropout_every_n_epochs caption_tag_dropout_rate token_warmup_min
-token_warmup_step max_token_length flip_aug color_aug random_crop
+token_warmup_step max_token_length flip_aug color_aug random_crop masked_loss conditioning_data_dir
 cache_latents cache_latents_to_disk cache_text_encoder_outputs cache_text_encoder_outputs_to_disk vae_batch_size
 network_module network_dim network_alpha network_args network_train_unet_only network_train_text_encoder_only
 optimizer_type optimizer_args learning_rate unet_lr text_encoder_lr lr_scheduler lr_warmup_steps
@@ -113,6 +113,7 @@ NO_EFFECT = {
     "lowram": "lora_kit loads the models into RAM, then moves them to the device",
     "tokenizer_cache_dir": "lora_kit uses the tokenizers of the model or its bundled ones, offline",
     "log_config": "lora_kit always logs the options given to the tracker",
+    "conditioning_data_dir": "train_network.py reads conditioning_data_dir from the dataset config's subsets (the flag is train_controlnet.py's)",
     "ddp_gradient_as_bucket_view": "lora_kit averages the LoRA gradients itself; they do not pass through DDP's buckets",
     "ddp_static_graph": "lora_kit averages the LoRA gradients itself; they do not pass through DDP's buckets",
     "t5xxl_device": _DOES_NOT_WORK, "t5xxl_dtype": _DOES_NOT_WORK, "save_clip": _DOES_NOT_WORK, "save_t5xxl": _DOES_NOT_WORK,

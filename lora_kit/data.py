@@ -35,11 +35,12 @@ __all__ = ['logger', 'GENERAL', 'DATASET', 'SUBSET', 'DB', 'FT', 'CN', 'KIND_LAB
            'glob_images', 'get_image_size', 'ImageItem', 'DatasetImages', 'split_train_val', 'balance_reg_repeats',
            'collect_dreambooth_images', 'collect_finetuning_images', 'read_metadata', 'DatasetPlan', 'plan_dataset',
            'sdscripts_dataset_seed', 'batches_per_epoch', 'steps_per_epoch', 'max_train_steps_for_epochs',
-           'num_train_epochs', 'scan_dataset', 'color_aug', 'to_pixels', 'TrainDataset', 'BucketBatchSampler',
-           'debug_batches', 'collate', 'latents_npz_path', 'vae_fingerprint', 'latent_cache_key', 'load_cached_latents',
-           'save_cached_latents', 'batched', 'part_of', 'seeded_rng', 'cache_latents', 'text_cacheable',
-           'cache_text_encoder_outputs', 'weights_fingerprint', 'text_cache_key', 'TextDiskCache',
-           'cache_text_encoder_outputs_to_disk', 'DataSummary', 'cli_values', 'option_problems', 'load_datasets']
+           'num_train_epochs', 'mask_image_path', 'mask_problems', 'scan_dataset', 'color_aug', 'to_pixels',
+           'TrainDataset', 'conditioning_mask', 'BucketBatchSampler', 'debug_batches', 'collate', 'latents_npz_path',
+           'vae_fingerprint', 'latent_cache_key', 'load_cached_latents', 'save_cached_latents', 'batched', 'part_of',
+           'seeded_rng', 'cache_latents', 'text_cacheable', 'cache_text_encoder_outputs', 'weights_fingerprint',
+           'text_cache_key', 'TextDiskCache', 'cache_text_encoder_outputs_to_disk', 'DataSummary', 'cli_values',
+           'option_problems', 'load_datasets']
 
 # %% ../nbs/01_data.ipynb #f4d56957
 logger = logging.getLogger(__name__)
@@ -1049,6 +1050,24 @@ def _size_problem(path: str, size: tuple, settings: B.BucketSettings, random_cro
     return None
 
 # %% ../nbs/01_data.ipynb #15a40f25
+def mask_image_path(conditioning_data_dir: str, image_path: str) -> str|None:
+    "The image in `conditioning_data_dir` with the base name of `image_path`, as sd-scripts' `glob_images(dir, basename)` finds it."
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    return next((p for p in glob_images(conditioning_data_dir) if os.path.splitext(os.path.basename(p))[0] == stem), None)
+
+def mask_problems(image_paths: list[str], conditioning_data_dir: str, same_size: bool, where: str) -> list[str]:
+    "Images without a mask, masks without an image, and (`same_size`: with buckets) masks whose size differs from the image's."
+    masks = {p: mask_image_path(conditioning_data_dir, p) for p in image_paths}
+    stems = {os.path.splitext(os.path.basename(p))[0] for p in image_paths}
+    out = [f"{p}: no mask image of the same name in conditioning_data_dir {conditioning_data_dir} ({where})" for p, m in masks.items() if m is None]
+    out += [f"{m}: mask image without an image of the same name in {os.path.dirname(image_paths[0])} ({where}); sd-scripts stops on it too"
+            for m in glob_images(conditioning_data_dir) if os.path.splitext(os.path.basename(m))[0] not in stems]
+    if same_size:
+        out += [f"{m}: mask is {get_image_size(m)[0]}x{get_image_size(m)[1]}, its image {p} is {get_image_size(p)[0]}x{get_image_size(p)[1]}; "
+                f"with enable_bucket they must be the same size ({where})" for p, m in masks.items() if m and get_image_size(m) != get_image_size(p)]
+    return out
+
+# %% ../nbs/01_data.ipynb #b95838bd
 def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_sizes: bool = True) -> list[str]:
     """Every input problem at once, each with its path, before any model is loaded.
 
@@ -1126,6 +1145,7 @@ def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_
                                     + (f" ... and {len(missing) - 5} more" if len(missing) > 5 else ""))
                 if ds.kind == CN and sub.conditioning_data_dir and not os.path.isdir(sub.conditioning_data_dir):
                     problems.append(f"{sub.conditioning_data_dir}: conditioning_data_dir not found ({where})")
+                elif ds.kind == CN: problems += mask_problems(paths, sub.conditioning_data_dir, ds.enable_bucket, where)
             for p in paths:
                 err = _check_image(p, decode)
                 if err:
@@ -1202,12 +1222,23 @@ class TrainDataset(torch.utils.data.Dataset):
         else: out["pixels"] = to_pixels(img)
         if sub.alpha_mask:      # with cached latents the image is read again for its mask, centred as when caching
             out["alpha_mask"] = torch.from_numpy((self.image(i, None, flipped) if img is None else img)[:, :, 3].copy()).float() / 255
+        elif sub.conditioning_data_dir: out["alpha_mask"] = conditioning_mask(self, i, flipped)
         out["caption"] = self.caption(i, rng, epoch)
         if self.text_cond: out["text_cond"] = self.text_cond[out["caption"]]
         return out
 
     def bucket_counts(self) -> dict:
         return {tuple(r): len(b) for r, b in zip(self.plan.plan.resos, self.buckets) if b}
+
+# %% ../nbs/01_data.ipynb #e8b40069
+def conditioning_mask(ds: TrainDataset, i: int, flipped: bool = False) -> torch.Tensor:
+    "The (H, W) loss mask of item `i` of `ds` from its subset's conditioning_data_dir."
+    item, sub, choice = ds.plan.images.items[i], ds.subset(i), ds.plan.plan.choices[i]
+    interp = sub.resize_interpolation if sub.resize_interpolation is not None else ds.plan.spec.resize_interpolation
+    mask, size = B.load_image(mask_image_path(sub.conditioning_data_dir, item.path)), get_image_size(item.path)
+    if (mask.shape[1], mask.shape[0]) != size: mask = B.resize_image(mask, *size, interp)
+    mask, _, _ = B.trim_and_resize(mask, choice.reso, choice.resized_size, False, None, interp)
+    return torch.from_numpy(np.ascontiguousarray(mask[:, ::-1, 0] if flipped else mask[:, :, 0])).float() / 255
 
 # %% ../nbs/01_data.ipynb #5e486177
 class BucketBatchSampler(B.BucketBatchSampler):
@@ -1442,6 +1473,8 @@ def option_problems(cfg: TrainConfig, specs: list) -> list[str]:
     for name, used in (("face_crop_aug_range", any(s.face_crop_aug_range for s in subs)),
                        ("network_multiplier", any(d.network_multiplier != 1.0 for d in specs))):
         if used: problems.append(f"dataset option {name} is not supported by lora_kit yet; remove it from the dataset config")
+    if any(d.kind == CN and s.random_crop for d in specs for s in d.subsets):
+        problems.append("random_crop cannot be used in a subset with conditioning_data_dir (sd-scripts crops masks only at the centre and stops on it)")
     if any(d.validation_split and d.kind == FT for d in specs):
         problems.append("validation_split splits image_dir (DreamBooth-style) datasets only, as in sd-scripts; a metadata_file "
                         "dataset cannot be split: remove validation_split from it")

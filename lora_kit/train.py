@@ -235,7 +235,7 @@ def _subset_metadata(sub, img_count: int) -> dict:
     m = {"img_count": img_count, **{k: getattr(sub, k) for k in _SUBSET_KEYS}, **{k: bool(getattr(sub, k)) for k in _SUBSET_FLAGS}}
     if sub.image_dir: m["image_dir"] = os.path.basename(sub.image_dir)
     if sub.kind == "dreambooth": m.update(class_tokens=sub.class_tokens, is_reg=sub.is_reg)
-    else: m["metadata_file"] = os.path.basename(sub.metadata_file)
+    elif sub.metadata_file: m["metadata_file"] = os.path.basename(sub.metadata_file)   # (a conditioning_data_dir subset has neither)
     return m
 
 def _toml_dataset_metadata(datasets: list) -> dict:
