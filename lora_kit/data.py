@@ -35,12 +35,12 @@ __all__ = ['logger', 'GENERAL', 'DATASET', 'SUBSET', 'DB', 'FT', 'CN', 'KIND_LAB
            'glob_images', 'get_image_size', 'ImageItem', 'DatasetImages', 'split_train_val', 'balance_reg_repeats',
            'collect_dreambooth_images', 'collect_finetuning_images', 'read_metadata', 'DatasetPlan', 'plan_dataset',
            'sdscripts_dataset_seed', 'batches_per_epoch', 'steps_per_epoch', 'max_train_steps_for_epochs',
-           'num_train_epochs', 'mask_image_path', 'mask_problems', 'scan_dataset', 'color_aug', 'to_pixels',
-           'TrainDataset', 'conditioning_mask', 'BucketBatchSampler', 'debug_batches', 'collate', 'latents_npz_path',
-           'vae_fingerprint', 'latent_cache_key', 'load_cached_latents', 'save_cached_latents', 'batched', 'part_of',
-           'seeded_rng', 'cache_latents', 'text_cacheable', 'cache_text_encoder_outputs', 'weights_fingerprint',
-           'text_cache_key', 'TextDiskCache', 'cache_text_encoder_outputs_to_disk', 'DataSummary', 'cli_values',
-           'option_problems', 'load_datasets']
+           'num_train_epochs', 'mask_image_path', 'mask_problems', 'scan_dataset', 'color_aug', 'to_pixels', 'face_box',
+           'face_crop', 'TrainDataset', 'conditioning_mask', 'BucketBatchSampler', 'debug_batches', 'collate',
+           'latents_npz_path', 'vae_fingerprint', 'latent_cache_key', 'load_cached_latents', 'save_cached_latents',
+           'batched', 'part_of', 'seeded_rng', 'cache_latents', 'text_cacheable', 'cache_text_encoder_outputs',
+           'weights_fingerprint', 'text_cache_key', 'TextDiskCache', 'cache_text_encoder_outputs_to_disk',
+           'DataSummary', 'cli_values', 'option_problems', 'load_datasets']
 
 # %% ../nbs/01_data.ipynb #f4d56957
 logger = logging.getLogger(__name__)
@@ -1178,6 +1178,36 @@ def to_pixels(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1).float() / 127.5 - 1.0
 
 # %% ../nbs/01_data.ipynb #3c0bfba6
+def face_box(path: str) -> tuple[int, int, int, int]|None:
+    "(cx, cy, w, h) of the face from sd-scripts' file-name convention `name_cx_cy_w_h.ext`, or None."
+    tokens = os.path.splitext(os.path.basename(path))[0].split("_")
+    if len(tokens) < 5 or not all(t.isdigit() for t in tokens[-4:]): return None
+    box = tuple(int(t) for t in tokens[-4:])
+    return box if box[0] > 0 else None     # sd-scripts: no face when cx is 0
+
+def face_crop(image: np.ndarray, box: tuple, resolution: tuple, aug_range: tuple, random_crop: bool, rng: random.Random,
+              interpolation: str|None = None) -> np.ndarray:
+    "sd-scripts' `crop_target`: `image` scaled by the face's size within `aug_range` and cropped to `resolution` (w, h) around the face."
+    (height, width), (W, H), (cx, cy, fw, fh) = image.shape[:2], resolution, box
+    if (height, width) == (H, W): return image
+    face, short = max(fw, fh), min(H, W)
+    lo = min(1.0, max(H / height, W / width, short / (face * aug_range[1])))
+    hi = min(1.0, max(lo, short / (face * aug_range[0])))
+    scale = lo if lo >= hi else rng.uniform(lo, hi)
+    nh, nw = int(height * scale + 0.5), int(width * scale + 0.5)
+    image = B.resize_image(image, nw, nh, interpolation)
+    for axis, (target, length, p) in enumerate(zip((H, W), (nh, nw), (int(cy * scale + 0.5), int(cx * scale + 0.5)))):
+        p1 = p - target // 2
+        if random_crop:
+            r = max(length - p, p)
+            p1 += rng.randint(0, r) + rng.randint(0, r) - r
+        elif aug_range[0] != aug_range[1] and face > short // 10 and face >= 40:
+            p1 += rng.randint(-face // 20, face // 20)
+        p1 = max(0, min(p1, length - target))
+        image = image[p1:p1 + target] if axis == 0 else image[:, p1:p1 + target]
+    return image
+
+# %% ../nbs/01_data.ipynb #1a4a042c
 class TrainDataset(torch.utils.data.Dataset):
     "One dataset: images, buckets, and per-item loading with augmentation, caption ops and caches."
     def __init__(self, plan: DatasetPlan, seed: int = 0, max_train_steps: int = 0):
@@ -1197,7 +1227,10 @@ class TrainDataset(torch.utils.data.Dataset):
         item, sub, choice = self.plan.images.items[i], self.subset(i), self.plan.plan.choices[i]
         interp = sub.resize_interpolation if sub.resize_interpolation is not None else self.plan.spec.resize_interpolation
         random_crop = sub.random_crop and rng is not None
-        img, _, _ = B.trim_and_resize(B.load_image(item.path, alpha=sub.alpha_mask), choice.reso, choice.resized_size, random_crop, rng, interp)
+        img, (W, H), box = B.load_image(item.path, alpha=sub.alpha_mask), self.plan.spec.resolution, face_box(item.path)
+        if sub.face_crop_aug_range and box and rng is not None and not self.plan.spec.enable_bucket and img.shape[0] >= H and img.shape[1] >= W:
+            img = face_crop(img, box, (W, H), sub.face_crop_aug_range, sub.random_crop, rng, interp)
+        else: img, _, _ = B.trim_and_resize(img, choice.reso, choice.resized_size, random_crop, rng, interp)
         if sub.color_aug and rng is not None: img = np.dstack([color_aug(np.ascontiguousarray(img[:, :, :3]), rng), img[:, :, 3:]])
         return np.ascontiguousarray(img[:, ::-1] if flipped else img)
 
@@ -1470,9 +1503,8 @@ def cli_values(cfg: TrainConfig) -> dict:
 def option_problems(cfg: TrainConfig, specs: list) -> list[str]:
     "Dataset options lora_kit does not implement yet, and options that cannot be combined with caching."
     problems, subs = [], [s for d in specs for s in d.subsets]
-    for name, used in (("face_crop_aug_range", any(s.face_crop_aug_range for s in subs)),
-                       ("network_multiplier", any(d.network_multiplier != 1.0 for d in specs))):
-        if used: problems.append(f"dataset option {name} is not supported by lora_kit yet; remove it from the dataset config")
+    if any(d.network_multiplier != 1.0 for d in specs):
+        problems.append("dataset option network_multiplier is not supported by lora_kit yet; remove it from the dataset config")
     if any(d.kind == CN and s.random_crop for d in specs for s in d.subsets):
         problems.append("random_crop cannot be used in a subset with conditioning_data_dir (sd-scripts crops masks only at the centre and stops on it)")
     if any(d.validation_split and d.kind == FT for d in specs):

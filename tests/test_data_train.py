@@ -108,3 +108,26 @@ def test_debug_dataset_prints_batches_without_training(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert state.step == 0 and not (tmp_path / "out").exists()
     assert out.count("dataset 0, epoch 1, batch") == 2 and out.count("caption: ") == 3 and "bucket (64, 64)" in out
+
+
+def test_face_crop_aug_range_keeps_the_named_face_in_every_crop(tmp_path):
+    """--face_crop_aug_range with sd-scripts' file-name convention name_cx_cy_w_h: without buckets each step's crop holds the
+    face at 1/high..1/low of the crop's side (a plain centre crop would miss it); with buckets sd-scripts ignores it, so does lora_kit."""
+    from PIL import Image
+    from lora_kit.data import load_datasets
+    (tmp_path / "data" / "1_sks").mkdir(parents=True)
+    img = np.zeros((300, 500, 3), np.uint8); img[20:60, 400:440] = 255           # a 40 px "face" centred at (420, 40)
+    Image.fromarray(img).save(tmp_path / "data" / "1_sks" / "me_420_40_40_40.png")
+    (tmp_path / "data" / "1_sks" / "me_420_40_40_40.txt").write_text("sks")
+    ds = load_datasets(_cfg(tmp_path, "--face_crop_aug_range", "2.0,4.0"))[0][0]
+    sizes = set()
+    for epoch in range(12):
+        face = ds[(0, epoch, 0)]["pixels"][0] > 0          # white in [-1, 1]
+        rows, cols = face.any(1).nonzero().flatten(), face.any(0).nonzero().flatten()
+        assert len(rows) and 0 < cols.min() and cols.max() < 63 and 0 < rows.min() and rows.max() < 63
+        sizes.add(len(rows)); assert 14 <= len(rows) <= 34
+    assert len(sizes) > 1                                  # the scale is drawn in the range at each step
+    plain = load_datasets(_cfg(tmp_path, "--face_crop_aug_range", "2.0,4.0", "--enable_bucket", "--min_bucket_reso", "64", "--bucket_reso_steps", "32"))[0][0]
+    assert not (plain[(0, 0, 0)]["pixels"][0] > 0).any()   # bucket crop at the centre: no face
+    state = train(_cfg(tmp_path, "--face_crop_aug_range", "2.0,4.0", "--max_train_steps", "1"))
+    assert state.step == 1 and np.isfinite(state.loss)
