@@ -11,7 +11,7 @@ from pathlib import Path
 import ipywidgets as W
 from matplotlib.figure import Figure
 from IPython.display import Image as IPImage, display
-from PIL import Image
+from PIL import Image, ImageOps
 from fastcore.basics import patch
 from tqdm.notebook import tqdm as notebook_tqdm
 
@@ -333,15 +333,14 @@ def on_train_end(self: LiveView, state: TrainState):
 
 # %% ../nbs/08_ui.ipynb #7d2d0289
 def sample_sheet(images: list[tuple[int, Path]], thumb: int = 128) -> Image.Image:
-    "The sample images `(step, path)` as one sheet: a row per step, each image fitted into a `thumb`-pixel cell."
+    "The sample images `(step, path)` as one sheet: a row per step, each image scaled to fit a `thumb`-pixel cell."
     rows = {}
     for step, path in images: rows.setdefault(step, []).append(path)
     sheet = Image.new("RGB", (thumb * max(map(len, rows.values())), thumb * len(rows)), "white")
     for r, paths in enumerate(rows.values()):
         for c, path in enumerate(paths):
-            with Image.open(path) as im:
-                im = im.convert("RGB"); im.thumbnail((thumb, thumb))
-                sheet.paste(im, (c * thumb, r * thumb))
+            with Image.open(path) as im: im = ImageOps.contain(im.convert("RGB"), (thumb, thumb))
+            sheet.paste(im, (c * thumb + (thumb - im.width) // 2, r * thumb + (thumb - im.height) // 2))
     return sheet
 
 @patch
