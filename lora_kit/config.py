@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['ASSETS', 'GROUPS', 'SUPPORTED', 'NO_EFFECT', 'LORA_KIT_OPTIONS', 'OPTIONS', 'TrainConfig', 'NETWORK_MODULES',
-           'ConfigError', 'Opt', 'option_notes', 'load_options', 'unsupported_flags', 'convert', 'resolve_flag',
-           'parse_argv', 'read_config_file', 'ignored_config_keys', 'parse_resolution', 'validate', 'make_config']
+__all__ = ['ASSETS', 'GROUPS', 'SUPPORTED', 'NO_EFFECT', 'LORA_KIT_OPTIONS', 'OPTIONS', 'TrainConfig', 'CONFIG_FILE_VALUES',
+           'NETWORK_MODULES', 'ConfigError', 'Opt', 'option_notes', 'load_options', 'unsupported_flags', 'convert',
+           'resolve_flag', 'parse_argv', 'read_config_file', 'ignored_config_keys', 'parse_resolution', 'validate',
+           'make_config']
 
 # %% ../nbs/00_config.ipynb #a34d165a
 from . import quiet  # noqa: F401  before anything imports diffusers: keeps its import-time noise away (00a_quiet)
@@ -76,7 +77,7 @@ prior_loss_weight max_data_loader_n_workers persistent_data_loader_workers in_js
 enable_bucket min_bucket_reso max_bucket_reso bucket_reso_steps bucket_no_upscale resize_interpolation
 shuffle_caption keep_tokens keep_tokens_separator caption_separator secondary_separator enable_wildcard caption_prefix
 caption_suffix caption_dropout_rate caption_dropout_every_n_epochs caption_tag_dropout_rate token_warmup_min
-token_warmup_step max_token_length flip_aug color_aug random_crop
+token_warmup_step max_token_length flip_aug color_aug random_crop masked_loss conditioning_data_dir face_crop_aug_range
 cache_latents cache_latents_to_disk cache_text_encoder_outputs cache_text_encoder_outputs_to_disk vae_batch_size
 network_module network_dim network_alpha network_args network_train_unet_only network_train_text_encoder_only
 optimizer_type optimizer_args learning_rate unet_lr text_encoder_lr lr_scheduler lr_warmup_steps
@@ -85,7 +86,8 @@ lr_scheduler_min_lr_ratio base_weights base_weights_multiplier max_grad_norm max
 seed mixed_precision gradient_checkpointing sdpa clip_skip noise_offset min_snr_gamma
 output_dir output_name save_model_as save_precision save_every_n_epochs save_every_n_steps no_metadata training_comment
 sample_prompts sample_every_n_steps sample_every_n_epochs sample_at_first sample_sampler
-logging_dir log_prefix log_with config_file output_config console_log_level
+logging_dir log_prefix log_with config_file output_config console_log_level console_log_file console_log_simple wandb_run_name
+wandb_api_key log_tracker_config
 network_dropout full_fp16 full_bf16 xformers mem_eff_attn log_tracker_name
 save_state save_state_on_train_end resume skip_until_initial_step save_last_n_epochs save_last_n_steps
 save_last_n_epochs_state save_last_n_steps_state save_n_epoch_ratio
@@ -111,6 +113,7 @@ NO_EFFECT = {
     "lowram": "lora_kit loads the models into RAM, then moves them to the device",
     "tokenizer_cache_dir": "lora_kit uses the tokenizers of the model or its bundled ones, offline",
     "log_config": "lora_kit always logs the options given to the tracker",
+    "conditioning_data_dir": "train_network.py reads conditioning_data_dir from the dataset config's subsets (the flag is train_controlnet.py's)",
     "ddp_gradient_as_bucket_view": "lora_kit averages the LoRA gradients itself; they do not pass through DDP's buckets",
     "ddp_static_graph": "lora_kit averages the LoRA gradients itself; they do not pass through DDP's buckets",
     "t5xxl_device": _DOES_NOT_WORK, "t5xxl_dtype": _DOES_NOT_WORK, "save_clip": _DOES_NOT_WORK, "save_t5xxl": _DOES_NOT_WORK,
@@ -284,12 +287,20 @@ def _config_entries(path: str|Path) -> list[tuple[str, str, Any]]:
     return entries
 
 # %% ../nbs/00_config.ipynb #1c1ce1fa
+CONFIG_FILE_VALUES = {"max_token_length": [75], "dynamo_backend": ["no"]}
+
+def _config_file_option(key: str) -> Opt:
+    "Option `key` as read from a `--config_file`: its choices widened by `CONFIG_FILE_VALUES`."
+    o = OPTIONS[key]
+    return dataclasses.replace(o, choices=o.choices + CONFIG_FILE_VALUES[key]) if key in CONFIG_FILE_VALUES else o
+
+# %% ../nbs/00_config.ipynb #3f4ff301
 def read_config_file(path: str|Path) -> dict[str, Any]:
     "Options from an sd-scripts `--config_file` TOML, converted; keys that name no option are skipped; raises `ConfigError` listing every problem."
     out, problems = {}, []
     for _, key, v in _config_entries(path):
         if key not in OPTIONS: continue
-        try: out[key] = convert(OPTIONS[key], v)
+        try: out[key] = convert(_config_file_option(key), v)
         except ValueError as e: problems.append(f"{path}: {e}")
     if problems: raise ConfigError(problems)
     return out
@@ -350,9 +361,12 @@ _WHY_NOT = {  # refused options whose reason is worth stating
     "fp8_base_unet": "see --fp8_base",
 }
 
+_ASKS_NOTHING = {"dynamo_backend": "no"}  # values of refused options that ask for what lora_kit does anyway
+
 def _unsupported_problems(c) -> list[str]:
     return [f"{o.flag} is an sd-scripts option lora_kit does not support" + (f": {_WHY_NOT[n]}" if n in _WHY_NOT else " yet") +
-            f"; remove it (value given: {getattr(c, n)!r})" for n, o in OPTIONS.items() if not o.supported and getattr(c, n) != o.default]
+            f"; remove it (value given: {getattr(c, n)!r})" for n, o in OPTIONS.items()
+            if not o.supported and getattr(c, n) not in (o.default, _ASKS_NOTHING.get(n, o.default))]
 
 # %% ../nbs/00_config.ipynb #a200afa1
 def _resolution_problem(v) -> str|None:

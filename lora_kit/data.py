@@ -35,11 +35,12 @@ __all__ = ['logger', 'GENERAL', 'DATASET', 'SUBSET', 'DB', 'FT', 'CN', 'KIND_LAB
            'glob_images', 'get_image_size', 'ImageItem', 'DatasetImages', 'split_train_val', 'balance_reg_repeats',
            'collect_dreambooth_images', 'collect_finetuning_images', 'read_metadata', 'DatasetPlan', 'plan_dataset',
            'sdscripts_dataset_seed', 'batches_per_epoch', 'steps_per_epoch', 'max_train_steps_for_epochs',
-           'num_train_epochs', 'scan_dataset', 'color_aug', 'to_pixels', 'TrainDataset', 'BucketBatchSampler',
-           'debug_batches', 'collate', 'latents_npz_path', 'vae_fingerprint', 'latent_cache_key', 'load_cached_latents',
-           'save_cached_latents', 'batched', 'part_of', 'seeded_rng', 'cache_latents', 'text_cacheable',
-           'cache_text_encoder_outputs', 'weights_fingerprint', 'text_cache_key', 'TextDiskCache',
-           'cache_text_encoder_outputs_to_disk', 'DataSummary', 'cli_values', 'option_problems', 'load_datasets']
+           'num_train_epochs', 'mask_image_path', 'mask_problems', 'scan_dataset', 'color_aug', 'to_pixels', 'face_box',
+           'face_crop', 'TrainDataset', 'conditioning_mask', 'BucketBatchSampler', 'debug_batches', 'collate',
+           'latents_npz_path', 'vae_fingerprint', 'latent_cache_key', 'load_cached_latents', 'save_cached_latents',
+           'batched', 'part_of', 'seeded_rng', 'cache_latents', 'text_cacheable', 'cache_text_encoder_outputs',
+           'weights_fingerprint', 'text_cache_key', 'TextDiskCache', 'cache_text_encoder_outputs_to_disk',
+           'DataSummary', 'cli_values', 'option_problems', 'load_datasets']
 
 # %% ../nbs/01_data.ipynb #f4d56957
 logger = logging.getLogger(__name__)
@@ -1049,6 +1050,24 @@ def _size_problem(path: str, size: tuple, settings: B.BucketSettings, random_cro
     return None
 
 # %% ../nbs/01_data.ipynb #15a40f25
+def mask_image_path(conditioning_data_dir: str, image_path: str) -> str|None:
+    "The image in `conditioning_data_dir` with the base name of `image_path`, as sd-scripts' `glob_images(dir, basename)` finds it."
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    return next((p for p in glob_images(conditioning_data_dir) if os.path.splitext(os.path.basename(p))[0] == stem), None)
+
+def mask_problems(image_paths: list[str], conditioning_data_dir: str, same_size: bool, where: str) -> list[str]:
+    "Images without a mask, masks without an image, and (`same_size`: with buckets) masks whose size differs from the image's."
+    masks = {p: mask_image_path(conditioning_data_dir, p) for p in image_paths}
+    stems = {os.path.splitext(os.path.basename(p))[0] for p in image_paths}
+    out = [f"{p}: no mask image of the same name in conditioning_data_dir {conditioning_data_dir} ({where})" for p, m in masks.items() if m is None]
+    out += [f"{m}: mask image without an image of the same name in {os.path.dirname(image_paths[0])} ({where}); sd-scripts stops on it too"
+            for m in glob_images(conditioning_data_dir) if os.path.splitext(os.path.basename(m))[0] not in stems]
+    if same_size:
+        out += [f"{m}: mask is {get_image_size(m)[0]}x{get_image_size(m)[1]}, its image {p} is {get_image_size(p)[0]}x{get_image_size(p)[1]}; "
+                f"with enable_bucket they must be the same size ({where})" for p, m in masks.items() if m and get_image_size(m) != get_image_size(p)]
+    return out
+
+# %% ../nbs/01_data.ipynb #b95838bd
 def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_sizes: bool = True) -> list[str]:
     """Every input problem at once, each with its path, before any model is loaded.
 
@@ -1126,6 +1145,7 @@ def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_
                                     + (f" ... and {len(missing) - 5} more" if len(missing) > 5 else ""))
                 if ds.kind == CN and sub.conditioning_data_dir and not os.path.isdir(sub.conditioning_data_dir):
                     problems.append(f"{sub.conditioning_data_dir}: conditioning_data_dir not found ({where})")
+                elif ds.kind == CN: problems += mask_problems(paths, sub.conditioning_data_dir, ds.enable_bucket, where)
             for p in paths:
                 err = _check_image(p, decode)
                 if err:
@@ -1158,6 +1178,36 @@ def to_pixels(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1).float() / 127.5 - 1.0
 
 # %% ../nbs/01_data.ipynb #3c0bfba6
+def face_box(path: str) -> tuple[int, int, int, int]|None:
+    "(cx, cy, w, h) of the face from sd-scripts' file-name convention `name_cx_cy_w_h.ext`, or None."
+    tokens = os.path.splitext(os.path.basename(path))[0].split("_")
+    if len(tokens) < 5 or not all(t.isdigit() for t in tokens[-4:]): return None
+    box = tuple(int(t) for t in tokens[-4:])
+    return box if box[0] > 0 else None     # sd-scripts: no face when cx is 0
+
+def face_crop(image: np.ndarray, box: tuple, resolution: tuple, aug_range: tuple, random_crop: bool, rng: random.Random,
+              interpolation: str|None = None) -> np.ndarray:
+    "sd-scripts' `crop_target`: `image` scaled by the face's size within `aug_range` and cropped to `resolution` (w, h) around the face."
+    (height, width), (W, H), (cx, cy, fw, fh) = image.shape[:2], resolution, box
+    if (height, width) == (H, W): return image
+    face, short = max(fw, fh), min(H, W)
+    lo = min(1.0, max(H / height, W / width, short / (face * aug_range[1])))
+    hi = min(1.0, max(lo, short / (face * aug_range[0])))
+    scale = lo if lo >= hi else rng.uniform(lo, hi)
+    nh, nw = int(height * scale + 0.5), int(width * scale + 0.5)
+    image = B.resize_image(image, nw, nh, interpolation)
+    for axis, (target, length, p) in enumerate(zip((H, W), (nh, nw), (int(cy * scale + 0.5), int(cx * scale + 0.5)))):
+        p1 = p - target // 2
+        if random_crop:
+            r = max(length - p, p)
+            p1 += rng.randint(0, r) + rng.randint(0, r) - r
+        elif aug_range[0] != aug_range[1] and face > short // 10 and face >= 40:
+            p1 += rng.randint(-face // 20, face // 20)
+        p1 = max(0, min(p1, length - target))
+        image = image[p1:p1 + target] if axis == 0 else image[:, p1:p1 + target]
+    return image
+
+# %% ../nbs/01_data.ipynb #1a4a042c
 class TrainDataset(torch.utils.data.Dataset):
     "One dataset: images, buckets, and per-item loading with augmentation, caption ops and caches."
     def __init__(self, plan: DatasetPlan, seed: int = 0, max_train_steps: int = 0):
@@ -1177,7 +1227,10 @@ class TrainDataset(torch.utils.data.Dataset):
         item, sub, choice = self.plan.images.items[i], self.subset(i), self.plan.plan.choices[i]
         interp = sub.resize_interpolation if sub.resize_interpolation is not None else self.plan.spec.resize_interpolation
         random_crop = sub.random_crop and rng is not None
-        img, _, _ = B.trim_and_resize(B.load_image(item.path, alpha=sub.alpha_mask), choice.reso, choice.resized_size, random_crop, rng, interp)
+        img, (W, H), box = B.load_image(item.path, alpha=sub.alpha_mask), self.plan.spec.resolution, face_box(item.path)
+        if sub.face_crop_aug_range and box and rng is not None and not self.plan.spec.enable_bucket and img.shape[0] >= H and img.shape[1] >= W:
+            img = face_crop(img, box, (W, H), sub.face_crop_aug_range, sub.random_crop, rng, interp)
+        else: img, _, _ = B.trim_and_resize(img, choice.reso, choice.resized_size, random_crop, rng, interp)
         if sub.color_aug and rng is not None: img = np.dstack([color_aug(np.ascontiguousarray(img[:, :, :3]), rng), img[:, :, 3:]])
         return np.ascontiguousarray(img[:, ::-1] if flipped else img)
 
@@ -1202,12 +1255,23 @@ class TrainDataset(torch.utils.data.Dataset):
         else: out["pixels"] = to_pixels(img)
         if sub.alpha_mask:      # with cached latents the image is read again for its mask, centred as when caching
             out["alpha_mask"] = torch.from_numpy((self.image(i, None, flipped) if img is None else img)[:, :, 3].copy()).float() / 255
+        elif sub.conditioning_data_dir: out["alpha_mask"] = conditioning_mask(self, i, flipped)
         out["caption"] = self.caption(i, rng, epoch)
         if self.text_cond: out["text_cond"] = self.text_cond[out["caption"]]
         return out
 
     def bucket_counts(self) -> dict:
         return {tuple(r): len(b) for r, b in zip(self.plan.plan.resos, self.buckets) if b}
+
+# %% ../nbs/01_data.ipynb #e8b40069
+def conditioning_mask(ds: TrainDataset, i: int, flipped: bool = False) -> torch.Tensor:
+    "The (H, W) loss mask of item `i` of `ds` from its subset's conditioning_data_dir."
+    item, sub, choice = ds.plan.images.items[i], ds.subset(i), ds.plan.plan.choices[i]
+    interp = sub.resize_interpolation if sub.resize_interpolation is not None else ds.plan.spec.resize_interpolation
+    mask, size = B.load_image(mask_image_path(sub.conditioning_data_dir, item.path)), get_image_size(item.path)
+    if (mask.shape[1], mask.shape[0]) != size: mask = B.resize_image(mask, *size, interp)
+    mask, _, _ = B.trim_and_resize(mask, choice.reso, choice.resized_size, False, None, interp)
+    return torch.from_numpy(np.ascontiguousarray(mask[:, ::-1, 0] if flipped else mask[:, :, 0])).float() / 255
 
 # %% ../nbs/01_data.ipynb #5e486177
 class BucketBatchSampler(B.BucketBatchSampler):
@@ -1439,9 +1503,10 @@ def cli_values(cfg: TrainConfig) -> dict:
 def option_problems(cfg: TrainConfig, specs: list) -> list[str]:
     "Dataset options lora_kit does not implement yet, and options that cannot be combined with caching."
     problems, subs = [], [s for d in specs for s in d.subsets]
-    for name, used in (("face_crop_aug_range", any(s.face_crop_aug_range for s in subs)),
-                       ("network_multiplier", any(d.network_multiplier != 1.0 for d in specs))):
-        if used: problems.append(f"dataset option {name} is not supported by lora_kit yet; remove it from the dataset config")
+    if any(d.network_multiplier != 1.0 for d in specs):
+        problems.append("dataset option network_multiplier is not supported by lora_kit yet; remove it from the dataset config")
+    if any(d.kind == CN and s.random_crop for d in specs for s in d.subsets):
+        problems.append("random_crop cannot be used in a subset with conditioning_data_dir (sd-scripts crops masks only at the centre and stops on it)")
     if any(d.validation_split and d.kind == FT for d in specs):
         problems.append("validation_split splits image_dir (DreamBooth-style) datasets only, as in sd-scripts; a metadata_file "
                         "dataset cannot be split: remove validation_split from it")

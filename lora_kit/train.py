@@ -28,14 +28,15 @@ import lora_kit.sd3  # registers the SD3 family (its model source and the "flow"
 from .optim import optim_problems, optimizer_from_config, scheduler_from_config
 
 # %% auto #0
-__all__ = ['lora_file_problems', 'merge_base_weights', 'check_all', 'machine_problems', 'fp16_optimizer_problems',
-           'resume_problems', 'count_steps', 'initial_step', 'starting_point', 'lora_filename', 'state_dirname',
-           'epoch_to_remove', 'step_to_remove', 'training_metadata', 'dataset_metadata', 'model_file_metadata',
-           'modelspec', 'TrainState', 'Callback', 'TrainingStopped', 'averaged_weights', 'LossLog', 'plot_loss',
-           'output_lock', 'stop_signals', 'allow_fp16_gradients', 'process_share', 'rows_loss', 'average_gradients',
-           'save_state', 'load_state', 'clean_memory', 'model_names', 'Placement', 'training_models', 'BlockSwap',
-           'free_cached_text_encoders', 'release_cached_models', 'models_used', 'cpu_threads', 'train', 'batch_loss',
-           'validation_timesteps', 'Validation']
+__all__ = ['SECRET_OPTIONS', 'lora_file_problems', 'merge_base_weights', 'check_all', 'machine_problems',
+           'fp16_optimizer_problems', 'resume_problems', 'count_steps', 'initial_step', 'starting_point',
+           'lora_filename', 'state_dirname', 'epoch_to_remove', 'step_to_remove', 'training_metadata',
+           'dataset_metadata', 'model_file_metadata', 'modelspec', 'TrainState', 'Callback', 'TrainingStopped',
+           'averaged_weights', 'LossLog', 'plot_loss', 'output_lock', 'stop_signals', 'setup_logging',
+           'tracker_init_kwargs', 'tracker_problems', 'init_trackers', 'allow_fp16_gradients', 'process_share',
+           'rows_loss', 'average_gradients', 'save_state', 'load_state', 'clean_memory', 'model_names', 'Placement',
+           'training_models', 'BlockSwap', 'free_cached_text_encoders', 'release_cached_models', 'models_used',
+           'cpu_threads', 'train', 'batch_loss', 'validation_timesteps', 'Validation']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
@@ -79,7 +80,7 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     if cfg.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
         out.append(f"--log_with {cfg.log_with}: the wandb package is not installed (pip install wandb), or use --log_with tensorboard")
     if cfg.log_with in ("tensorboard", "all") and not cfg.logging_dir: out.append(f"--log_with {cfg.log_with} needs --logging_dir <folder>")
-    return out
+    return out + tracker_problems(cfg)
 
 # %% ../nbs/06_train.ipynb #74851b2b
 def fp16_optimizer_problems(cfg: TrainConfig) -> list[str]:
@@ -233,7 +234,7 @@ def _subset_metadata(sub, img_count: int) -> dict:
     m = {"img_count": img_count, **{k: getattr(sub, k) for k in _SUBSET_KEYS}, **{k: bool(getattr(sub, k)) for k in _SUBSET_FLAGS}}
     if sub.image_dir: m["image_dir"] = os.path.basename(sub.image_dir)
     if sub.kind == "dreambooth": m.update(class_tokens=sub.class_tokens, is_reg=sub.is_reg)
-    else: m["metadata_file"] = os.path.basename(sub.metadata_file)
+    elif sub.metadata_file: m["metadata_file"] = os.path.basename(sub.metadata_file)   # (a conditioning_data_dir subset has neither)
     return m
 
 def _toml_dataset_metadata(datasets: list) -> dict:
@@ -434,6 +435,50 @@ def stop_signals(distributed: bool = False):
     try: yield stop
     finally:
         for s, h in old.items(): signal.signal(s, h)
+
+# %% ../nbs/06_train.ipynb #f7eaa563
+import logging, sys, tomllib
+
+def setup_logging(cfg: TrainConfig):
+    "Python's root logger as sd-scripts sets it from `--console_log_level`, `--console_log_file` and `--console_log_simple` (if any is given)."
+    if not (cfg.console_log_level or cfg.console_log_file or cfg.console_log_simple): return
+    for h in logging.root.handlers[:]: logging.root.removeHandler(h)
+    if cfg.console_log_file: handler = logging.FileHandler(cfg.console_log_file, mode="w", encoding="utf-8")
+    elif not cfg.console_log_simple and importlib.util.find_spec("rich"):
+        from rich.console import Console
+        from rich.logging import RichHandler
+        handler = RichHandler(console=Console(stderr=True))
+    else: handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    logging.root.setLevel(cfg.console_log_level or "INFO")
+    logging.root.addHandler(handler)
+
+# %% ../nbs/06_train.ipynb #25eaed19
+def tracker_init_kwargs(cfg: TrainConfig) -> dict:
+    "accelerate's `init_kwargs` for the trackers, as sd-scripts builds them."
+    if cfg.log_tracker_config: return tomllib.loads(Path(cfg.log_tracker_config).read_text(encoding="utf-8"))
+    return {"wandb": {"name": cfg.wandb_run_name}} if cfg.wandb_run_name else {}
+
+def tracker_problems(cfg: TrainConfig) -> list[str]:
+    "What is wrong with `--log_tracker_config`, if given."
+    if not cfg.log_tracker_config: return []
+    p = Path(cfg.log_tracker_config)
+    if not p.is_file(): return [f"--log_tracker_config: {p} does not exist"]
+    try: tables = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e: return [f"--log_tracker_config {p}: invalid TOML: {e}"]
+    return [f"--log_tracker_config {p}: '{k}' must be a table of keyword arguments for that tracker, e.g. [{k}]"
+            for k, v in tables.items() if not isinstance(v, dict)]
+
+# %% ../nbs/06_train.ipynb #56591f5e
+SECRET_OPTIONS = ("wandb_api_key", "huggingface_token")   # never sent to a tracker (sd-scripts filters them too)
+
+def init_trackers(acc: Accelerator, cfg: TrainConfig):
+    "Start the trackers (main process) with the changed options as their config, sd-scripts' tracker name and init_kwargs."
+    if cfg.wandb_api_key and cfg.log_with in ("wandb", "all"):
+        import wandb
+        wandb.login(key=cfg.wandb_api_key)
+    config = {k: v for k, v in cfg.to_dict(changed_only=True).items() if isinstance(v, (int, float, str, bool)) and k not in SECRET_OPTIONS}
+    acc.init_trackers(cfg.log_tracker_name or "network_train", config=config, init_kwargs=tracker_init_kwargs(cfg))
 
 # %% ../nbs/06_train.ipynb #d39d07b3
 def _accelerator(cfg: TrainConfig) -> Accelerator:
@@ -751,6 +796,7 @@ def cpu_threads(device) -> int:
 def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
           progress: bool = True) -> TrainState:   # False: no tqdm bar (e.g. a notebook view shows its own)
     "Train a LoRA as `cfg` says; returns the final state (its `saved` lists the files written). `--debug_dataset`: print the batches instead."
+    setup_logging(cfg)
     datasets, summary, warnings = check_all(cfg)
     if cfg.debug_dataset:
         for line in [summary, *debug_batches(datasets, cfg.seed or 0)]: print(line)
@@ -831,8 +877,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     session = str(uuid.uuid4())
     metadata = lambda: training_metadata(cfg, comp.family, summary, steps, epochs, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                                          session, state.started, datasets, nproc, validation.num_images)
-    if acc.is_main_process and acc.log_with:
-        acc.init_trackers(cfg.log_tracker_name or "network_train", config={k: v for k, v in cfg.to_dict(changed_only=True).items() if isinstance(v, (int, float, str, bool))})
+    if acc.is_main_process and acc.log_with: init_trackers(acc, cfg)
     placement.only(training_models(cfg, comp))
     swap = _block_swap(cfg, comp, device)
     _emit(callbacks, "on_train_start", state)           # (sampling encodes its prompts here, if the text encoders do not train)

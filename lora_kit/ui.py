@@ -10,7 +10,8 @@ from pathlib import Path
 
 import ipywidgets as W
 from matplotlib.figure import Figure
-from PIL import Image
+from IPython.display import Image as IPImage, display
+from PIL import Image, ImageOps
 from fastcore.basics import patch
 from tqdm.notebook import tqdm as notebook_tqdm
 
@@ -24,7 +25,7 @@ from .train import Callback, TrainState, count_steps, train
 
 # %% auto #0
 __all__ = ['GROUP_ORDER', 'FORM_EXCLUDED', 'SUGGESTIONS', 'option_widget', 'read_field', 'show_field', 'ConfigForm', 'png_bytes',
-           'DatasetPreview', 'LiveView', 'Trainer']
+           'DatasetPreview', 'LiveView', 'sample_sheet', 'Trainer']
 
 # %% ../nbs/08_ui.ipynb #379c8e8f
 GROUP_ORDER = ("model", "dataset", "network", "optimizer", "saving", "sampling", "logging", "advanced")
@@ -330,6 +331,29 @@ def on_train_end(self: LiveView, state: TrainState):
     how = "stopped" if state.stop else "finished"
     self.status.value = f"{how} after {state.step} steps in {_duration(time.monotonic() - self._t0)}; saved {html.escape(str(state.saved[-1]))}"
 
+# %% ../nbs/08_ui.ipynb #7d2d0289
+def sample_sheet(images: list[tuple[int, Path]], thumb: int = 128) -> Image.Image:
+    "The sample images `(step, path)` as one sheet: a row per step, each image scaled to fit a `thumb`-pixel cell."
+    rows = {}
+    for step, path in images: rows.setdefault(step, []).append(path)
+    sheet = Image.new("RGB", (thumb * max(map(len, rows.values())), thumb * len(rows)), "white")
+    for r, paths in enumerate(rows.values()):
+        for c, path in enumerate(paths):
+            with Image.open(path) as im: im = ImageOps.contain(im.convert("RGB"), (thumb, thumb))
+            sheet.paste(im, (c * thumb + (thumb - im.width) // 2, r * thumb + (thumb - im.height) // 2))
+    return sheet
+
+@patch
+def static_images(self: LiveView) -> list[bytes]:
+    "PNGs of the loss plot and, if there are samples, of their sheet."
+    images = self.samples.images if self.samples else []
+    return [png_bytes(self.fig)] + ([png_bytes(sample_sheet(images, self.thumb))] if images else [])
+
+@patch
+def display_static(self: LiveView):
+    "Display the loss plot and the sample sheet as plain PNG outputs (they stay in a saved or rendered notebook)."
+    for png in self.static_images(): display(IPImage(png))
+
 # %% ../nbs/08_ui.ipynb #a302d456
 class Trainer:
     "Form, dataset preview, live view and Train/Stop for training a LoRA in a notebook."
@@ -391,8 +415,9 @@ def stop(self: Trainer):
 
 @patch
 def wait(self: Trainer, timeout: float|None = None) -> TrainState:
-    "Block until training ends; return its `TrainState`, or raise what stopped it."
+    "Block until training ends; display the final loss plot and samples as static images (`LiveView.display_static`); return its `TrainState`, or raise what stopped it."
     if self.thread is not None: self.thread.join(timeout)
     if self.running: raise TimeoutError(f"training still running after {timeout} s")
     if self.error is not None: raise self.error
+    self.view.display_static()
     return self.state

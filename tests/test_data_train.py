@@ -71,6 +71,31 @@ def test_alpha_mask_transparent_images_teach_nothing(tmp_path):
         else: assert [h[2] for h in state.history] == [0.0, 0.0] and all(u.abs().sum() == 0 for u in ups)
 
 
+def test_masked_loss_black_masks_teach_nothing(tmp_path):
+    """--masked_loss with a dataset TOML whose subset has conditioning_data_dir: the loss is weighted by the mask images
+    (red channel, 0-1), so all-black masks give loss 0 and an untrained LoRA, also with cached latents; white masks
+    train as without a mask. Without --masked_loss sd-scripts' schema refuses conditioning_data_dir."""
+    from PIL import Image
+    from lora_kit.config import ConfigError
+    from lora_kit.lora import load_lora
+    write_folder(tmp_path / "img", n=2, seed=0)
+    for shade in ("black", "white"):
+        (tmp_path / shade).mkdir()
+        for p in (tmp_path / "img").glob("*.png"): Image.new("RGB", Image.open(p).size, shade).save(tmp_path / shade / p.name)
+        (tmp_path / f"{shade}.toml").write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 2\n[[datasets.subsets]]\n'
+                                                f'image_dir = "{tmp_path / "img"}"\nconditioning_data_dir = "{tmp_path / shade}"\ncaption_extension = ".txt"\n')
+    run = lambda shade, *extra: train(make_config(["--pretrained_model_name_or_path", "tiny-sd1", "--network_module", "networks.lora",
+        "--dataset_config", str(tmp_path / f"{shade}.toml"), "--max_train_steps", "2", "--seed", "1", "--learning_rate", "1e-2",
+        "--output_dir", str(tmp_path / "out"), "--output_name", shade + "".join(extra), "--max_data_loader_n_workers", "0", *extra]))
+    ups = lambda name: [v for k, v in load_lora(tmp_path / "out" / f"{name}.safetensors")[0].items() if k.endswith("lora_up.weight")]
+    for extra in ((), ("--cache_latents",)):
+        state = run("black", "--masked_loss", *extra)
+        assert [h[2] for h in state.history] == [0.0, 0.0] and all(u.abs().sum() == 0 for u in ups("black--masked_loss" + "".join(extra)))
+    white = run("white", "--masked_loss")
+    assert white.loss > 0 and any(u.abs().sum() > 0 for u in ups("white--masked_loss"))
+    with pytest.raises(ConfigError, match="conditioning_data_dir.*--masked_loss"): run("white")
+
+
 def test_debug_dataset_prints_batches_without_training(tmp_path, monkeypatch, capsys):
     "--debug_dataset prints each batch of an epoch (bucket, images, processed captions) and loads no model, writes nothing."
     import lora_kit.train as T
@@ -83,3 +108,26 @@ def test_debug_dataset_prints_batches_without_training(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert state.step == 0 and not (tmp_path / "out").exists()
     assert out.count("dataset 0, epoch 1, batch") == 2 and out.count("caption: ") == 3 and "bucket (64, 64)" in out
+
+
+def test_face_crop_aug_range_keeps_the_named_face_in_every_crop(tmp_path):
+    """--face_crop_aug_range with sd-scripts' file-name convention name_cx_cy_w_h: without buckets each step's crop holds the
+    face at 1/high..1/low of the crop's side (a plain centre crop would miss it); with buckets sd-scripts ignores it, so does lora_kit."""
+    from PIL import Image
+    from lora_kit.data import load_datasets
+    (tmp_path / "data" / "1_sks").mkdir(parents=True)
+    img = np.zeros((300, 500, 3), np.uint8); img[20:60, 400:440] = 255           # a 40 px "face" centred at (420, 40)
+    Image.fromarray(img).save(tmp_path / "data" / "1_sks" / "me_420_40_40_40.png")
+    (tmp_path / "data" / "1_sks" / "me_420_40_40_40.txt").write_text("sks")
+    ds = load_datasets(_cfg(tmp_path, "--face_crop_aug_range", "2.0,4.0"))[0][0]
+    sizes = set()
+    for epoch in range(12):
+        face = ds[(0, epoch, 0)]["pixels"][0] > 0          # white in [-1, 1]
+        rows, cols = face.any(1).nonzero().flatten(), face.any(0).nonzero().flatten()
+        assert len(rows) and 0 < cols.min() and cols.max() < 63 and 0 < rows.min() and rows.max() < 63
+        sizes.add(len(rows)); assert 14 <= len(rows) <= 34
+    assert len(sizes) > 1                                  # the scale is drawn in the range at each step
+    plain = load_datasets(_cfg(tmp_path, "--face_crop_aug_range", "2.0,4.0", "--enable_bucket", "--min_bucket_reso", "64", "--bucket_reso_steps", "32"))[0][0]
+    assert not (plain[(0, 0, 0)]["pixels"][0] > 0).any()   # bucket crop at the centre: no face
+    state = train(_cfg(tmp_path, "--face_crop_aug_range", "2.0,4.0", "--max_train_steps", "1"))
+    assert state.step == 1 and np.isfinite(state.loss)

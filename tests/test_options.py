@@ -352,3 +352,34 @@ def test_validation_loss(data, tmp_path):
     assert b.validation == [] and [h[2] for h in b.history] == [h[2] for h in a.history]
     md = load_lora(tmp_path / "a" / "x.safetensors")[1]
     assert (md["ss_num_train_images"], md["ss_num_validation_images"], md["ss_validation_split"]) == ("6", "3", "0.34")
+
+
+def test_tracker_and_console_log_options(data, tmp_path, monkeypatch):
+    import logging
+    from accelerate import Accelerator
+    seen, init = [], Accelerator.init_trackers
+    def spy(self, name, config=None, init_kwargs={}):
+        seen.append((name, config, init_kwargs)); return init(self, name, config, init_kwargs)
+    monkeypatch.setattr(Accelerator, "init_trackers", spy)
+    # --wandb_run_name becomes accelerate's init_kwargs, as in sd-scripts' init_trackers; the API key is never logged
+    run(data, tmp_path, "--output_name", "t", "--logging_dir", str(tmp_path / "logs"), "--wandb_run_name", "my run",
+        "--wandb_api_key", "secret", "--log_tracker_name", "lk", steps=1)
+    (name, config, kwargs), = seen
+    assert (name, kwargs, config["wandb_run_name"]) == ("lk", {"wandb": {"name": "my run"}}, "my run") and "wandb_api_key" not in config
+    # --log_tracker_config replaces them: its [tensorboard] table reaches TensorBoard's SummaryWriter
+    (tmp_path / "trackers.toml").write_text('[tensorboard]\nfilename_suffix = ".lora_kit"\n')
+    saved = logging.root.handlers[:], logging.root.level
+    try:
+        run(data, tmp_path, "--output_name", "u", "--logging_dir", str(tmp_path / "logs2"), "--wandb_run_name", "my run",
+            "--log_tracker_config", str(tmp_path / "trackers.toml"), "--console_log_file", str(tmp_path / "console.log"),
+            "--console_log_level", "DEBUG", steps=1)
+        assert seen[1][2] == {"tensorboard": {"filename_suffix": ".lora_kit"}}
+        assert next((tmp_path / "logs2").rglob("events.out.tfevents.*")).name.endswith(".lora_kit")
+        # --console_log_file / --console_log_level: Python's log records go to the file, as sd-scripts' setup_logging sends them
+        logging.getLogger("lora_kit.test").debug("a debug record")
+        assert logging.root.level == logging.DEBUG and "a debug record\n" in (tmp_path / "console.log").read_text()
+    finally:
+        for h in logging.root.handlers: h.close()
+        logging.root.handlers[:] = saved[0]; logging.root.setLevel(saved[1])
+    with pytest.raises(ConfigError, match="--log_tracker_config: .* does not exist"):
+        run(data, tmp_path, "--log_tracker_config", str(tmp_path / "none.toml"), steps=1)

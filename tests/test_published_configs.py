@@ -28,14 +28,19 @@ def toml(path, text):
 
 
 def gui_toml(tmp_path, data, buckets):
-    "A --config_file as the kohya_ss GUI writes it (one flat table, keys sorted), with a preset's bucket settings."
+    """A --config_file as the kohya_ss GUI writes it (one flat table, keys sorted), with a preset's bucket settings and
+    the values the GUI writes into every file: max_token_length 75, dynamo_backend "no", wandb_run_name = output_name."""
     return toml(tmp_path / "config_lora.toml", buckets + f"""caption_extension = ".txt"
+dynamo_backend = "no"
 epoch = 1
+max_token_length = 75
 network_module = "networks.lora"
 noise_offset_type = "Original"
 output_dir = "{tmp_path / 'out'}"
+output_name = "last"
 pretrained_model_name_or_path = "tiny-sd1"
 train_data_dir = "{data}"
+wandb_run_name = "last"
 """)
 
 
@@ -56,6 +61,18 @@ def test_kohya_ss_preset_bucket_settings_run(data, tmp_path, preset):
     steps = cfg.bucket_reso_steps if cfg.enable_bucket else 1
     assert summary.buckets and all(w % steps == 0 == h % steps for w, h in summary.buckets)
     assert len(ignored_config_keys(cfg.config_file)) == 2          # epoch, noise_offset_type: kohya_ss' own keys
+
+
+def test_kohya_ss_gui_config_trains_as_sd_scripts_runs_it(data, tmp_path):
+    # sd-scripts takes a config file's values without argparse's choices: max_token_length 75 is its default length
+    # (75 + 2 tokens), dynamo_backend "no" compiles nothing; the command line still refuses both, as argparse does.
+    cfg_file = gui_toml(tmp_path, data, PRESETS["sd15 - EDG_LoraOptiSettings"].replace('"512,650"', '"64,64"'))
+    argv = ["train_network", "--config_file", str(cfg_file), "--max_train_steps", "1", "--max_data_loader_n_workers", "0"]
+    cfg = make_config(argv[1:])
+    assert (cfg.max_token_length, cfg.dynamo_backend, cfg.wandb_run_name) == (75, "no", "last")
+    assert main(argv) == 0 and (tmp_path / "out" / "last.safetensors").is_file()
+    for flag, value in (("--max_token_length", "75"), ("--dynamo_backend", "no")):
+        with pytest.raises(ConfigError, match=f"{flag}: .* is not one of"): make_config([*argv[1:], flag, value])
 
 
 def test_bucket_settings_that_crash_sd_scripts_are_one_clear_error(data, tmp_path):
