@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional, Sequence
 __all__ = ['CaptionOptions', 'add_prefix_suffix', 'is_caption_dropped', 'expand_wildcards', 'split_tokens', 'token_warmup_steps',
            'warmup_tag_count', 'drop_tags', 'process_caption', 'is_text_encoder_output_cacheable', 'CaptionFileError',
            'caption_candidates', 'read_caption', 'dreambooth_captions', 'missing_captions_warning',
-           'finetuning_caption', 'tag_frequency', 'get_input_ids', 'encode_chunked']
+           'finetuning_caption', 'tag_frequency', 'get_input_ids', 'encode_chunked', 'parse_prompt_attention',
+           'get_weighted_input_ids', 'apply_token_weights']
 
 # %% ../nbs/01c_captions.ipynb #42754c03
 @dataclass
@@ -255,14 +256,18 @@ def get_input_ids(tokenizer: Any, text: str, max_token_length: Optional[int] = N
     2/3 chunks of 75 tokens, each wrapped as [BOS] + 75 ids + [last id of the whole sequence]. SD1 tokenizer (pad ==
     eos): nothing else. SD2/SDXL tokenizer (pad != eos): a chunk whose 76th id is a real token gets EOS as last id,
     and a chunk starting with PAD gets EOS as first token after BOS. max_token_length 75 equals None (one chunk)."""
+    max_length = 77 if max_token_length is None else max_token_length + 2
+    ids = tokenizer(text, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt").input_ids
+    return _chunk_ids(tokenizer, ids.squeeze(0))
+
+def _chunk_ids(tokenizer: Any, ids):
+    "Padded ids (max_length,) -> (n_chunks, 77) as described in `get_input_ids`."
     import torch
 
     model_max = 77  # CLIP; sd-scripts uses tokenizer.model_max_length, which must be 77 (pass model_max_length=77)
-    max_length = model_max if max_token_length is None else max_token_length + 2
-    ids = tokenizer(text, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt").input_ids
+    max_length = len(ids)
     if max_length <= model_max:
-        return ids
-    ids = ids.squeeze(0)
+        return ids.unsqueeze(0)
     chunks = []
     pad_is_eos = tokenizer.pad_token_id == tokenizer.eos_token_id
     for i in range(1, max_length - model_max + 2, model_max - 2):
@@ -297,3 +302,67 @@ def encode_chunked(input_ids, encode: Callable[[Any], Any]):
         parts.append(hidden[:, i:i + length - 2])
     parts.append(hidden[:, -1:])
     return torch.cat(parts, dim=1)
+
+# %% ../nbs/01c_captions.ipynb #f427601f
+_RE_ATTENTION = re.compile(r"""\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:([+-]?[.\d]+)\)|\)|]|[^\\()\[\]:]+|:""")
+
+def parse_prompt_attention(text: str) -> list[list]:
+    """`[text, weight]` runs of a caption with A1111 attention syntax (sd-scripts' parse_prompt_attention): nested
+    brackets multiply, unclosed ones apply to the end, runs of equal weight are merged; `[["", 1.0]]` for no text."""
+    res, round_brackets, square_brackets = [], [], []
+
+    def multiply_range(start: int, multiplier: float):
+        for p in range(start, len(res)):
+            res[p][1] *= multiplier
+
+    for m in _RE_ATTENTION.finditer(text):
+        part, weight = m.group(0), m.group(1)
+        if part.startswith("\\"): res.append([part[1:], 1.0])
+        elif part == "(": round_brackets.append(len(res))
+        elif part == "[": square_brackets.append(len(res))
+        elif weight is not None and round_brackets: multiply_range(round_brackets.pop(), float(weight))
+        elif part == ")" and round_brackets: multiply_range(round_brackets.pop(), 1.1)
+        elif part == "]" and square_brackets: multiply_range(square_brackets.pop(), 1 / 1.1)
+        else: res.append([part, 1.0])
+    for pos in round_brackets: multiply_range(pos, 1.1)
+    for pos in square_brackets: multiply_range(pos, 1 / 1.1)
+    res = res or [["", 1.0]]
+    merged = [res[0]]
+    for part, weight in res[1:]:
+        if weight == merged[-1][1]: merged[-1][0] += part
+        else: merged.append([part, weight])
+    return merged
+
+# %% ../nbs/01c_captions.ipynb #c9ce5b48
+def get_weighted_input_ids(tokenizer: Any, text: str, max_token_length: Optional[int] = None):
+    """(ids, weights) of one weighted caption, both (n_chunks, 77) (SdTokenizeStrategy.tokenize_with_weights): each
+    run of `parse_prompt_attention` tokenized on its own, truncated to 75/150/225 tokens, padded and chunked as in
+    `get_input_ids`; BOS, EOS and padding weigh 1."""
+    import torch
+
+    max_length = 77 if max_token_length is None else max_token_length + 2
+    tokens, weights = [], []
+    for part, weight in parse_prompt_attention(text):
+        ids = tokenizer(part).input_ids[1:-1]
+        tokens, weights = tokens + ids, weights + [weight] * len(ids)
+    tokens, weights = tokens[:max_length - 2], weights[:max_length - 2]
+    padding = max_length - 2 - len(tokens)
+    ids = torch.tensor([tokenizer.bos_token_id] + tokens + [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding)
+    weights = torch.tensor(weights)
+    chunked = torch.ones((max_length - 2) // 75, 77)
+    for c in range(len(chunked)):
+        part = weights[c * 75:(c + 1) * 75]
+        chunked[c, 1:1 + len(part)] = part
+    return _chunk_ids(tokenizer, ids), chunked
+
+# %% ../nbs/01c_captions.ipynb #a8c72fa2
+def apply_token_weights(hidden, weights):
+    """`encode_chunked` hidden states (batch, n*75 + 2 or 77, dim) times the token weights (batch, n_chunks, 77) of
+    `get_weighted_input_ids` (SdTextEncodingStrategy.encode_tokens_with_weights): each chunk's 75 inner states are
+    scaled by their weights; the first and last state keep weight 1. No renormalisation."""
+    import torch
+
+    b = weights.shape[0]
+    ones = torch.ones(b, 1)
+    per_state = torch.cat([ones, weights[:, :, 1:-1].reshape(b, -1), ones], dim=1)
+    return hidden * per_state.to(hidden.device, hidden.dtype).unsqueeze(-1)

@@ -5,7 +5,7 @@
 # %% ../nbs/02_models.ipynb #ede1bf78
 from __future__ import annotations
 import functools, json, os, re, shutil, tempfile, warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .captions import encode_chunked, get_input_ids
+from .captions import apply_token_weights, encode_chunked, get_input_ids, get_weighted_input_ids
 from .checkpoint import PREFIXES, load_state_dict, read_shapes, save_checkpoint, take_weights, to_ldm_checkpoint
 from .config import ASSETS, OPTIONS, TrainConfig
 
@@ -64,6 +64,7 @@ class SDFamily:
     v2: bool = False
     v_prediction: bool = False
     objective: str = "ddpm"        # training objective, see `loss.OBJECTIVES`
+    weighted_captions: bool = False  # `--weighted_captions`: A1111 attention weights scale the tokens' hidden states
     network_args = None            # `--network_args` table of the LoRA network (None: `lora.NETWORK_ARGS`)
     sample_sampler = True          # `--sample_sampler` chooses the sampling scheduler
     default_resolution = 512       # `modelspec.resolution` without `--resolution`
@@ -71,18 +72,22 @@ class SDFamily:
     cache_only_encoders = ()       # no text encoder is replaced by a partial cache (caching needs a frozen text encoder)
 
     def with_options(self, cfg) -> "SDFamily":
-        "The family for training with `cfg`: SD 1.x/2.x take nothing from the options (the model files decide)."
-        return self
+        "The family for training with `cfg`: the model files decide SD 1.x/2.x; the options add `--weighted_captions`."
+        return replace(self, weighted_captions=cfg.weighted_captions)
 
     def tokenize(self, tokenizer, captions: list[str]) -> torch.Tensor:
         return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
     def encode_text(self, comp: Components, captions: list[str], clip_skip: int|None = None, max_token_length: int|None = None) -> dict:
-        "Conditioning for the UNet: `{'encoder_hidden_states': ...}`; 150/225 tokens in chunks of 75 (`--max_token_length`)."
+        """Conditioning for the UNet: `{'encoder_hidden_states': ...}`; 150/225 tokens in chunks of 75 (`--max_token_length`);
+        with `weighted_captions` each token's hidden state times its caption weight (`captions.apply_token_weights`)."""
         te, tok = comp.text_encoders[0], comp.tokenizers[0]
         def hidden(ids):
             if not clip_skip or clip_skip == 1: return te(ids)[0]
             return _final_layer_norm(te)(te(ids, output_hidden_states=True).hidden_states[-clip_skip])
+        if self.weighted_captions:
+            ids, weights = map(torch.stack, zip(*(get_weighted_input_ids(tok, c, max_token_length) for c in captions)))
+            return {"encoder_hidden_states": apply_token_weights(encode_chunked(ids.to(te.device), hidden), weights)}
         if max_token_length and max_token_length > 75:
             ids = torch.stack([get_input_ids(tok, c, max_token_length) for c in captions]).to(te.device)
             return {"encoder_hidden_states": encode_chunked(ids, hidden)}
@@ -459,6 +464,7 @@ def load_components(cfg: TrainConfig) -> Components:
         cfg_dir = config_dir_for(family, read_shapes(what))
         comp = load_single_file(what, family, cfg_dir, weight_dtype(cfg))
     if getattr(cfg, "vae", None): comp.vae = load_vae(cfg.vae, cfg_dir)
+    comp.family = comp.family.with_options(cfg)
     return comp
 
 # %% ../nbs/02_models.ipynb #5b581d7e

@@ -760,7 +760,8 @@ def _trains_t5(cfg: TrainConfig) -> bool:
 def check_sd3(cfg: TrainConfig) -> list[str]:
     "Problems with an SD3 configuration, before anything is loaded."
     out = [f"--{n} is for SD 1.x/2.x models; SD3 has {why}: remove it" for n, why in
-           (("v2", "no v2 variant"), ("v_parameterization", "a rectified-flow objective"), ("clip_skip", "fixed text-encoder layers"))
+           (("v2", "no v2 variant"), ("v_parameterization", "a rectified-flow objective"), ("clip_skip", "fixed text-encoder layers"),
+            ("weighted_captions", "no caption weights in sd-scripts (sd3_train_network.py fails on them)"))
            if getattr(cfg, n)]
     name = cfg.pretrained_model_name_or_path
     if Path(name).suffix == ".safetensors": out += missing_components(name, cfg)

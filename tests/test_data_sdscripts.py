@@ -715,3 +715,24 @@ def test_split_train_val():
     tr = DB.split_train_val(paths, 0.35, True, random.Random(3))
     va = DB.split_train_val(paths, 0.35, False, random.Random(3))
     assert len(tr) == 7 and len(va) == 4 and len(set(tr) & set(va)) == 1  # sd-scripts' rounding overlaps one image
+
+
+# ----------------------------------------------------------------------------------------------------
+# --weighted_captions (golden from tools/golden_weighted_captions.py: sd-scripts' parse_prompt_attention and
+# SdTokenizeStrategy.tokenize_with_weights)
+
+WEIGHTED = golden("weighted_captions.json")
+WEIGHT_TOKENIZERS = {"sd1": CLIPTokenizer.from_pretrained(ASSETS / "clip_tokenizer", model_max_length=77),
+                     "sd2": CLIPTokenizer.from_pretrained(ASSETS / "clip_tokenizer", model_max_length=77, pad_token="!")}
+
+
+@pytest.mark.parametrize("caption", list(WEIGHTED["parse"]))
+def test_parse_prompt_attention_matches_sd_scripts(caption):
+    assert C.parse_prompt_attention(caption) == WEIGHTED["parse"][caption]
+
+
+def test_weighted_input_ids_match_sd_scripts():
+    for case in WEIGHTED["tokens"]:
+        ids, weights = C.get_weighted_input_ids(WEIGHT_TOKENIZERS[case["family"]], case["caption"], case["max_token_length"])
+        assert ids.tolist() == case["ids"], (case["family"], case["max_token_length"], case["caption"])
+        assert torch.equal(weights, torch.tensor(case["weights"])), (case["family"], case["max_token_length"], case["caption"])

@@ -131,3 +131,26 @@ def test_face_crop_aug_range_keeps_the_named_face_in_every_crop(tmp_path):
     assert not (plain[(0, 0, 0)]["pixels"][0] > 0).any()   # bucket crop at the centre: no face
     state = train(_cfg(tmp_path, "--face_crop_aug_range", "2.0,4.0", "--max_train_steps", "1"))
     assert state.step == 1 and np.isfinite(state.loss)
+
+
+def test_weighted_captions_train(tmp_path, monkeypatch):
+    """--weighted_captions with caption ops and 150 tokens: the loop encodes the captions with their weights (the brackets
+    are not tokenized), shuffled with keep_tokens on the weighted text; with cached text-encoder outputs the cache holds
+    the weighted conditioning (sd-scripts re-encodes a frozen encoder each step: the same values)."""
+    import lora_kit.models as M
+    write_folder(tmp_path / "data" / "1_sks", n=2, seed=0)
+    for p in (tmp_path / "data" / "1_sks").glob("*.txt"): p.write_text("sks, (red ball:1.5), [grass]")
+    seen = []
+    def recording(hidden, weights):
+        seen.append(weights)
+        return apply(hidden, weights)
+    apply = M.apply_token_weights
+    monkeypatch.setattr(M, "apply_token_weights", recording)
+    args = ("--weighted_captions", "--max_token_length", "150", "--shuffle_caption", "--keep_tokens", "1")
+    state = train(_cfg(tmp_path, *args))
+    assert state.step == 2 and np.isfinite(state.loss) and len(seen) == 2
+    assert all(w.shape == (2, 2, 77) and torch.isclose(w, torch.tensor(1.5)).sum() == 2 * 2 and
+               torch.isclose(w, torch.tensor(1 / 1.1)).sum() == 2 for w in seen)   # "red ball" and "grass" in each caption
+    seen.clear()
+    state = train(_cfg(tmp_path, "--weighted_captions", "--cache_text_encoder_outputs", "--network_train_unet_only", "--output_name", "cached"))
+    assert state.step == 2 and np.isfinite(state.loss) and len(seen) == 1    # one caching batch, no encoding in the loop
