@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]/"bench"))
+from load_memory import random_weights   # noqa: E402
+
 # Imports everything and builds the tokenizers once (Python objects, not weights), resets the peak RSS, loads the file as
 # training does and reads every weight once (memory-mapped weights are read from the file only then).
 WORKER = r"""
@@ -27,15 +30,6 @@ with torch.no_grad():
     for t in [t for m in models for t in (*m.parameters(), *m.buffers())]: t.sum()
 print(json.dumps({"peak_mb": status("VmHWM") - base, "dtypes": [str(m.dtype) for m in models]}))
 """
-
-
-def random_weights(model, dtype):
-    "`model` (built on the meta device) in `dtype` with random normal weights."
-    model = model.to(dtype).to_empty(device="cpu")
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point(): t.normal_(0, 0.02)
-    return model
 
 
 @pytest.fixture(scope="module")
