@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse, os, sys, time
 from pathlib import Path
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read when torch loads: idle threads sleep instead of spinning (train.cpu_threads)
 
 from .config import ConfigError, make_config
 from .lora import atomic_path
