@@ -38,15 +38,24 @@ def rss_mb(pid: int) -> float:
     except (OSError, IndexError): return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    "CPU time (user + system, all threads) a process has used so far, in seconds (nan when it has exited)."
+    try: fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError): return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class RssSampler:
-    "Sample a process's RSS every `interval` seconds in a thread: (time.time(), MiB) pairs."
+    """Sample a process's RSS every `interval` seconds in a thread: (time.time(), MiB) pairs; its CPU time too
+    ((time.time(), CPU seconds) pairs in `cpu`)."""
     def __init__(self, pid: int, interval: float = 0.1):
-        self.pid, self.interval, self.samples, self._stop = pid, interval, [], threading.Event()
+        self.pid, self.interval, self.samples, self.cpu, self._stop = pid, interval, [], [], threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
             self.samples.append((time.time(), rss_mb(self.pid)))
+            self.cpu.append((time.time(), cpu_seconds(self.pid)))
             self._stop.wait(self.interval)
 
     def __enter__(self): self._thread.start(); return self
@@ -54,6 +63,11 @@ class RssSampler:
 
     def peak_after(self, t0: float) -> float:
         return max((m for t, m in self.samples if t >= t0), default=float("nan"))
+
+    def cpu_between(self, t0: float, t1: float) -> float:
+        "CPU seconds the process used between the samples nearest to `t0` and `t1` (0.1 s resolution)."
+        at = lambda t: min(self.cpu, key=lambda s: abs(s[0] - t))[1]
+        return at(t1) - at(t0)
 
 
 def run_and_measure(cmd: list[str], env: dict | None = None, cwd=None, log: Path | None = None) -> dict:

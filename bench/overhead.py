@@ -5,8 +5,10 @@
 Both train a rank-8 LoRA on the UNet's attention blocks and the text encoder's attention/MLP layers (the layers
 sd-scripts' `networks.lora` targets), AdamW, batch 2, max_grad_norm 1.0, fp32, on the same seeded random model and
 the same toy-world images. Each variant runs in its own subprocess (clean peak RSS), variants alternate (A B A B …)
-so machine load hits both alike; after `--warmup` steps, `--steps` steps are timed. Prints the median step time
-and peak RSS of each and lora_kit / bare ratios (target ≤ 1.05×). Not a test: numbers depend on the machine."""
+so machine load hits both alike; after `--warmup` steps, `--steps` steps are timed (wall clock and this process's CPU
+time, which load inflates much less). Each pair of runs gives a lora_kit / bare ratio of the median step times; printed
+are the median of those ratios and their spread (min–max), and the peak RSS ratio (target ≤ 1.05×). Not a test: numbers
+depend on the machine."""
 from __future__ import annotations
 import argparse, sys, tempfile, time
 from pathlib import Path
@@ -30,10 +32,10 @@ def lora_kit_worker(a) -> dict:
     from lora_kit.train import Callback, train
 
     class Timer(Callback):
-        def __init__(self): self.times, self.peak = [], 0.0
-        def on_train_start(self, state): self.times.append(time.perf_counter())
+        def __init__(self): self.times, self.cpu, self.peak = [], [], 0.0
+        def on_train_start(self, state): self.times.append(time.perf_counter()); self.cpu.append(time.process_time())
         def on_step_end(self, state):
-            self.times.append(time.perf_counter())
+            self.times.append(time.perf_counter()); self.cpu.append(time.process_time())
             if state.step == a.warmup + a.steps: self.peak = peak_rss_mb()
 
     comp = bench_components(a.model)
@@ -45,8 +47,8 @@ def lora_kit_worker(a) -> dict:
             "--mixed_precision", "no", "--output_dir", out, "--output_name", "bench"] + (["--sdpa"] if a.sdpa else [])
     timer = Timer()
     state = train(make_config(argv), callbacks=[timer], comp=comp)
-    dts = [b - c for c, b in zip(timer.times, timer.times[1:])]
-    return {"step_times": dts[a.warmup:], "peak_rss": timer.peak, "peak_rss_end": peak_rss_mb(),
+    return {"step_times": _deltas(timer.times)[a.warmup:], "cpu_times": _deltas(timer.cpu)[a.warmup:], "peak_rss": timer.peak,
+            "peak_rss_end": peak_rss_mb(), "threads": torch.get_num_threads(),
             "lora_layers": len(state.network.loras),
             "lora_params": sum(p.numel() for p in state.network.parameters() if p.requires_grad)}
 
@@ -85,7 +87,7 @@ def bare_worker(a) -> dict:
         arrs = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1 for p in paths]
         return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
-    times, peak, it = [time.perf_counter()], 0.0, batches()
+    times, cpu, it = [time.perf_counter()], [time.process_time()], batches()
     for step in range(a.warmup + a.steps):
         paths = next(it)
         with torch.no_grad(): latents = vae.encode(pixels(paths)).latent_dist.sample() * vae.config.scaling_factor
@@ -98,14 +100,23 @@ def bare_worker(a) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(); opt.zero_grad(set_to_none=True)
         loss.item()
-        times.append(time.perf_counter())
-    dts = [b - c for c, b in zip(times, times[1:])]
+        times.append(time.perf_counter()); cpu.append(time.process_time())
     n_layers = sum(1 for m in (unet, te) for n, _ in m.named_modules() if n.endswith(".lora_A"))
-    return {"step_times": dts[a.warmup:], "peak_rss": peak_rss_mb(), "peak_rss_end": peak_rss_mb(),
+    return {"step_times": _deltas(times)[a.warmup:], "cpu_times": _deltas(cpu)[a.warmup:], "peak_rss": peak_rss_mb(),
+            "peak_rss_end": peak_rss_mb(), "threads": torch.get_num_threads(),
             "lora_layers": n_layers, "lora_params": sum(p.numel() for p in params)}
 
 
+def _deltas(stamps: list[float]) -> list[float]: return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
 WORKERS = {"lora_kit": lora_kit_worker, "bare": bare_worker}
+
+
+def ratio_line(label: str, ratios: list[float], target: str) -> str:
+    "The median of per-pair ratios with their spread."
+    rs = sorted(ratios)
+    return f"{label} ratio lora_kit / bare: median {median(rs):.3f}× (spread {rs[0]:.3f}–{rs[-1]:.3f} over {len(rs)} pairs; {target})"
 
 
 def compare(a, model: str, data: Path) -> None:
@@ -120,25 +131,26 @@ def compare(a, model: str, data: Path) -> None:
                                               "--warmup", str(warmup), "--threads", str(a.threads)] + (["--sdpa"] if a.sdpa else []), a.threads)
             out["load"] = f"{before} -> {load_now()}"
             res[name].append(out)
-            print(f"  {model} round {r + 1} {name:8s}: median step {median(out['step_times']) * 1000:8.1f} ms, "
-                  f"peak RSS {out['peak_rss']:7.0f} MiB (at exit {out['peak_rss_end']:.0f}), load {out['load']}", flush=True)
+            print(f"  {model} round {r + 1} {name:8s}: median step {median(out['step_times']) * 1000:8.1f} ms (CPU "
+                  f"{median(out['cpu_times']) * 1000:.1f} ms, {out['threads']} thread(s)), peak RSS {out['peak_rss']:7.0f} MiB "
+                  f"(at exit {out['peak_rss_end']:.0f}), load {out['load']}", flush=True)
     lk, bare = res["lora_kit"], res["bare"]
     if (lk[0]["lora_layers"], lk[0]["lora_params"]) != (bare[0]["lora_layers"], bare[0]["lora_params"]):
         print(f"  WARNING: different LoRA layers: lora_kit {lk[0]['lora_layers']} layers/{lk[0]['lora_params']} params, "
               f"bare {bare[0]['lora_layers']}/{bare[0]['lora_params']}")
-    t_lk = median([t for o in lk for t in o["step_times"]]); t_b = median([t for o in bare for t in o["step_times"]])
-    m_lk = median([o["peak_rss"] for o in lk]); m_b = median([o["peak_rss"] for o in bare])
-    pair = [median(x["step_times"]) / median(y["step_times"]) for x, y in zip(lk, bare)]
-    print(f"{model}: {lk[0]['lora_layers']} LoRA layers, {lk[0]['lora_params']:,} trainable params, {steps} timed steps × {a.rounds} rounds")
-    print(f"{model}: step time lora_kit {t_lk * 1000:.1f} ms, bare {t_b * 1000:.1f} ms, ratio {t_lk / t_b:.3f}× "
-          f"(per round {', '.join(f'{p:.3f}' for p in pair)}; target ≤ 1.05)")
-    print(f"{model}: peak RSS lora_kit {m_lk:.0f} MiB, bare {m_b:.0f} MiB, ratio {m_lk / m_b:.3f}× (target ≤ 1.05)", flush=True)
+    pair = lambda key: [median(x[key]) / median(y[key]) for x, y in zip(lk, bare)]
+    print(f"{model}: {lk[0]['lora_layers']} LoRA layers, {lk[0]['lora_params']:,} trainable params, {steps} timed steps × {a.rounds} rounds; "
+          f"median step lora_kit {median([t for o in lk for t in o['step_times']]) * 1000:.1f} ms, "
+          f"bare {median([t for o in bare for t in o['step_times']]) * 1000:.1f} ms")
+    print(f"{model}: " + ratio_line("step time", pair("step_times"), "target ≤ 1.05"))
+    print(f"{model}: " + ratio_line("CPU time per step", pair("cpu_times"), "less sensitive to load"))
+    print(f"{model}: " + ratio_line("peak RSS", [x["peak_rss"] / y["peak_rss"] for x, y in zip(lk, bare)], "target ≤ 1.05"), flush=True)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
-    p.add_argument("--rounds", type=int, default=2, help="A B rounds (order alternates each round)")
+    p.add_argument("--rounds", type=int, default=4, help="pairs of runs: A B, then B A, …")
     p.add_argument("--steps", type=int, default=0, help="timed steps per run (default 30 tiny, 8 mid)")
     p.add_argument("--warmup", type=int, default=0, help="untimed first steps (default 5 tiny, 2 mid)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each run")

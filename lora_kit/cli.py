@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse, os, sys, time
 from pathlib import Path
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read when torch loads: idle threads sleep instead of spinning (train.cpu_threads)
 
 from .config import ConfigError, make_config
 from .lora import atomic_path
@@ -59,7 +60,7 @@ def demo_argv(out: Path, steps: int = 400, model: str = "toy-sd1") -> list[str]:
             "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "8", "--network_train_unet_only",
             "--network_args", "conv_dim=8", "conv_alpha=8", "--learning_rate", "2e-3", "--optimizer_type", "AdamW",
             "--lr_scheduler", "constant", "--max_train_steps", str(steps), "--seed", "42",
-            "--max_data_loader_n_workers", "0", "--logging_dir", str(out/"logs"), "--mixed_precision", "no",
+            "--max_data_loader_n_workers", "0", "--logging_dir", str(out/"logs"), "--mixed_precision", "no", "--cache_latents",
             "--sample_prompts", str(out/"prompts.txt"), "--sample_every_n_steps", str(max(steps // 4, 1)), "--sample_at_first"]
 
 # %% ../nbs/09_cli.ipynb #247647d1

@@ -105,6 +105,9 @@ validation_split validation_seed validate_every_n_steps validate_every_n_epochs 
 ddp_static_graph ddp_timeout
 """.split())
 
+# %% ../nbs/00_config.ipynb #98fb7c8d
+SUPPORTED |= {"torch_compile", "dynamo_backend"}
+
 # %% ../nbs/00_config.ipynb #fbeafdcb
 _DOES_NOT_WORK = "sd-scripts marks it [DOES NOT WORK] and ignores it too"
 NO_EFFECT = {
@@ -130,6 +133,11 @@ LORA_KIT_OPTIONS = [
     Opt("ignore_output_lock", "bool", False, "train even if another run is writing the same output_dir/output_name",
         group="saving", supported=True, scripts=("lora_kit",)),
 ]
+
+# %% ../nbs/00_config.ipynb #86bb3dc2
+LORA_KIT_OPTIONS.append(Opt("num_cpu_threads_per_process", "int", None, "CPU threads for training (accelerate launch's flag; "
+                            "default: OMP_NUM_THREADS, else the cores the load average leaves free)", group="advanced",
+                            supported=True, scripts=("lora_kit",)))
 
 # %% ../nbs/00_config.ipynb #b4af6494
 def load_options() -> dict[str, Opt]:

@@ -28,15 +28,15 @@ import lora_kit.sd3  # registers the SD3 family (its model source and the "flow"
 from .optim import optim_problems, optimizer_from_config, scheduler_from_config
 
 # %% auto #0
-__all__ = ['SECRET_OPTIONS', 'lora_file_problems', 'merge_base_weights', 'check_all', 'machine_problems',
+__all__ = ['SECRET_OPTIONS', 'lora_file_problems', 'merge_base_weights', 'check_all', 'compile_problems', 'machine_problems',
            'fp16_optimizer_problems', 'resume_problems', 'count_steps', 'initial_step', 'starting_point',
            'lora_filename', 'state_dirname', 'epoch_to_remove', 'step_to_remove', 'training_metadata',
            'dataset_metadata', 'model_file_metadata', 'modelspec', 'TrainState', 'Callback', 'TrainingStopped',
            'averaged_weights', 'LossLog', 'plot_loss', 'output_lock', 'stop_signals', 'setup_logging',
            'tracker_init_kwargs', 'tracker_problems', 'init_trackers', 'allow_fp16_gradients', 'process_share',
            'rows_loss', 'average_gradients', 'save_state', 'load_state', 'clean_memory', 'model_names', 'Placement',
-           'training_models', 'BlockSwap', 'free_cached_text_encoders', 'release_cached_models', 'models_used',
-           'cpu_threads', 'train', 'batch_loss', 'validation_timesteps', 'Validation']
+           'training_models', 'BlockSwap', 'compile_models', 'free_cached_text_encoders', 'release_cached_models',
+           'models_used', 'free_cores', 'cpu_threads', 'train', 'batch_loss', 'validation_timesteps', 'Validation']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
@@ -67,6 +67,16 @@ def check_all(cfg: TrainConfig):
     return data
 
 # %% ../nbs/06_train.ipynb #fbe98cda
+def compile_problems(cfg: TrainConfig) -> list[str]:
+    "Whether `--dynamo_backend` is a backend this PyTorch has (checked only with `--torch_compile`)."
+    if not cfg.torch_compile: return []
+    import torch._dynamo
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if cfg.dynamo_backend.lower() in known: return []
+    return [f"--dynamo_backend {cfg.dynamo_backend}: not a torch.compile backend of this PyTorch; use one of inductor (the default), "
+            f"aot_eager, eager, {', '.join(b for b in torch._dynamo.list_backends() if b != 'inductor')}"]
+
+# %% ../nbs/06_train.ipynb #8c2d765c
 def machine_problems(cfg: TrainConfig) -> list[str]:
     "Problems with options that need a file, a package or a GPU; each line names the flag and the fix."
     out, cuda = [], torch.cuda.is_available()
@@ -80,7 +90,7 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     if cfg.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
         out.append(f"--log_with {cfg.log_with}: the wandb package is not installed (pip install wandb), or use --log_with tensorboard")
     if cfg.log_with in ("tensorboard", "all") and not cfg.logging_dir: out.append(f"--log_with {cfg.log_with} needs --logging_dir <folder>")
-    return out + tracker_problems(cfg)
+    return out + tracker_problems(cfg) + compile_problems(cfg)
 
 # %% ../nbs/06_train.ipynb #74851b2b
 def fp16_optimizer_problems(cfg: TrainConfig) -> list[str]:
@@ -728,6 +738,14 @@ def _block_swap(cfg, comp, device) -> BlockSwap|None:
     if cfg.blocks_to_swap > len(blocks): print(f"note: --blocks_to_swap {cfg.blocks_to_swap}: this model has {len(blocks)} blocks; swapping them all")
     return BlockSwap(blocks, min(cfg.blocks_to_swap, len(blocks)), device)
 
+# %% ../nbs/06_train.ipynb #c37daff6
+def compile_models(cfg, comp, train_te: bool) -> list:
+    "`--torch_compile`: compile the denoiser (and the trained text encoders) in place with `--dynamo_backend`; returns them."
+    if not cfg.torch_compile: return []
+    models = [comp.denoiser, *(te for te in comp.text_encoders if train_te and te is not None)]
+    for m in models: m.compile(backend=cfg.dynamo_backend.lower())
+    return models
+
 # %% ../nbs/06_train.ipynb #90c9210d
 def free_cached_text_encoders(cfg, comp) -> list[str]:
     "Free (put None in place of) the text encoders that do not train and whose outputs are cached; returns the names of those freed now."
@@ -787,12 +805,18 @@ def _cache(cfg, comp, datasets, acc, placement: Placement, keep: set, progress: 
     return freed
 
 # %% ../nbs/06_train.ipynb #5b30935d
-def cpu_threads(device) -> int:
-    "On a CPU, use `OMP_NUM_THREADS` threads (1 if unset); returns the number of threads in use."
-    if torch.device(device).type == "cpu": torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+def free_cores() -> int:
+    "The cores this process may use that the 1-minute load average leaves free (at least 1)."
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, int(cores - os.getloadavg()[0] + 0.5)))
+
+def cpu_threads(device, requested: int|None = None) -> int:
+    "On a CPU: `requested` threads, else `OMP_NUM_THREADS`, else the free cores; returns the number of threads in use."
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(requested or int(os.environ.get("OMP_NUM_THREADS") or 0) or free_cores())
     return torch.get_num_threads()
 
-# %% ../nbs/06_train.ipynb #e6fb0621
+# %% ../nbs/06_train.ipynb #1dca0585
 def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
           progress: bool = True) -> TrainState:   # False: no tqdm bar (e.g. a notebook view shows its own)
     "Train a LoRA as `cfg` says; returns the final state (its `saved` lists the files written). `--debug_dataset`: print the batches instead."
@@ -808,7 +832,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
     acc.print(summary)
     if cfg.seed is None: cfg.seed = broadcast_object_list([random.randint(0, 2**32 - 1)])[0]   # one seed for all processes
     set_seed(cfg.seed)
-    cpu_threads(acc.device)
+    cpu_threads(acc.device, cfg.num_cpu_threads_per_process)
     with output_lock(cfg, acc.is_main_process), stop_signals(acc.num_processes > 1) as signalled:
         try:
             owned = comp is None       # loaded here: free to release models the caches replace
@@ -880,6 +904,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     if acc.is_main_process and acc.log_with: init_trackers(acc, cfg)
     placement.only(training_models(cfg, comp))
     swap = _block_swap(cfg, comp, device)
+    compile_models(cfg, comp, train_te)
     _emit(callbacks, "on_train_start", state)           # (sampling encodes its prompts here, if the text encoders do not train)
     freed += release_cached_models(cfg, comp, keep())
     if freed: acc.print(f"freed the {' and '.join(freed)}: their outputs are cached")

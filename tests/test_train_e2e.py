@@ -84,3 +84,32 @@ def test_config_file_and_output_config(tmp_path):
     assert "network_dim = 8" in toml.read_text()
     run_cli("train_network", "--config_file", str(toml), "--max_train_steps", "3", "--output_name", "fromtoml")
     assert (tmp_path / "out" / "fromtoml.safetensors").is_file()
+
+
+def test_torch_compile_trains_the_compiled_model(tmp_path):
+    "--torch_compile: the denoiser that trains is the compiled one (dynamo captured its graphs), with the eager losses."
+    import torch._dynamo
+    from lora_kit.config import make_config
+    from lora_kit.train import Callback, train
+    torch.set_num_threads(1)
+    write_folder(tmp_path / "data" / "1_sks", n=4, seed=0)
+
+    class Compiled(Callback):
+        uses_models = False
+        def __init__(self): self.seen = []
+        def on_step_end(self, state): self.seen.append(state.comp.denoiser._compiled_call_impl is not None)
+
+    def losses(*extra):
+        cb = Compiled()
+        argv = [*ARGS[:14], "--max_train_steps", "3", "--seed", "1", "--train_data_dir", str(tmp_path / "data"),
+                "--output_dir", str(tmp_path / "out"), *extra]
+        state = train(make_config(argv), [cb], progress=False)
+        return [h[2] for h in state.history], cb.seen
+
+    eager, seen = losses()
+    assert seen == [False] * 3
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled, seen = losses("--torch_compile", "--dynamo_backend", "aot_eager")   # inductor gives the same, after minutes of compiling
+    assert seen == [True] * 3 and torch._dynamo.utils.counters["stats"]["unique_graphs"] > before
+    assert compiled == pytest.approx(eager, rel=1e-4) and compiled[0] != compiled[-1]
