@@ -1,5 +1,6 @@
 import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # lora_kit never downloads; tests prove it
+os.environ.setdefault("OMP_NUM_THREADS", "1")       # one thread: runs a test compares are bit-for-bit repeatable
 
 import pytest
 
