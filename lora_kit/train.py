@@ -711,6 +711,7 @@ class BlockSwap:
             if self.device.type == "cuda": b._apply(lambda t: t.pin_memory())
             slots = [(d, k) for m in b.modules() for d in (m._parameters, m._buffers) for k, v in d.items() if v is not None]
             b.forward = functools.partial(self._run, b.forward, slots, [d[k] for d, k in slots])
+            b._apply = lambda fn, recurse=True, b=b: b     # moving the whole model to the device leaves this block where it is
 
     def _run(self, forward, slots, home, *args, **kwargs):
         "The block's forward with device copies of its weights (put back even when checkpointing stops a recomputation early)."
@@ -727,7 +728,7 @@ class BlockSwap:
     def remove(self):
         "Stop swapping: every block back on the device for good."
         for b in self.swapped:
-            del b.forward
+            del b.forward, b._apply
             b.to(self.device)
 
 # %% ../nbs/06_train.ipynb #9477f639
@@ -902,8 +903,8 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     metadata = lambda: training_metadata(cfg, comp.family, summary, steps, epochs, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                                          session, state.started, datasets, nproc, validation.num_images)
     if acc.is_main_process and acc.log_with: init_trackers(acc, cfg)
+    swap = _block_swap(cfg, comp, device)              # first: the swapped blocks must not come to the device with the rest
     placement.only(training_models(cfg, comp))
-    swap = _block_swap(cfg, comp, device)
     compile_models(cfg, comp, train_te)
     _emit(callbacks, "on_train_start", state)           # (sampling encodes its prompts here, if the text encoders do not train)
     freed += release_cached_models(cfg, comp, keep())
