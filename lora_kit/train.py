@@ -889,6 +889,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     if cfg.save_n_epoch_ratio: cfg.save_every_n_epochs = math.floor(epochs / cfg.save_n_epoch_ratio) or 1
     scheduler = scheduler_from_config(cfg, optimizer, steps, nproc)
     network, optimizer, scheduler = acc.prepare(network, optimizer, scheduler)
+    trainable = [p for p in network.parameters() if p.requires_grad]     # once, not at every step
     if cfg.full_fp16: allow_fp16_gradients(acc.scaler)
     objective = OBJECTIVES[comp.family.objective](cfg)
     per_epoch = math.ceil(global_batches / cfg.gradient_accumulation_steps)
@@ -915,7 +916,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
             state.epoch = epoch + 1
             skip = done_in_epoch * cfg.gradient_accumulation_steps if epoch == first_epoch else 0
             for batch in _batches(loaders, epoch, skip):
-                loss = _step(cfg, comp, network, objective, optimizer, scheduler, acc, batch, train_te, dtype)
+                loss = _step(cfg, comp, network, trainable, objective, optimizer, scheduler, acc, batch, train_te, dtype)
                 if not acc.sync_gradients: continue
                 _after_step(state, loss, scheduler, bar, callbacks, metadata)
                 if validation.due_at_step(state.step): validation.run(state, "step", bar)
@@ -977,8 +978,8 @@ def batch_loss(cfg, comp, objective, acc, batch, train_te: bool, dtype, num_proc
     return (per_sample * batch["loss_weights"].to(per_sample.device)).sum() * num_processes / n
 
 # %% ../nbs/06_train.ipynb #97b44cd2
-def _step(cfg, comp, network, objective, optimizer, scheduler, acc, batch, train_te, dtype) -> torch.Tensor:
-    "One forward/backward pass (an optimizer step when gradients are synchronised)."
+def _step(cfg, comp, network, trainable: list, objective, optimizer, scheduler, acc, batch, train_te, dtype) -> torch.Tensor:
+    "One forward/backward pass (an optimizer step when gradients are synchronised); `trainable`: the LoRA's trained parameters."
     with acc.accumulate(network):
         loss = batch_loss(cfg, comp, objective, acc, batch, train_te, dtype, acc.num_processes)
         total = acc.reduce(loss.detach(), "mean") if acc.num_processes > 1 else loss.detach()   # the same on every process
@@ -989,8 +990,8 @@ def _step(cfg, comp, network, objective, optimizer, scheduler, acc, batch, train
             return total
         acc.backward(loss)
         if acc.sync_gradients:
-            average_gradients([p for p in network.parameters() if p.requires_grad], acc)
-            if cfg.max_grad_norm: acc.clip_grad_norm_(network.parameters(), cfg.max_grad_norm)
+            average_gradients(trainable, acc)
+            if cfg.max_grad_norm: acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
     return total
 
