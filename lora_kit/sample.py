@@ -15,7 +15,7 @@ import diffusers
 from diffusers.image_processor import VaeImageProcessor
 
 from .lora import atomic_path
-from .train import Callback, TrainState, model_names
+from .train import Callback, TrainState, text_encoder_names
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SamplePrompt', 'parse_prompt_line', 'read_prompts', 'sample_scheduler', 'prompt_conditioning',
@@ -143,13 +143,13 @@ class SampleCallback(Callback):
         comp = state.comp
         if not self.prompts or state.network.modules_with("lora_te") or None in comp.text_encoders: return
         pipe = comp.family.pipeline(comp)
-        with state.placement.also(model_names(comp, range(len(comp.text_encoders)))):
+        with state.placement.also(text_encoder_names(comp)):
             self.conditioning = [prompt_conditioning(pipe, p, state.cfg.clip_skip, state.accelerator.autocast) for p in self.prompts]
 
     def sample(self, state: TrainState, tag: str):
         if not self.prompts or not state.accelerator.is_main_process: return
         comp, cfg = state.comp, state.cfg
-        needs = {"vae"} | (set() if self.conditioning else model_names(comp, range(len(comp.text_encoders))))
+        needs = {"vae"} | (set() if self.conditioning else text_encoder_names(comp))
         was = state.network.training
         state.network.eval()
         try:

@@ -34,9 +34,10 @@ __all__ = ['SECRET_OPTIONS', 'lora_file_problems', 'merge_base_weights', 'check_
            'dataset_metadata', 'model_file_metadata', 'modelspec', 'TrainState', 'Callback', 'TrainingStopped',
            'averaged_weights', 'LossLog', 'plot_loss', 'output_lock', 'stop_signals', 'setup_logging',
            'tracker_init_kwargs', 'tracker_problems', 'init_trackers', 'allow_fp16_gradients', 'process_share',
-           'rows_loss', 'average_gradients', 'save_state', 'load_state', 'clean_memory', 'model_names', 'Placement',
-           'training_models', 'BlockSwap', 'compile_models', 'free_cached_text_encoders', 'release_cached_models',
-           'models_used', 'free_cores', 'cpu_threads', 'train', 'batch_loss', 'validation_timesteps', 'Validation']
+           'rows_loss', 'average_gradients', 'save_state', 'load_state', 'clean_memory', 'named_models',
+           'text_encoder_names', 'Placement', 'training_models', 'BlockSwap', 'compile_models',
+           'free_cached_text_encoders', 'release_cached_models', 'models_used', 'free_cores', 'cpu_threads', 'train',
+           'batch_loss', 'validation_timesteps', 'Validation']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
@@ -656,32 +657,31 @@ def clean_memory(device):
     if torch.device(device).type == "cuda": torch.cuda.empty_cache()
 
 # %% ../nbs/06_train.ipynb #5e14647c
-def model_names(comp, text_encoders=None) -> set[str]:
-    "Names `Placement` uses for the loaded models: 'denoiser', 'vae', 'text_encoder1'…; `text_encoders`: only those indices."
-    idx = range(len(comp.text_encoders)) if text_encoders is None else text_encoders
-    tes = {f"text_encoder{i + 1}" for i in idx if comp.text_encoders[i] is not None}
-    return tes if text_encoders is not None else {"denoiser", *(["vae"] if comp.vae is not None else []), *tes}
+def named_models(comp) -> dict:
+    "The loaded models by the names `Placement` uses: 'denoiser', 'vae', 'text_encoder1'… (freed ones left out)."
+    return {n: m for n, m in [("denoiser", comp.denoiser), ("vae", comp.vae), *((f"text_encoder{i + 1}", te) for i, te in enumerate(comp.text_encoders))]
+            if m is not None}
+
+def text_encoder_names(comp, indices=None) -> set[str]:
+    "`named_models`' names of the loaded text encoders (only those at `indices`, if given)."
+    idx = range(len(comp.text_encoders)) if indices is None else indices
+    return {f"text_encoder{i + 1}" for i in idx if comp.text_encoders[i] is not None}
 
 # %% ../nbs/06_train.ipynb #1f6f75b1
 class Placement:
     "Which of the models are on the device; `only` and `also` move them (`empty_cache=False`: sd-scripts' `--highvram`)."
     def __init__(self, comp, device, empty_cache: bool = True):
         self.comp, self.device, self.empty_cache = comp, torch.device(device), empty_cache
-        self.on_device = {n for n, m in self._models().items() if next(m.parameters()).device == self.device}
-
-    def _models(self) -> dict:
-        c = self.comp
-        return {n: m for n, m in [("denoiser", c.denoiser), ("vae", c.vae), *((f"text_encoder{i + 1}", te) for i, te in enumerate(c.text_encoders))]
-                if m is not None}
+        self.on_device = {n for n, m in named_models(comp).items() if next(m.parameters()).device == self.device}
 
     def only(self, names):
         "Put the named models on the device and the other loaded models in CPU memory."
         names, moved_off = set(names), False
-        for n, m in self._models().items():
+        for n, m in named_models(self.comp).items():
             if (n in names) != (n in self.on_device):
                 m.to(self.device if n in names else "cpu")
                 moved_off |= n not in names
-        self.on_device = set(names) & set(self._models())
+        self.on_device = set(names) & set(named_models(self.comp))
         if moved_off and self.empty_cache: clean_memory(self.device)
 
     @contextmanager
@@ -690,7 +690,7 @@ class Placement:
         before = set(self.on_device)
         self.only(before | set(names))
         try: yield
-        finally: self.only(before & set(self._models()))
+        finally: self.only(before & set(named_models(self.comp)))
 
 # %% ../nbs/06_train.ipynb #7cbc0f98
 def training_models(cfg, comp) -> set[str]:
@@ -698,7 +698,7 @@ def training_models(cfg, comp) -> set[str]:
     names = {"denoiser"} | ({"vae"} if not (cfg.cache_latents or cfg.cache_latents_to_disk) and comp.vae is not None else set())
     te_cached = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
     cached = range(len(comp.text_encoders)) if cfg.network_train_unet_only else comp.family.cache_only_encoders
-    return names | model_names(comp, [i for i in range(len(comp.text_encoders)) if not (te_cached and i in cached)])
+    return names | text_encoder_names(comp, [i for i in range(len(comp.text_encoders)) if not (te_cached and i in cached)])
 
 # %% ../nbs/06_train.ipynb #20943715
 class BlockSwap:
@@ -791,10 +791,11 @@ def _cache(cfg, comp, datasets, acc, placement: Placement, keep: set, progress: 
             for d in datasets: cache(d, (0, 1)) if cfg.cache_latents_to_disk else _gather_cache(acc, d.latents)  # the others' files / parts
         freed += release_cached_models(cfg, comp, keep, ["vae"])
     if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
-        placement.only(model_names(comp, range(len(comp.text_encoders))))
+        placement.only(text_encoder_names(comp))
         batch = lambda d: cfg.text_encoder_batch_size or d.batch_size    # sd-scripts' default: the dataset's batch size
         encode = lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length)
-        disk = lambda d, part: cache_text_encoder_outputs_to_disk(d, fam.text_disk_cache(comp), batch(d), cfg.skip_cache_check, progress, part)
+        files = fam.text_disk_cache(comp) if cfg.cache_text_encoder_outputs_to_disk else None   # (fingerprints the encoders once)
+        disk = lambda d, part: cache_text_encoder_outputs_to_disk(d, files, batch(d), cfg.skip_cache_check, progress, part)
         with acc.autocast():
             for d in datasets:    # --cache_text_encoder_outputs_to_disk implies --cache_text_encoder_outputs, as in sd-scripts
                 disk(d, part) if cfg.cache_text_encoder_outputs_to_disk else cache_text_encoder_outputs(d, encode, batch(d), progress, part)
