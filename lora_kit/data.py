@@ -6,6 +6,7 @@
 from __future__ import annotations
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import os
@@ -1053,7 +1054,14 @@ def _size_problem(path: str, size: tuple, settings: B.BucketSettings, random_cro
 def mask_image_path(conditioning_data_dir: str, image_path: str) -> str|None:
     "The image in `conditioning_data_dir` with the base name of `image_path`, as sd-scripts' `glob_images(dir, basename)` finds it."
     stem = os.path.splitext(os.path.basename(image_path))[0]
-    return next((p for p in glob_images(conditioning_data_dir) if os.path.splitext(os.path.basename(p))[0] == stem), None)
+    return _images_by_stem(conditioning_data_dir, os.stat(conditioning_data_dir).st_mtime_ns).get(stem)
+
+@functools.lru_cache(maxsize=16)
+def _images_by_stem(folder: str, mtime_ns: int) -> dict[str, str]:
+    "The folder's images by base name (the first `glob_images` lists); listed again when the folder changes (`mtime_ns`)."
+    out = {}
+    for p in glob_images(folder): out.setdefault(os.path.splitext(os.path.basename(p))[0], p)
+    return out
 
 def mask_problems(image_paths: list[str], conditioning_data_dir: str, same_size: bool, where: str) -> list[str]:
     "Images without a mask, masks without an image, and (`same_size`: with buckets) masks whose size differs from the image's."
