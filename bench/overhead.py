@@ -38,6 +38,9 @@ def lora_kit_worker(a) -> dict:
             self.times.append(time.perf_counter()); self.cpu.append(time.process_time())
             if state.step == a.warmup + a.steps: self.peak = peak_rss_mb()
 
+    if not a.memos:      # the same work as the bare loop: the VAE encodes every image at every step
+        import lora_kit.train
+        lora_kit.train.frozen_memos = lambda *args: lora_kit.train.Memos()
     comp = bench_components(a.model)
     out = tempfile.mkdtemp(prefix="lk_overhead_")
     argv = ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", a.data, "--caption_extension", ".txt",
@@ -128,7 +131,8 @@ def compare(a, model: str, data: Path) -> None:
         for name in order:
             before = load_now()
             out = run_worker(Path(__file__), [name, "--model", model, "--data", str(data), "--steps", str(steps),
-                                              "--warmup", str(warmup), "--threads", str(a.threads)] + (["--sdpa"] if a.sdpa else []), a.threads)
+                                              "--warmup", str(warmup), "--threads", str(a.threads)] + (["--sdpa"] if a.sdpa else [])
+                             + (["--memos"] if a.memos else []), a.threads)
             out["load"] = f"{before} -> {load_now()}"
             res[name].append(out)
             print(f"  {model} round {r + 1} {name:8s}: median step {median(out['step_times']) * 1000:8.1f} ms (CPU "
@@ -155,6 +159,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=0, help="untimed first steps (default 5 tiny, 2 mid)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each run")
     p.add_argument("--sdpa", action="store_true", help="scaled-dot-product attention in both (lora_kit --sdpa)")
+    p.add_argument("--memos", action="store_true", help="let lora_kit keep the frozen VAE's outputs per image (its default; "
+                   "off here so that both sides do the same work)")
     p.add_argument("--workdir", default=None, help="where the toy dataset is written (default: a temp dir)")
     p.add_argument("--worker", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)

@@ -6,6 +6,7 @@
 The model (SD1.5 configs, seeded random init) is written once, by lora_kit's writer, as an original-layout single-file
 checkpoint that both tools load. Both train with the same flags: 8 toy-world images, resolution 256, batch 1, UNet-only
 LoRA network_dim 16, AdamW, --mixed_precision no (add flags to both with --extra). Runs alternate (A B A B …).
+lora_kit encodes an image (and caption) only the first time it sees it: `--repeats 1 --warmup 8` times the second epoch.
 
 Step times come from the wall-clock stamps of the per-step `loss/current` TensorBoard scalars both tools log
 (`--logging_dir`): the last `--steps` steps after `--warmup` are timed, so model loading and saving are excluded.
@@ -141,6 +142,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads per run on CPU (0: each tool's default: sd-scripts "
                    "torch's one per core, lora_kit one per free core)")
     p.add_argument("--flops", action="store_true", help="count a step's FLOPs and measure the matmul peak: achieved FLOP/s ÷ peak")
+    p.add_argument("--repeats", type=int, default=10, help="the dataset folder's repeats (8 images in <repeats>_sks): an epoch is "
+                   "8 × repeats steps; with 1, `--warmup 8` times the second epoch, where every image is seen again")
     p.add_argument("--mixed_precision", default="no", help="passed to both (bf16 on a GPU)")
     p.add_argument("--extra", default="", help="more flags for both, e.g. \"--sdpa --gradient_checkpointing\"")
     p.add_argument("--lora_kit_extra", default="", help="flags for lora_kit only, e.g. \"--mixed_precision bf16\" (its best settings)")
@@ -154,7 +157,7 @@ def main(argv=None):
     if not ckpt.is_file():
         print("writing the random-weight SD1.5-shaped model (once)…", flush=True)
         make_model(ckpt)
-    data = write_dataset(bench/"data", n=8, res=256)
+    data = write_dataset(bench/f"data_{a.repeats}", n=8, res=256, repeats=a.repeats)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if a.threads: env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))

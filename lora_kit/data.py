@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import math
 import random
+import uuid
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -37,11 +38,11 @@ __all__ = ['logger', 'GENERAL', 'DATASET', 'SUBSET', 'DB', 'FT', 'CN', 'KIND_LAB
            'collect_dreambooth_images', 'collect_finetuning_images', 'read_metadata', 'DatasetPlan', 'plan_dataset',
            'sdscripts_dataset_seed', 'batches_per_epoch', 'steps_per_epoch', 'max_train_steps_for_epochs',
            'num_train_epochs', 'mask_image_path', 'mask_problems', 'scan_dataset', 'color_aug', 'to_pixels', 'face_box',
-           'face_crop', 'TrainDataset', 'conditioning_mask', 'BucketBatchSampler', 'debug_batches', 'collate',
-           'latents_npz_path', 'vae_fingerprint', 'latent_cache_key', 'load_cached_latents', 'save_cached_latents',
-           'batched', 'part_of', 'seeded_rng', 'cache_latents', 'text_cacheable', 'cache_text_encoder_outputs',
-           'weights_fingerprint', 'text_cache_key', 'TextDiskCache', 'cache_text_encoder_outputs_to_disk',
-           'DataSummary', 'cli_values', 'option_problems', 'load_datasets']
+           'face_crop', 'fixed_pixels', 'TrainDataset', 'conditioning_mask', 'BucketBatchSampler', 'debug_batches',
+           'collate', 'latents_npz_path', 'vae_fingerprint', 'latent_cache_key', 'load_cached_latents',
+           'save_cached_latents', 'batched', 'part_of', 'seeded_rng', 'cache_latents', 'text_cacheable',
+           'cache_text_encoder_outputs', 'weights_fingerprint', 'text_cache_key', 'TextDiskCache',
+           'cache_text_encoder_outputs_to_disk', 'DataSummary', 'cli_values', 'option_problems', 'load_datasets']
 
 # %% ../nbs/01_data.ipynb #f4d56957
 logger = logging.getLogger(__name__)
@@ -1216,6 +1217,11 @@ def face_crop(image: np.ndarray, box: tuple, resolution: tuple, aug_range: tuple
     return image
 
 # %% ../nbs/01_data.ipynb #1a4a042c
+def fixed_pixels(sub) -> bool:
+    "Whether a subset's images are the same at every step (no random crop, colour or face-crop augmentation; a flip is a second fixed image)."
+    return not (sub.random_crop or sub.color_aug or sub.face_crop_aug_range)
+
+# %% ../nbs/01_data.ipynb #4636f66f
 class TrainDataset(torch.utils.data.Dataset):
     "One dataset: images, buckets, and per-item loading with augmentation, caption ops and caches."
     def __init__(self, plan: DatasetPlan, seed: int = 0, max_train_steps: int = 0):
@@ -1225,6 +1231,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.latents: dict = {}       # item -> (latents, flipped latents or None), --cache_latents
         self.npz: dict = {}           # item -> npz path, --cache_latents_to_disk
         self.text_cond: dict = {}     # processed caption -> text-encoder output, --cache_text_encoder_outputs
+        self.uid = uuid.uuid4().hex   # names its images in `pixel_key`s
 
     def __len__(self): return len(self.plan.images.items)
 
@@ -1260,7 +1267,7 @@ class TrainDataset(torch.utils.data.Dataset):
         img = None if i in self.latents or i in self.npz else self.image(i, rng, flipped)
         if i in self.latents: out["latents"] = self.latents[i][int(flipped)]
         elif i in self.npz: out["latents"] = load_cached_latents(self.npz[i], flipped)
-        else: out["pixels"] = to_pixels(img)
+        else: out["pixels"], out["pixel_key"] = to_pixels(img), (self.uid, i, flipped) if fixed_pixels(sub) else None
         if sub.alpha_mask:      # with cached latents the image is read again for its mask, centred as when caching
             out["alpha_mask"] = torch.from_numpy((self.image(i, None, flipped) if img is None else img)[:, :, 3].copy()).float() / 255
         elif sub.conditioning_data_dir: out["alpha_mask"] = conditioning_mask(self, i, flipped)
@@ -1313,6 +1320,7 @@ def collate(samples: list[dict]) -> dict:
            "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32)}
     for k in ("pixels", "latents"):
         if k in samples[0]: out[k] = torch.stack([s[k] for s in samples])
+    if "pixels" in samples[0]: out["pixel_keys"] = [s["pixel_key"] for s in samples]
     if "text_cond" in samples[0]:
         out["text_cond"] = {k: torch.stack([s["text_cond"][k] for s in samples]) for k in samples[0]["text_cond"]}
     masks = [s.get("alpha_mask") for s in samples]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .captions import apply_token_weights, encode_chunked, get_input_ids, get_weighted_input_ids
@@ -22,8 +23,8 @@ from .config import ASSETS, OPTIONS, TrainConfig
 # %% auto #0
 __all__ = ['UNET_TARGETS', 'UNET_CONV_TARGETS', 'TE_TARGETS', 'FAMILIES', 'TINY_UNET', 'TINY_VAE', 'TINY_TEXT', 'SCHEDULER',
            'CONFIGS', 'FILE_KINDS', 'PREFIX_CLIP', 'PREFIX_OC', 'HUB_ID', 'BUILTIN_FOLDERS', 'BUILTIN_NAMES',
-           'MODEL_SOURCES', 'SD_EXTENSIONS', 'Components', 'SDFamily', 'tiny_components', 'load_tokenizer',
-           'detect_family', 'check_family', 'MissingWeightsError', 'weight_dtype', 'assign_weights',
+           'MODEL_SOURCES', 'SD_EXTENSIONS', 'Components', 'image_moments', 'SDFamily', 'tiny_components',
+           'load_tokenizer', 'detect_family', 'check_family', 'MissingWeightsError', 'weight_dtype', 'assign_weights',
            'prepare_ldm_state_dict', 'load_vae', 'load_single_file', 'write_config_dir', 'tiny_config_dir',
            'config_dir_for', 'ModelNotFoundError', 'hub_cache_dir', 'resolve_hub_id', 'is_builtin', 'resolve_model',
            'family_of_folder', 'detect_model', 'check_vae_path', 'check_model_path', 'ModelSource', 'model_source',
@@ -51,6 +52,12 @@ class Components:
 def _final_layer_norm(te) -> nn.Module:
     "The CLIP text model's final LayerNorm (transformers 5 has no `text_model` wrapper any more)."
     return getattr(te, "text_model", te).final_layer_norm
+
+# %% ../nbs/02_models.ipynb #ed798ae3
+@torch.no_grad()
+def image_moments(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    "The VAE's latent distributions of images in [-1, 1] (B, 3, H, W): means and log-variances stacked on the channels."
+    return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
 
 # %% ../nbs/02_models.ipynb #3a057c04
 UNET_TARGETS = ("Transformer2DModel",)                              # sd-scripts' LoRANetwork targets
@@ -93,11 +100,14 @@ class SDFamily:
             return {"encoder_hidden_states": encode_chunked(ids, hidden)}
         return {"encoder_hidden_states": hidden(self.tokenize(tok, captions).to(te.device))}
 
-    @torch.no_grad()
     def encode_images(self, comp: Components, pixels: torch.Tensor) -> torch.Tensor:
         "Latents of images in [-1, 1] (B, 3, H, W)."
-        vae = comp.vae
-        return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+        return self.sample_latents(comp, image_moments(comp.vae, pixels))
+
+    @torch.no_grad()
+    def sample_latents(self, comp: Components, moments: torch.Tensor) -> torch.Tensor:
+        "Latents drawn from the VAE's distributions `moments` (`image_moments`), scaled for the UNet."
+        return DiagonalGaussianDistribution(moments).sample() * comp.vae.config.scaling_factor
 
     def predict(self, comp: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         return comp.denoiser(noisy, timesteps, cond["encoder_hidden_states"]).sample

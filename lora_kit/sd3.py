@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
 from safetensors import safe_open
@@ -22,7 +23,7 @@ from .config import ASSETS, TrainConfig
 from .lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_network_args
 from .loss import OBJECTIVES, apply_mask
 from .checkpoint import load_state_dict, take_weights
-from .models import MODEL_SOURCES, Components, ModelSource, assign_weights, weight_dtype
+from .models import MODEL_SOURCES, Components, ModelSource, assign_weights, image_moments, weight_dtype
 from .data import TextDiskCache, weights_fingerprint
 
 # %% auto #0
@@ -262,12 +263,15 @@ class SD3Family:
         "`--cache_text_encoder_outputs_to_disk` in sd-scripts' `<image stem>_sd3_te.npz` files."
         return sd3_text_disk_cache(self, comp)
 
-    @torch.no_grad()
     def encode_images(self, comp: Components, pixels: torch.Tensor) -> torch.Tensor:
         "Latents of images in [-1, 1], shifted and scaled for the MMDiT."
-        vae = comp.vae
-        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
-        return (z - vae.config.shift_factor) * vae.config.scaling_factor
+        return self.sample_latents(comp, image_moments(comp.vae, pixels))
+
+    @torch.no_grad()
+    def sample_latents(self, comp: Components, moments: torch.Tensor) -> torch.Tensor:
+        "Latents drawn from the VAE's distributions `moments` (`image_moments`), shifted and scaled for the MMDiT."
+        z = DiagonalGaussianDistribution(moments).sample()
+        return (z - comp.vae.config.shift_factor) * comp.vae.config.scaling_factor
 
     def predict(self, comp: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         return comp.denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["context"],

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,25 +20,26 @@ from tqdm.auto import tqdm
 
 from .config import OPTIONS, ConfigError, TrainConfig, ignored_config_keys, option_notes, parse_resolution, validate
 from .data import (BucketBatchSampler, DatasetError, cache_latents, cache_text_encoder_outputs, cache_text_encoder_outputs_to_disk,
-                           collate, debug_batches, load_datasets, vae_fingerprint)
+                           collate, debug_batches, load_datasets, text_cacheable, vae_fingerprint)
 from .lora import LoRANetwork, SAVE_DTYPES, atomic_path, load_lora, merge_lora, save_lora
 from .networks import build_network, network_problems
 from .loss import OBJECTIVES, ddpm_only_problems
-from .models import check_model, configure_denoiser, load_components, model_source, weight_dtype
+from .models import check_model, configure_denoiser, image_moments, load_components, model_source, weight_dtype
 import lora_kit.sd3  # registers the SD3 family (its model source and the "flow" objective)
 from .optim import optim_problems, optimizer_from_config, scheduler_from_config
 
 # %% auto #0
-__all__ = ['SECRET_OPTIONS', 'lora_file_problems', 'merge_base_weights', 'check_all', 'compile_problems', 'machine_problems',
-           'fp16_optimizer_problems', 'resume_problems', 'count_steps', 'initial_step', 'starting_point',
-           'lora_filename', 'state_dirname', 'epoch_to_remove', 'step_to_remove', 'training_metadata',
+__all__ = ['SECRET_OPTIONS', 'MEMO_BYTES', 'lora_file_problems', 'merge_base_weights', 'check_all', 'compile_problems',
+           'machine_problems', 'fp16_optimizer_problems', 'resume_problems', 'count_steps', 'initial_step',
+           'starting_point', 'lora_filename', 'state_dirname', 'epoch_to_remove', 'step_to_remove', 'training_metadata',
            'dataset_metadata', 'model_file_metadata', 'modelspec', 'TrainState', 'Callback', 'TrainingStopped',
            'averaged_weights', 'LossLog', 'plot_loss', 'output_lock', 'stop_signals', 'setup_logging',
            'tracker_init_kwargs', 'tracker_problems', 'init_trackers', 'allow_fp16_gradients', 'process_share',
            'rows_loss', 'average_gradients', 'save_state', 'load_state', 'clean_memory', 'named_models',
            'text_encoder_names', 'Placement', 'training_models', 'BlockSwap', 'compile_models',
            'free_cached_text_encoders', 'release_cached_models', 'models_used', 'free_cores', 'cpu_threads', 'train',
-           'batch_loss', 'validation_timesteps', 'Validation']
+           'Memo', 'Memos', 'frozen_memos', 'batch_latents', 'batch_conditioning', 'batch_loss', 'validation_timesteps',
+           'Validation']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
@@ -881,7 +883,8 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
     optimizer = optimizer_from_config(cfg, groups)
     nproc = acc.num_processes
     loaders = [_loader(cfg, d, nproc, acc.process_index) for d in datasets]
-    validation = Validation(cfg, val_datasets, acc, comp.family.objective, train_te, dtype)
+    memos = frozen_memos(cfg, [*datasets, *val_datasets], train_te)
+    validation = Validation(cfg, val_datasets, acc, comp.family.objective, train_te, dtype, memos)
     placement = Placement(comp, device, empty_cache=not cfg.highvram)
     keep = (lambda: models_used(callbacks)) if owned else (lambda: {"vae", "text_encoders"})   # never free a caller's models
     freed = _cache(cfg, comp, [*datasets, *val_datasets], acc, placement, keep(), progress and acc.is_local_main_process)
@@ -917,7 +920,7 @@ def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=
             state.epoch = epoch + 1
             skip = done_in_epoch * cfg.gradient_accumulation_steps if epoch == first_epoch else 0
             for batch in _batches(loaders, epoch, skip):
-                loss = _step(cfg, comp, network, trainable, objective, optimizer, scheduler, acc, batch, train_te, dtype)
+                loss = _step(cfg, comp, network, trainable, objective, optimizer, scheduler, acc, batch, train_te, dtype, memos)
                 if not acc.sync_gradients: continue
                 _after_step(state, loss, scheduler, bar, callbacks, metadata)
                 if validation.due_at_step(state.step): validation.run(state, "step", bar)
@@ -961,28 +964,83 @@ def _save_stopped(state: TrainState, metadata, callbacks) -> Path:
     return _save(state, lora_filename(state.cfg, step=state.step), metadata(), callbacks)
 
 # %% ../nbs/06_train.ipynb #a212948e
-def batch_loss(cfg, comp, objective, acc, batch, train_te: bool, dtype, num_processes: int = 1) -> torch.Tensor:
-    "This process's part of the loss of one (global) batch, weighted so that the processes' parts average to the batch mean."
-    fam = comp.family
-    latents = (batch["latents"] if "latents" in batch else fam.encode_images(comp, batch["pixels"].to(acc.device))).to(acc.device, dtype)
+MEMO_BYTES = 2**30   # host memory each memo may fill
+
+class Memo:
+    """Batch-first outputs of a frozen encoder kept in host memory per input key, up to `budget` bytes. First come, kept:
+    training passes over the same inputs in turn, so replacing kept outputs would only trade one miss for another."""
+    def __init__(self, budget: int = MEMO_BYTES): self.rows, self.budget, self.used, self.full = {}, budget, 0, False
+
+    def __call__(self, keys: list, encode: Callable[[list], dict], device) -> dict:
+        """Outputs for `keys`: kept rows where there are; a new key is encoded alone (`encode([position])`), so what is kept
+        does not depend on the batch it came in; the rest (None keys, or all once the memo is full) in one batch."""
+        for j, k in enumerate(keys):
+            if k is not None and k not in self.rows and not self.full: self._keep(k, {n: v[0] for n, v in encode([j]).items()})
+        rest = [j for j, k in enumerate(keys) if k not in self.rows]
+        new = encode(rest) if rest else {}
+        if len(rest) == len(keys): return new
+        at = {j: i for i, j in enumerate(rest)}
+        names = self.rows[next(k for k in keys if k in self.rows)].keys()
+        return {n: torch.stack([new[n][at[j]] if j in at else self.rows[k][n].to(device) for j, k in enumerate(keys)]) for n in names}
+
+    def _keep(self, key, row: dict):
+        size = sum(v.numel() * v.element_size() for v in row.values())
+        self.full = self.used + size > self.budget
+        if self.full: return
+        self.rows[key] = {n: v.detach().to("cpu", copy=True) for n, v in row.items()}
+        self.used += size
+
+@dataclass
+class Memos:
+    "What a run keeps of its frozen encoders' outputs (None: nothing): the VAE's per image, the text encoders' per caption."
+    images: Memo|None = None
+    texts: Memo|None = None
+
+def frozen_memos(cfg, datasets: list, train_te: bool) -> Memos:
+    "The memos a run can use: images unless latents are cached; captions when the text encoders are frozen, not cached and fixed."
+    latents_cached = cfg.cache_latents or cfg.cache_latents_to_disk
+    texts_cached = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
+    fixed = all(text_cacheable(s) for d in datasets for s in d.plan.spec.subsets)
+    return Memos(None if latents_cached else Memo(), Memo() if fixed and not (train_te or texts_cached) else None)
+
+# %% ../nbs/06_train.ipynb #3eea0e9d
+def batch_latents(comp, batch: dict, device, memo: Memo|None = None) -> torch.Tensor:
+    "Latents of the batch's images: cached ones, else drawn from the VAE's distribution of each image (with `memo`: kept per `pixel_key`)."
+    if "latents" in batch: return batch["latents"].to(device)
+    pixels = batch["pixels"]
+    if memo is None: return comp.family.encode_images(comp, pixels.to(device))
+    moments = memo(batch["pixel_keys"], lambda rows: {"moments": image_moments(comp.vae, pixels[rows].to(device))}, device)
+    return comp.family.sample_latents(comp, moments["moments"])
+
+def batch_conditioning(cfg, comp, acc, batch: dict, train_te: bool, dtype, memo: Memo|None = None) -> dict:
+    "The text conditioning of the batch: cached, encoded (with gradients when the text encoders train), or kept in `memo` per caption."
+    fam, captions = comp.family, batch["captions"]
     if "text_cond" in batch:
         cond = {k: v.to(acc.device, dtype) for k, v in batch["text_cond"].items()}
         if train_te:    # a partial cache (SD3: T5 cached, CLIP trained): the trained encoders run on top of it
-            with acc.autocast(): cond = fam.encode_text(comp, batch["captions"], cfg.clip_skip, cfg.max_token_length, cached=cond)
-    else:
-        with torch.set_grad_enabled(train_te and torch.is_grad_enabled()), acc.autocast():
-            cond = fam.encode_text(comp, batch["captions"], cfg.clip_skip, cfg.max_token_length)
+            with acc.autocast(): cond = fam.encode_text(comp, captions, cfg.clip_skip, cfg.max_token_length, cached=cond)
+        return cond
+    encode = lambda rows: fam.encode_text(comp, [captions[j] for j in rows], cfg.clip_skip, cfg.max_token_length)
+    with torch.set_grad_enabled(train_te and torch.is_grad_enabled()), acc.autocast():
+        return memo(captions, encode, acc.device) if memo else encode(range(len(captions)))
+
+# %% ../nbs/06_train.ipynb #d0a0657a
+def batch_loss(cfg, comp, objective, acc, batch, train_te: bool, dtype, num_processes: int = 1, memos: Memos = Memos()) -> torch.Tensor:
+    "This process's part of the loss of one (global) batch, weighted so that the processes' parts average to the batch mean."
+    fam = comp.family
+    latents = batch_latents(comp, batch, acc.device, memos.images).to(acc.device, dtype)
+    cond = batch_conditioning(cfg, comp, acc, batch, train_te, dtype, memos.texts)
     offset, n = batch["rows"]
     with acc.autocast():
         mask = batch["alpha_masks"].unsqueeze(1).to(acc.device) if "alpha_masks" in batch else None
         per_sample = rows_loss(objective, lambda noisy, t: fam.predict(comp, noisy, t, cond), latents, offset, n, mask)
     return (per_sample * batch["loss_weights"].to(per_sample.device)).sum() * num_processes / n
 
-# %% ../nbs/06_train.ipynb #97b44cd2
-def _step(cfg, comp, network, trainable: list, objective, optimizer, scheduler, acc, batch, train_te, dtype) -> torch.Tensor:
+# %% ../nbs/06_train.ipynb #d03a4adb
+def _step(cfg, comp, network, trainable: list, objective, optimizer, scheduler, acc, batch, train_te, dtype, memos: Memos) -> torch.Tensor:
     "One forward/backward pass (an optimizer step when gradients are synchronised); `trainable`: the LoRA's trained parameters."
     with acc.accumulate(network):
-        loss = batch_loss(cfg, comp, objective, acc, batch, train_te, dtype, acc.num_processes)
+        loss = batch_loss(cfg, comp, objective, acc, batch, train_te, dtype, acc.num_processes, memos)
         total = acc.reduce(loss.detach(), "mean") if acc.num_processes > 1 else loss.detach()   # the same on every process
         if not torch.isfinite(total):
             if cfg.on_nan_loss != "skip": raise FloatingPointError("non-finite loss")
@@ -1005,8 +1063,8 @@ def validation_timesteps(cfg) -> list[int]:
 # %% ../nbs/06_train.ipynb #cfe6d26b
 class Validation:
     "The validation loss of a run: when it is due, and its value."
-    def __init__(self, cfg, datasets, acc, objective: str, train_te: bool, dtype):
-        self.cfg, self.acc, self.train_te, self.dtype = cfg, acc, train_te, dtype
+    def __init__(self, cfg, datasets, acc, objective: str, train_te: bool, dtype, memos: Memos = Memos()):
+        self.cfg, self.acc, self.train_te, self.dtype, self.memos = cfg, acc, train_te, dtype, memos
         self.loaders = [_loader(cfg, d) for d in datasets] if acc.is_main_process else []
         self.num_images = sum(d.plan.images.num_train_images for d in datasets)
         self.objectives = [OBJECTIVES[objective](dataclasses.replace(cfg, min_timestep=t, max_timestep=t))   # one per fixed timestep
@@ -1027,7 +1085,7 @@ class Validation:
         try:
             with torch.random.fork_rng(devices=[acc.device.index or 0] if acc.device.type == "cuda" else []):
                 torch.manual_seed(cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
-                with averaged_weights(state): losses = [batch_loss(cfg, comp, o, acc, b, self.train_te, self.dtype).item() for b in batches for o in self.objectives]
+                with averaged_weights(state): losses = [batch_loss(cfg, comp, o, acc, b, self.train_te, self.dtype, 1, self.memos).item() for b in batches for o in self.objectives]
         finally: state.network.train()
         return sum(losses) / len(losses)
 
