@@ -154,9 +154,10 @@ def main(argv=None):
     if not (sd_src/"train_network.py").is_file() or not sd_py.is_file():
         sys.exit(f"sd-scripts is not set up in {bench}: run BENCH_DIR={bench} bash bench/setup_sd_scripts.sh")
     ckpt = bench/"sd15_random.safetensors"
-    if not ckpt.is_file():
+    if not ckpt.is_file():    # in a child process: the runs fork from this one, and ru_maxrss would count its model
         print("writing the random-weight SD1.5-shaped model (once)…", flush=True)
-        make_model(ckpt)
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path[:0] = {[str(Path(__file__).parent), str(REPO)]!r}; "
+                        f"from vs_sd_scripts import make_model; from pathlib import Path; make_model(Path({str(ckpt)!r}))"], check=True)
     data = write_dataset(bench/f"data_{a.repeats}", n=8, res=256, repeats=a.repeats)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
