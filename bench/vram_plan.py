@@ -16,7 +16,7 @@ live tensor bytes (activations autograd keeps, transients, gradients, gradient-c
 counted: the CUDA context (~0.3-0.5 GB), the caching allocator's rounding and fragmentation, cuDNN/cuBLAS workspaces.
 """
 from __future__ import annotations
-import contextlib, gc, json, os, subprocess, sys, tempfile, types
+import collections, contextlib, gc, json, os, subprocess, sys, tempfile, types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,7 +244,7 @@ def model_bytes(model, dtype: torch.dtype|None = None) -> int:
     return tensor_bytes([*model.parameters(), *model.buffers()], dtype)
 
 
-def swapped_bytes(denoiser, blocks_to_swap: int, dtype) -> int:
+def swapped_bytes(denoiser, blocks_to_swap: int) -> int:
     """Bytes `--blocks_to_swap N` keeps off the device: sd-scripts' last N joint blocks stay on the CPU and come to the
     device one at a time, so the device holds the other blocks plus one block in transit."""
     if not blocks_to_swap: return 0
@@ -252,7 +252,7 @@ def swapped_bytes(denoiser, blocks_to_swap: int, dtype) -> int:
     if not blocks: raise SystemExit("--blocks_to_swap needs an SD3 MMDiT (joint blocks)")
     if blocks_to_swap > len(blocks) - 2:
         raise SystemExit(f"--blocks_to_swap {blocks_to_swap}: at most {len(blocks) - 2} of {len(blocks)} blocks (as sd-scripts)")
-    sizes = [model_bytes(b, dtype) for b in blocks[-blocks_to_swap:]]
+    sizes = [model_bytes(b) for b in blocks[-blocks_to_swap:]]
     return sum(sizes) - max(sizes)
 
 
@@ -286,14 +286,17 @@ def _cached(cfg) -> tuple[bool, bool]:
 
 
 def prepare(cfg, comp, res):
-    """Set the models up as lora_kit's training does (frozen, denoiser and text encoders in the weight dtype, the VAE in
-    float32, attention and gradient checkpointing as the flags say) and inject the LoRA; returns the LoRA network."""
+    """Set the models up as lora_kit's training does (frozen, denoiser and text encoders in the weight dtype or with
+    `--fp8_base` in float8, the VAE in float32, attention and gradient checkpointing as the flags say) and inject the
+    LoRA; returns the LoRA network."""
     from lora_kit.models import configure_denoiser
     from lora_kit.networks import build_network
+    from lora_kit.train import store_fp8
     dtype = weight_dtype(cfg)
     for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
     for m in [comp.denoiser, *comp.text_encoders]: m.to(dtype=dtype)
     comp.vae.to(dtype=torch.float32)
+    store_fp8(cfg, comp)
     configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn or cfg.xformers, cfg.gradient_checkpointing, _train_te(cfg), [res])
     for m in [comp.denoiser, *comp.text_encoders]:
         if getattr(m, "is_gradient_checkpointing", False): m.train()
@@ -369,6 +372,13 @@ class Plan:
     notes: list = field(default_factory=list)
 
 
+def main_dtype(model) -> torch.dtype:
+    "The dtype most of `model`'s parameters have (with `--fp8_base`: float8, though the first layer and the norms are not)."
+    counts = collections.Counter()
+    for p in model.parameters(): counts[p.dtype] += p.numel()
+    return counts.most_common(1)[0][0]
+
+
 def make_plan(cfg) -> Plan:
     "Build `cfg`'s models and LoRA on meta as lora_kit's training prepares them, and measure every phase."
     from lora_kit.config import option_notes, parse_resolution
@@ -377,7 +387,7 @@ def make_plan(cfg) -> Plan:
     network = prepare(cfg, comp, res)
     params = [p for p in network.parameters() if p.requires_grad]
     names = {"denoiser": comp.denoiser, "vae": comp.vae, **{f"text encoder {i + 1}": te for i, te in enumerate(comp.text_encoders)}}
-    models = {n: (sum(p.numel() for p in m.parameters()), next(m.parameters()).dtype, model_bytes(m)) for n, m in names.items()}
+    models = {n: (sum(p.numel() for p in m.parameters()), main_dtype(m), model_bytes(m)) for n, m in names.items()}
     peaks = {"train step": step_peak(cfg, comp, network, res, autocast_for(cfg)),
              **inference_peaks(cfg, comp, res, sample_resolution(cfg, res))}
     opt = (cfg.optimizer_type or "AdamW").lower()
@@ -385,7 +395,7 @@ def make_plan(cfg) -> Plan:
     notes = (option_notes(cfg) + ["--xformers is counted as --sdpa (both fused attention)"] * bool(cfg.xformers)
              + [f"--optimizer_type {cfg.optimizer_type}: its state is counted as AdamW's"] * (not modelled))
     return Plan(cfg, models, (len(network.loras), sum(p.numel() for p in params), params[0].dtype, tensor_bytes(params)),
-                optimizer_state_bytes(cfg.optimizer_type, params), swapped_bytes(comp.denoiser, cfg.blocks_to_swap, weight_dtype(cfg)),
+                optimizer_state_bytes(cfg.optimizer_type, params), swapped_bytes(comp.denoiser, cfg.blocks_to_swap),
                 peaks, notes)
 
 
@@ -496,6 +506,9 @@ README_RUNS = {
     "SD3.5 Medium 1024 px bf16": ["sd35-medium", *SD3],
     **{f"SD3.5 Large 1024 px bf16, `--blocks_to_swap {n}`": ["sd35-large", *SD3, *(["--blocks_to_swap", str(n)] if n else [])]
        for n in (0, 12, 18, 24)},
+    "SD3.5 Medium 1024 px bf16, `--fp8_base`": ["sd35-medium", *SD3, "--fp8_base"],
+    **{f"SD3.5 Large 1024 px bf16, `--fp8_base`{f' `--blocks_to_swap {n}`' if n else ''}": ["sd35-large", *SD3, "--fp8_base",
+       *(["--blocks_to_swap", str(n)] if n else [])] for n in (0, 8)},
 }
 
 

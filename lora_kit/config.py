@@ -108,6 +108,9 @@ ddp_static_graph ddp_timeout
 # %% ../nbs/00_config.ipynb #98fb7c8d
 SUPPORTED |= {"torch_compile", "dynamo_backend"}
 
+# %% ../nbs/00_config.ipynb #b9b40145
+SUPPORTED |= {"fp8_base", "fp8_base_unet"}
+
 # %% ../nbs/00_config.ipynb #fbeafdcb
 _DOES_NOT_WORK = "sd-scripts marks it [DOES NOT WORK] and ignores it too"
 NO_EFFECT = {
@@ -365,8 +368,6 @@ def _loss_problems(c) -> list[str]:
 
 # %% ../nbs/00_config.ipynb #9ee5306b
 _WHY_NOT = {  # refused options whose reason is worth stating
-    "fp8_base": "an fp8 base model relies on CUDA autocast to upcast its weights (norm layers fail on a CPU) and cannot be tested without a GPU; --mixed_precision bf16 halves the base model's memory",
-    "fp8_base_unet": "see --fp8_base",
 }
 
 _ASKS_NOTHING = {"dynamo_backend": "no"}  # values of refused options that ask for what lora_kit does anyway

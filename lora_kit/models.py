@@ -22,14 +22,14 @@ from .config import ASSETS, OPTIONS, TrainConfig
 
 # %% auto #0
 __all__ = ['UNET_TARGETS', 'UNET_CONV_TARGETS', 'TE_TARGETS', 'FAMILIES', 'TINY_UNET', 'TINY_VAE', 'TINY_TEXT', 'SCHEDULER',
-           'CONFIGS', 'FILE_KINDS', 'PREFIX_CLIP', 'PREFIX_OC', 'HUB_ID', 'BUILTIN_FOLDERS', 'BUILTIN_NAMES',
-           'MODEL_SOURCES', 'SD_EXTENSIONS', 'Components', 'image_moments', 'SDFamily', 'tiny_components',
-           'load_tokenizer', 'detect_family', 'check_family', 'MissingWeightsError', 'weight_dtype', 'assign_weights',
-           'prepare_ldm_state_dict', 'load_vae', 'load_single_file', 'write_config_dir', 'tiny_config_dir',
-           'config_dir_for', 'ModelNotFoundError', 'hub_cache_dir', 'resolve_hub_id', 'is_builtin', 'resolve_model',
-           'family_of_folder', 'detect_model', 'check_vae_path', 'check_model_path', 'ModelSource', 'model_source',
-           'check_model', 'load_components', 'load_diffusers_folder', 'save_diffusers_folder', 'save_model',
-           'configure_denoiser']
+           'CONFIGS', 'FILE_KINDS', 'PREFIX_CLIP', 'PREFIX_OC', 'FP8', 'FP8_KEEP', 'HUB_ID', 'BUILTIN_FOLDERS',
+           'BUILTIN_NAMES', 'MODEL_SOURCES', 'SD_EXTENSIONS', 'Components', 'image_moments', 'SDFamily',
+           'tiny_components', 'load_tokenizer', 'detect_family', 'check_family', 'MissingWeightsError', 'weight_dtype',
+           'store_in_fp8', 'assign_weights', 'prepare_ldm_state_dict', 'load_vae', 'load_single_file',
+           'write_config_dir', 'tiny_config_dir', 'config_dir_for', 'ModelNotFoundError', 'hub_cache_dir',
+           'resolve_hub_id', 'is_builtin', 'resolve_model', 'family_of_folder', 'detect_model', 'check_vae_path',
+           'check_model_path', 'ModelSource', 'model_source', 'check_model', 'load_components', 'load_diffusers_folder',
+           'save_diffusers_folder', 'save_model', 'configure_denoiser']
 
 # %% ../nbs/02_models.ipynb #9d10a54f
 @dataclass
@@ -77,6 +77,7 @@ class SDFamily:
     default_resolution = 512       # `modelspec.resolution` without `--resolution`
     latents_suffix = "_sd"         # latent cache files `<stem>_WxH_sd.npz`, as sd-scripts names them
     cache_only_encoders = ()       # no text encoder is replaced by a partial cache (caching needs a frozen text encoder)
+    fp8_text_encoders = (0,)       # the text encoders `--fp8_base` stores in float8 (`store_in_fp8`)
 
     def with_options(self, cfg) -> "SDFamily":
         "The family for training with `cfg`: the model files decide SD 1.x/2.x; the options add `--weighted_captions`."
@@ -251,6 +252,20 @@ PREFIX_CLIP, PREFIX_OC = "cond_stage_model.transformer.", "cond_stage_model.mode
 def weight_dtype(cfg: TrainConfig|None) -> torch.dtype:
     "The dtype the frozen models run in: float16/bfloat16 with `--mixed_precision fp16/bf16`, else (and without `cfg`) float32 (sd-scripts' `weight_dtype`)."
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(getattr(cfg, "mixed_precision", None), torch.float32)
+
+# %% ../nbs/02_models.ipynb #e3e48467
+FP8 = torch.float8_e4m3fn
+FP8_KEEP = ("wo",)     # layer names that keep the weight dtype
+
+def store_in_fp8(model: nn.Module) -> int:
+    "`--fp8_base`: the model's Linear and Conv weights stored in float8, except its first layer and `FP8_KEEP`; returns the bytes saved."
+    first, saved = next(model.parameters()), 0
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight is not first and name.rsplit(".", 1)[-1] not in FP8_KEEP:
+            before = sum(p.numel() * p.element_size() for p in m.parameters())
+            m.to(FP8)
+            saved += before - sum(p.numel() * p.element_size() for p in m.parameters())
+    return saved
 
 # %% ../nbs/02_models.ipynb #7c6ca885
 def assign_weights(model: nn.Module, state_dict: dict) -> nn.Module:

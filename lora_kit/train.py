@@ -24,7 +24,7 @@ from .data import (BucketBatchSampler, DatasetError, cache_latents, cache_text_e
 from .lora import LoRANetwork, SAVE_DTYPES, atomic_path, load_lora, merge_lora, save_lora
 from .networks import build_network, network_problems
 from .loss import OBJECTIVES, ddpm_only_problems
-from .models import check_model, configure_denoiser, image_moments, load_components, model_source, weight_dtype
+from .models import check_model, configure_denoiser, image_moments, load_components, model_source, store_in_fp8, weight_dtype
 import lora_kit.sd3  # registers the SD3 family (its model source and the "flow" objective)
 from .optim import optim_problems, optimizer_from_config, scheduler_from_config
 
@@ -38,8 +38,8 @@ __all__ = ['SECRET_OPTIONS', 'MEMO_BYTES', 'lora_file_problems', 'merge_base_wei
            'rows_loss', 'average_gradients', 'save_state', 'load_state', 'clean_memory', 'named_models',
            'text_encoder_names', 'Placement', 'training_models', 'BlockSwap', 'compile_models',
            'free_cached_text_encoders', 'release_cached_models', 'models_used', 'free_cores', 'cpu_threads', 'train',
-           'Memo', 'Memos', 'frozen_memos', 'batch_latents', 'batch_conditioning', 'batch_loss', 'validation_timesteps',
-           'Validation']
+           'store_fp8', 'Memo', 'Memos', 'frozen_memos', 'batch_latents', 'batch_conditioning', 'batch_loss',
+           'validation_timesteps', 'Validation']
 
 # %% ../nbs/06_train.ipynb #95681ebd
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
@@ -87,6 +87,9 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     if cfg.full_fp16 and cfg.mixed_precision != "fp16": out.append("--full_fp16 needs --mixed_precision fp16 (as in sd-scripts)")
     elif cfg.full_fp16: out += fp16_optimizer_problems(cfg)
     if cfg.full_bf16 and cfg.mixed_precision != "bf16": out.append("--full_bf16 needs --mixed_precision bf16 (as in sd-scripts)")
+    if (cfg.fp8_base or cfg.fp8_base_unet) and cfg.mixed_precision == "no":
+        out.append(f"--fp8_base{'_unet' if cfg.fp8_base_unet else ''} needs --mixed_precision bf16 or fp16: steps compute in that dtype "
+                   "from the float8 weights (as in sd-scripts)")
     if cfg.xformers and importlib.util.find_spec("xformers") is None:
         out.append("--xformers: the xformers package is not installed (pip install xformers; it needs a CUDA GPU); --sdpa gives the same memory saving")
     elif cfg.xformers and not cuda: out.append("--xformers needs a CUDA GPU; use --sdpa on this machine")
@@ -860,6 +863,7 @@ def _prepare_models(cfg, comp, dtype, train_te: bool, datasets):
     merge_base_weights(cfg, comp)
     for m, want in [(comp.denoiser, dtype), (comp.vae, torch.float32), *((te, dtype) for te in comp.text_encoders)]:
         if m.dtype != want: m.to(dtype=want)
+    store_fp8(cfg, comp)
     if cfg.blocks_to_swap and not cfg.gradient_checkpointing:
         print("note: --blocks_to_swap turns on --gradient_checkpointing (a swapped block runs again in the backward pass instead of being kept)")
     configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing or bool(cfg.blocks_to_swap), train_te,
@@ -867,6 +871,15 @@ def _prepare_models(cfg, comp, dtype, train_te: bool, datasets):
     for m in [comp.denoiser, *comp.text_encoders]:   # checkpointed layers act only in training mode (sd-scripts sets it too)
         if _checkpointing(m): m.train()
     if cfg.xformers: comp.denoiser.enable_xformers_memory_efficient_attention()
+
+# %% ../nbs/06_train.ipynb #32c68b25
+def store_fp8(cfg, comp) -> None:
+    "`--fp8_base`: the denoiser's and the family's `fp8_text_encoders`' layers in float8; `--fp8_base_unet`: the denoiser's only."
+    if not (cfg.fp8_base or cfg.fp8_base_unet): return
+    tes = [] if cfg.fp8_base_unet else [comp.text_encoders[i] for i in comp.family.fp8_text_encoders]
+    saved = sum(store_in_fp8(m) for m in [comp.denoiser, *tes])
+    names = " and ".join(["the denoiser", *(["the text encoder" + "s" * (len(tes) > 1)] if tes else [])])
+    print(f"--fp8_base{'_unet' if cfg.fp8_base_unet else ''}: {names} stored in float8 ({saved / 2**20:,.0f} MiB less)")
 
 # %% ../nbs/06_train.ipynb #5221ed0a
 def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None, owned=False, val_datasets=()) -> TrainState:

@@ -181,3 +181,46 @@ def test_readme_command_writes_samples_under_bf16(data):
     files = sorted(p.name for p in (data / "out" / "sample").glob("*.png"))
     assert len(files) == 2 * 2, files                     # 2 prompts after epoch 1 and at the end (epoch 2)
     assert (data / "out" / "mylora.safetensors").is_file()
+
+
+def _fp8_layers(model) -> tuple[int, int]:
+    "(float8 Linear/Conv layers, all Linear/Conv layers) of `model`."
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    return sum(m.weight.dtype == torch.float8_e4m3fn for m in layers), len(layers)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sd3"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fp8_base_trains_and_samples(data, model, precision):
+    """--fp8_base: the frozen denoiser (and SD 1.x's CLIP, SD3's T5; not CLIP-L/G) stay in float8 through training and
+    sampling; steps compute under autocast; the LoRA learns, is finite, and the samples are drawn; metadata says so."""
+    seen = []
+    class Check(Callback):
+        uses_models = False
+        def on_step_end(self, state):
+            seen.append([_fp8_layers(m) for m in [state.comp.denoiser, *state.comp.text_encoders]])
+    cfg = _cfg(data, model, "--mixed_precision", precision, "--fp8_base", "--optimizer_type", "AdamW8bit", "--learning_rate", "1e-2",
+               "--sample_prompts", str(data / "prompts.txt"), "--sample_every_n_steps", "2", "--output_name", "f8", steps=3)
+    state = train(cfg, [SampleCallback(cfg), Check()], progress=False)
+    fp8 = {"tiny-sd1": [True, True], "tiny-sd3": [True, False, False, True]}[model]
+    for step in seen:
+        assert [n > 0.8 * total for n, total in step] == fp8, step       # all but the first layer (and T5's `wo`)
+    assert state.comp.denoiser.dtype == (torch.bfloat16 if precision == "bf16" else torch.float16)
+    lora, md = load_lora(data / "out" / "f8.safetensors")
+    assert all(torch.isfinite(v).all() for v in lora.values()) and md["ss_fp8_base"] == "True"
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if k.endswith("lora_up.weight"))
+    assert len(list((data / "out" / "sample").glob("*.png"))) == 4
+
+
+def test_fp8_base_unet_keeps_text_encoders(data):
+    seen = {}
+    class Check(Callback):
+        uses_models = False
+        def on_step_end(self, state): seen["te"] = _fp8_layers(state.comp.text_encoders[0])[0]; seen["unet"] = _fp8_layers(state.comp.denoiser)[0]
+    train(_cfg(data, "tiny-sd1", "--mixed_precision", "bf16", "--fp8_base_unet"), [Check()], progress=False)
+    assert seen["te"] == 0 and seen["unet"] > 0
+
+
+def test_fp8_base_needs_mixed_precision(data):
+    with pytest.raises(ConfigError, match="--fp8_base needs --mixed_precision bf16 or fp16"):
+        train(_cfg(data, "tiny-sd1", "--fp8_base"), progress=False)

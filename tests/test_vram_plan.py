@@ -52,9 +52,9 @@ def test_autocast_emulation_matches_torch_autocast(run):
 def test_block_swap_keeps_all_but_one_of_the_last_blocks_off_the_device():
     model = nn.Module()
     model.transformer_blocks = nn.ModuleList(nn.Linear(10, 10, bias=False) for _ in range(6))   # 100 params each
-    assert vram_plan.swapped_bytes(model, 0, torch.bfloat16) == 0
-    assert vram_plan.swapped_bytes(model, 3, torch.bfloat16) == 2 * 100 * 2       # 3 swapped, 1 of them in transit
-    with pytest.raises(SystemExit): vram_plan.swapped_bytes(model, 5, torch.bfloat16)   # sd-scripts: at most blocks - 2
+    assert vram_plan.swapped_bytes(model.to(torch.bfloat16), 0) == 0
+    assert vram_plan.swapped_bytes(model.to(torch.bfloat16), 3) == 2 * 100 * 2       # 3 swapped, 1 of them in transit
+    with pytest.raises(SystemExit): vram_plan.swapped_bytes(model.to(torch.bfloat16), 5)   # sd-scripts: at most blocks - 2
 
 
 def test_optimizer_state_sizes():
