@@ -217,7 +217,7 @@ def network_problems(cfg, src=None) -> list[str]:
     if not name: return []
     if src is not None and name not in ("networks.lora", "networks.lora_sd3"):
         return [f"--network_module {name} does not support SD3 models; lora_kit trains SD3 with networks.lora_sd3"]
-    if name not in BUILTIN_ARGS: return _external_problems(name)
+    if name not in BUILTIN_ARGS: return _external_problems(name) + _external_fp8_problems(cfg)
     try: nargs = parse_network_args(cfg.network_args, network_args_table(name, src and src.network_args))
     except ValueError as e: return [str(e)]
     dim, out = cfg.network_dim or 4, []
@@ -229,6 +229,13 @@ def network_problems(cfg, src=None) -> list[str]:
         if cfg.scale_weight_norms: out.append("--scale_weight_norms: networks.oft has no max-norm regularization (sd-scripts ignores it); remove it")
         if cfg.network_train_text_encoder_only: out.append("--network_train_text_encoder_only: networks.oft trains only the UNet, nothing would be trained")
     return out
+
+def _external_fp8_problems(cfg) -> list[str]:
+    "`--fp8_base` needs every op on a base weight to run under autocast; another module's layers may not (LyCORIS's LoHa multiplies them directly)."
+    if not (cfg.fp8_base or cfg.fp8_base_unet): return []
+    return [f"--fp8_base{'_unet' if cfg.fp8_base_unet else ''} with --network_module {cfg.network_module}: its modules may compute "
+            f"with the base weights outside autocast, which float8 cannot (LyCORIS stops with \"not implemented for 'Float8_e4m3fn'\"); "
+            f"use {', '.join(BUILTIN_ARGS)}, or drop --fp8_base"]
 
 def _external_problems(name: str) -> list[str]:
     hint = (f"; lora_kit implements {', '.join(BUILTIN_ARGS)} and uses any other installed module with sd-scripts' create_network "
