@@ -224,3 +224,13 @@ def test_fp8_base_unet_keeps_text_encoders(data):
 def test_fp8_base_needs_mixed_precision(data):
     with pytest.raises(ConfigError, match="--fp8_base needs --mixed_precision bf16 or fp16"):
         train(_cfg(data, "tiny-sd1", "--fp8_base"), progress=False)
+
+
+def test_fp8_base_with_block_swap_and_caches_stays_close_to_bf16(data):
+    "SD3 with --fp8_base, --blocks_to_swap and both caches trains; its losses stay near the bf16 run's (e4m3 keeps ~2 digits)."
+    flags = ["--mixed_precision", "bf16", "--blocks_to_swap", "1", "--cache_latents", "--cache_text_encoder_outputs", "--network_train_unet_only"]
+    losses = {}
+    for name, extra in [("b", []), ("e", ["--fp8_base"])]:
+        train(_cfg(data, "tiny-sd3", *flags, *extra, "--output_name", name, steps=3), progress=False)
+        losses[name] = [float(r["loss"]) for r in csv.DictReader(open(data / "out" / f"{name}_loss.csv"))]
+    assert losses["e"] != losses["b"] and losses["e"] == pytest.approx(losses["b"], rel=0.1)
