@@ -76,6 +76,12 @@ def test_what_changes_is_encoded_every_step(data, monkeypatch, flags, images, ca
     assert (calls.images, calls.captions) == (images, captions)
 
 
+def test_keys_survive_data_loader_workers(data, monkeypatch):
+    "Items loaded in worker processes carry the same pixel keys: each image is still encoded once."
+    _, calls = _run(data, "w", "tiny-sd1", "--network_train_unet_only", "--max_data_loader_n_workers", "1", monkeypatch=monkeypatch)
+    assert (calls.images, calls.captions) == (3, 3)
+
+
 def test_cached_latents_and_text_leave_nothing_to_keep(data):
     memos = lora_kit.train.frozen_memos(_cfg(data, "x", "tiny-sd1", "--cache_latents", "--cache_text_encoder_outputs",
                                              "--network_train_unet_only"), [], False)
