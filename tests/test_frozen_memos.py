@@ -76,6 +76,22 @@ def test_what_changes_is_encoded_every_step(data, monkeypatch, flags, images, ca
     assert (calls.images, calls.captions) == (images, captions)
 
 
+def test_validation_and_accumulation_unchanged(data, monkeypatch):
+    "Validation losses (own datasets, own seed) and gradient accumulation give the same numbers with and without the memos."
+    flags = ["--network_train_unet_only", "--validation_split", "0.34", "--validate_every_n_steps", "2", "--gradient_accumulation_steps", "2"]
+    results = []
+    for memos in (True, False):
+        state = {}
+        class Keep(Callback):
+            uses_models = False
+            def on_step_end(self, s): state["validation"] = list(s.validation)
+        if not memos: monkeypatch.setattr(lora_kit.train, "frozen_memos", lambda *a: Memos())
+        train(_cfg(data, f"v{memos}", "tiny-sd1", *flags, steps=6), [Keep()], progress=False)
+        monkeypatch.undo()
+        results.append((state["validation"], [float(r["loss"]) for r in csv.DictReader(open(data / "out" / f"v{memos}_loss.csv"))]))
+    assert results[0] == results[1] and len(results[0][0]) >= 3
+
+
 def test_keys_survive_data_loader_workers(data, monkeypatch):
     "Items loaded in worker processes carry the same pixel keys: each image is still encoded once."
     _, calls = _run(data, "w", "tiny-sd1", "--network_train_unet_only", "--max_data_loader_n_workers", "1", monkeypatch=monkeypatch)
