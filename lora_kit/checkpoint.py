@@ -17,8 +17,9 @@ from torch import nn
 # %% auto #0
 __all__ = ['SAFETENSORS_DTYPES', 'UNET_TOP_LEVEL', 'UNET_RESNET_PARTS', 'VAE_ATTENTION_PARTS', 'OPENCLIP_TOP_LEVEL',
            'OPENCLIP_LAYER_PARTS', 'PREFIXES', 'atomic_path', 'follow_umask', 'UnsafeCheckpointError',
-           'read_safetensors', 'load_state_dict', 'take_weights', 'read_shapes', 'unet_key_to_ldm', 'unet_to_ldm',
-           'vae_key_to_ldm', 'vae_to_ldm', 'clip_to_ldm', 'openclip_to_ldm', 'to_ldm_checkpoint', 'save_checkpoint']
+           'read_safetensors', 'load_state_dict', 'take_weights', 'cast_floating', 'read_shapes', 'unet_key_to_ldm',
+           'unet_to_ldm', 'vae_key_to_ldm', 'vae_to_ldm', 'clip_to_ldm', 'openclip_to_ldm', 'to_ldm_checkpoint',
+           'save_checkpoint']
 
 # %% ../nbs/01c_checkpoint.ipynb #20596d22
 def _new_file(folder: Path, prefix: str) -> Path:
@@ -145,11 +146,13 @@ def load_state_dict(path: str|Path, mmap: bool = True) -> dict[str, torch.Tensor
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 # %% ../nbs/01c_checkpoint.ipynb #06570303
-def take_weights(state_dict: dict, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    "The tensors of `state_dict` whose keys start with `prefix` (keys kept), removed from it, floating-point ones cast to `dtype`."
-    return {k: _cast(state_dict.pop(k), dtype) for k in [k for k in state_dict if k.startswith(prefix)]}
+def take_weights(state_dict: dict, prefix: str, dtype: torch.dtype|None) -> dict[str, torch.Tensor]:
+    "The tensors of `state_dict` whose keys start with `prefix` (keys kept), removed from it, floating-point ones cast to `dtype` (None: as stored)."
+    return {k: cast_floating(state_dict.pop(k), dtype) for k in [k for k in state_dict if k.startswith(prefix)]}
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: return t.to(dtype) if t.is_floating_point() else t
+def cast_floating(t: torch.Tensor, dtype: torch.dtype|None) -> torch.Tensor:
+    "`t` in `dtype` if it is floating-point (and `dtype` given), else as it is."
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 # %% ../nbs/01c_checkpoint.ipynb #135d0ba2
 def read_shapes(path: str|Path) -> dict[str, tuple]:

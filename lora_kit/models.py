@@ -25,11 +25,11 @@ __all__ = ['UNET_TARGETS', 'UNET_CONV_TARGETS', 'TE_TARGETS', 'FAMILIES', 'TINY_
            'CONFIGS', 'FILE_KINDS', 'PREFIX_CLIP', 'PREFIX_OC', 'FP8', 'FP8_KEEP', 'HUB_ID', 'BUILTIN_FOLDERS',
            'BUILTIN_NAMES', 'MODEL_SOURCES', 'SD_EXTENSIONS', 'Components', 'image_moments', 'SDFamily',
            'tiny_components', 'load_tokenizer', 'detect_family', 'check_family', 'MissingWeightsError', 'weight_dtype',
-           'store_in_fp8', 'assign_weights', 'prepare_ldm_state_dict', 'load_vae', 'load_single_file',
-           'write_config_dir', 'tiny_config_dir', 'config_dir_for', 'ModelNotFoundError', 'hub_cache_dir',
-           'resolve_hub_id', 'is_builtin', 'resolve_model', 'family_of_folder', 'detect_model', 'check_vae_path',
-           'check_model_path', 'ModelSource', 'model_source', 'check_model', 'load_components', 'load_diffusers_folder',
-           'save_diffusers_folder', 'save_model', 'configure_denoiser']
+           'fp8_layers', 'fp8_weight_names', 'store_in_fp8', 'assign_weights', 'prepare_ldm_state_dict', 'load_vae',
+           'load_single_file', 'write_config_dir', 'tiny_config_dir', 'config_dir_for', 'ModelNotFoundError',
+           'hub_cache_dir', 'resolve_hub_id', 'is_builtin', 'resolve_model', 'family_of_folder', 'detect_model',
+           'check_vae_path', 'check_model_path', 'ModelSource', 'model_source', 'check_model', 'load_components',
+           'load_diffusers_folder', 'save_diffusers_folder', 'save_model', 'configure_denoiser']
 
 # %% ../nbs/02_models.ipynb #9d10a54f
 @dataclass
@@ -257,14 +257,24 @@ def weight_dtype(cfg: TrainConfig|None) -> torch.dtype:
 FP8 = torch.float8_e4m3fn
 FP8_KEEP = ("wo",)     # layer names that keep the weight dtype
 
+def fp8_layers(model: nn.Module) -> dict[str, nn.Module]:
+    "The layers `--fp8_base` stores in float8: Linear and Conv, except the model's first layer and `FP8_KEEP`."
+    first = next(model.parameters())
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight is not first and name.rsplit(".", 1)[-1] not in FP8_KEEP}
+
+def fp8_weight_names(model: nn.Module) -> set[str]:
+    "State-dict keys of the tensors `store_in_fp8` stores in float8."
+    return {f"{name}.{p}" for name, m in fp8_layers(model).items() for p, _ in m.named_parameters()}
+
 def store_in_fp8(model: nn.Module) -> int:
-    "`--fp8_base`: the model's Linear and Conv weights stored in float8, except its first layer and `FP8_KEEP`; returns the bytes saved."
-    first, saved = next(model.parameters()), 0
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight is not first and name.rsplit(".", 1)[-1] not in FP8_KEEP:
-            before = sum(p.numel() * p.element_size() for p in m.parameters())
-            m.to(FP8)
-            saved += before - sum(p.numel() * p.element_size() for p in m.parameters())
+    "`--fp8_base`: the weights of the model's `fp8_layers` stored in float8; returns the bytes saved."
+    nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+    saved = 0
+    for m in fp8_layers(model).values():
+        before = nbytes(m)
+        m.to(FP8)
+        saved += before - nbytes(m)
     return saved
 
 # %% ../nbs/02_models.ipynb #7c6ca885

@@ -22,8 +22,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from .config import ASSETS, TrainConfig
 from .lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_network_args
 from .loss import OBJECTIVES, apply_mask
-from .checkpoint import load_state_dict, take_weights
-from .models import MODEL_SOURCES, Components, ModelSource, assign_weights, image_moments, weight_dtype
+from .checkpoint import cast_floating, load_state_dict, take_weights
+from .models import FP8, MODEL_SOURCES, Components, ModelSource, assign_weights, fp8_weight_names, image_moments, weight_dtype
 from .data import TextDiskCache, weights_fingerprint
 
 # %% auto #0
@@ -583,8 +583,9 @@ def _shapes_match(model: nn.Module, sd: dict) -> bool:
     own = model.state_dict()
     return set(own) <= set(sd) | {"text_projection.weight", "encoder.embed_tokens.weight"} and all(sd[k].shape == v.shape for k, v in own.items() if k in sd)
 
-def _matching(build, candidates: list, sd: dict, what: str, dtype: torch.dtype):
-    "The model (built on the meta device) of the first candidate config whose weights have the shapes of `sd`, `sd` assigned."
+def _matching(build, candidates: list, sd: dict, what: str, dtype: torch.dtype, fp8: bool = False):
+    """The model (built on the meta device) of the first candidate config whose weights have the shapes of `sd`, `sd` assigned
+    in `dtype`; with `fp8` (`--fp8_base`) a file's float8 tensors of the layers `store_in_fp8` stores in float8 stay as they are."""
     for cand in candidates:
         with torch.device("meta"): model = build(cand)
         own = model.state_dict()
@@ -593,18 +594,20 @@ def _matching(build, candidates: list, sd: dict, what: str, dtype: torch.dtype):
             sd = {**sd, "text_projection.weight": torch.eye(model.config.projection_dim, model.config.hidden_size, dtype=dtype)}
         if "encoder.embed_tokens.weight" in own and "encoder.embed_tokens.weight" not in sd:
             sd = {**sd, "encoder.embed_tokens.weight": sd["shared.weight"]}
-        return assign_weights(model, {k: v for k, v in sd.items() if k in own})
+        keep = fp8_weight_names(model) if fp8 else set()
+        return assign_weights(model, {k: v if k in keep and v.dtype == FP8 else cast_floating(v, dtype) for k, v in sd.items() if k in own})
     raise ValueError(f"{what}: the weights match none of the known configurations (real or tiny)")
 
 # %% ../nbs/04b_sd3.ipynb #318a7545
-def _component(sd: dict, prefix: str, dtype: torch.dtype) -> dict:
-    "One component's tensors taken out of `sd`, in `dtype`, keys without `prefix` (a file with no key under `prefix` is all of it)."
+def _component(sd: dict, prefix: str, dtype: torch.dtype|None) -> dict:
+    "One component's tensors taken out of `sd`, in `dtype` (None: as stored), keys without `prefix` (a file with no key under `prefix` is all of it)."
     if not any(k.startswith(prefix) for k in sd): prefix = ""
     return {k[len(prefix):]: v for k, v in take_weights(sd, prefix, dtype).items()}
 
-def _text_encoder(which: str, sd: dict, source: str, dtype: torch.dtype):
-    sd = _component(sd, TE_PREFIXES[which], dtype)
-    if which == "t5xxl": return _matching(lambda c: t5_encoder(c, sd["shared.weight"].shape[0]), [T5XXL, TINY_T5], sd, source, dtype)
+def _text_encoder(which: str, sd: dict, source: str, dtype: torch.dtype, fp8: bool = False):
+    "CLIP-L, CLIP-G or T5-XXL from its tensors in `sd`; `fp8`: T5's float8 tensors are kept (`--fp8_base` with an fp8 T5 file)."
+    sd = _component(sd, TE_PREFIXES[which], None if fp8 else dtype)
+    if which == "t5xxl": return _matching(lambda c: t5_encoder(c, sd["shared.weight"].shape[0]), [T5XXL, TINY_T5], sd, source, dtype, fp8)
     big, tiny = (CLIP_L, TINY_CLIP_L) if which == "clip_l" else (CLIP_G, TINY_CLIP_G)
     return _matching(lambda c: clip_encoder(c, which[-1]), [big, tiny], sd, source, dtype)
 
@@ -614,13 +617,19 @@ def read_weights(path: str|Path, cfg: TrainConfig|None = None) -> dict:
     return load_state_dict(path, mmap=not (cfg is not None and cfg.disable_mmap_load_safetensors))
 
 # %% ../nbs/04b_sd3.ipynb #704fcfb6
+def _t5_in_fp8(cfg: TrainConfig|None) -> bool:
+    "Whether `--fp8_base` stores T5 in float8 (not with `--fp8_base_unet`)."
+    return cfg is not None and bool(cfg.fp8_base) and not cfg.fp8_base_unet
+
+# %% ../nbs/04b_sd3.ipynb #97b6681c
 def load_sd3(cfg: TrainConfig) -> Components:
     "Load the SD3 model of `cfg` (built-in, diffusers folder or single file); `--clip_l/--clip_g/--t5xxl/--vae` files replace its own."
     name = cfg.pretrained_model_name_or_path
     if not (name in TINY_SD3 or Path(name).is_dir()): return load_sd3_file(name, cfg)
     comp = tiny_sd3_components(name, cfg=cfg) if name in TINY_SD3 else load_sd3_folder(name, cfg)
     for i, w in enumerate(("clip_l", "clip_g", "t5xxl")):
-        if getattr(cfg, w): comp.text_encoders[i] = _text_encoder(w, read_weights(getattr(cfg, w), cfg), f"--{w} {getattr(cfg, w)}", weight_dtype(cfg))
+        if getattr(cfg, w): comp.text_encoders[i] = _text_encoder(w, read_weights(getattr(cfg, w), cfg), f"--{w} {getattr(cfg, w)}", weight_dtype(cfg),
+                                                                  _t5_in_fp8(cfg) and w == "t5xxl")
     if cfg.vae: comp.vae = sd3_vae(read_weights(cfg.vae, cfg), f"--vae {cfg.vae}")
     return comp
 
@@ -716,7 +725,7 @@ def load_sd3_file(path: str|Path, cfg: TrainConfig|None = None) -> Components:
     part = lambda c: (read_weights(flags[c], cfg), f"--{c} {flags[c]}") if flags[c] else (sd, str(path))
     mmdit = sd3_mmdit(sd, str(path), dtype)
     vae = sd3_vae(*part("vae"))
-    tes = [_text_encoder(c, *part(c), dtype) for c in ("clip_l", "clip_g", "t5xxl")]
+    tes = [_text_encoder(c, *part(c), dtype, _t5_in_fp8(cfg) and c == "t5xxl") for c in ("clip_l", "clip_g", "t5xxl")]
     c = mmdit.config
     model_type = ("5-medium" if c.dual_attention_layers else "5-large") if c.qk_norm else "medium"
     return Components(SD3Family.from_config(model_type, cfg), mmdit, vae, tes, [*clip_tokenizers(), t5_tokenizer_for(tes[2])],
