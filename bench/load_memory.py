@@ -4,7 +4,8 @@
 
 Files (random weights, written once under --dir): `sd15` = SD 1.5 (UNet, VAE, CLIP-L) in fp16, loaded with
 `--mixed_precision fp16`; `sd35m-N` = SD3.5 Medium's MMDiT cut to N joint blocks (dual attention in all but the last),
-its VAE, CLIP-L and CLIP-G in bf16 (T5-XXL is the tiny one: 9.5 GB would not fit the machine), loaded with
+its VAE, CLIP-L and CLIP-G in bf16 (T5-XXL is the tiny one: 9.5 GB would not fit the machine; `sd35m-N-folder`: the
+same as a diffusers folder), loaded with
 `--mixed_precision bf16`; both also with `--mixed_precision no` (float32: the models are then twice the file), SD3
 also with `--disable_mmap_load_safetensors`. Each load runs in a fresh interpreter; after the imports its peak RSS (VmHWM) is reset,
 and the script prints the increase of the peak while loading, and after reading every weight once (what a forward or the
@@ -49,16 +50,20 @@ def write_sd15(path: Path):
     save_model(Components(FAMILIES["sd1"], unet, vae, [te], [], None), path, dtype=torch.float16)
 
 
-def write_sd35m(path: Path, blocks: int):
+def write_sd35m(path: Path, blocks: int, folder: bool = False):
+    "The SD3.5-Medium-shaped model as a single file, or (`folder`) as a diffusers folder (`save_pretrained`)."
     import torch
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from lora_kit.models import Components
-    from lora_kit.sd3 import CLIP_G, CLIP_L, SD3_VAE, TINY_T5, SD3Family, clip_encoder, save_sd3_single_file, t5_encoder, tiny_t5_tokenizer
+    from lora_kit.sd3 import (CLIP_G, CLIP_L, SD3_VAE, TINY_T5, SD3Family, clip_encoder, clip_tokenizers, flow_scheduler,
+                              save_sd3_single_file, t5_encoder, tiny_t5_tokenizer)
     with torch.device("meta"):
         models = [SD3Transformer2DModel(**SD35_MEDIUM, num_layers=blocks, dual_attention_layers=tuple(range(blocks - 1))),
                   AutoencoderKL(**SD3_VAE), clip_encoder(CLIP_L, "l"), clip_encoder(CLIP_G, "g"), t5_encoder(TINY_T5, len(tiny_t5_tokenizer()))]
     mmdit, vae, *tes = (random_weights(m, torch.bfloat16) for m in models)
-    save_sd3_single_file(path, Components(SD3Family("5-medium"), mmdit, vae, tes, [], None))
+    comp = Components(SD3Family("5-medium"), mmdit, vae, tes, [*clip_tokenizers(), tiny_t5_tokenizer()], flow_scheduler())
+    if folder: comp.family.pipeline(comp).save_pretrained(path, safe_serialization=True)
+    else: save_sd3_single_file(path, comp)
 
 
 def worker(a):
@@ -90,21 +95,22 @@ def main():
     p.add_argument("--code", type=Path, default=REPO, help="the folder holding the lora_kit package to measure")
     p.add_argument("--worker", nargs="?", const="load")
     p.add_argument("--file"); p.add_argument("--mixed_precision"); p.add_argument("--no_mmap", action="store_true")
-    p.add_argument("--blocks", type=int)
+    p.add_argument("--blocks", type=int); p.add_argument("--folder", action="store_true")
     a = p.parse_args()
     if a.worker == "load": return worker(a)
     if a.worker == "write":
-        write_sd15(Path(a.file)) if a.blocks is None else write_sd35m(Path(a.file), a.blocks)
+        write_sd15(Path(a.file)) if a.blocks is None else write_sd35m(Path(a.file), a.blocks, a.folder)
         return worker_result({})
     if a.dir is None: p.error("--dir is required")
     a.dir.mkdir(parents=True, exist_ok=True)
     print(f"lora_kit from {a.code}; load averages {load_now()}")
     print(f"{'file':<10} {'MiB':>7} {'run':<12} {'s':>6} {'peak loading':>13} {'ratio':>6} {'peak read':>10} {'ratio':>6}  dtypes (denoiser, vae, text encoders)")
     for name in a.models:
-        file = a.dir/f"{name}.safetensors"
+        folder = name.endswith("-folder")
+        file = a.dir/(name if folder else f"{name}.safetensors")
         blocks = ["--blocks", name.split("-")[1]] if name.startswith("sd35m") else []
-        if not file.exists(): run_worker(Path(__file__), ["write", "--file", str(file), *blocks], threads=2, code=REPO)
-        size = file.stat().st_size / 2**20
+        if not file.exists(): run_worker(Path(__file__), ["write", "--file", str(file), *blocks, *(["--folder"] * folder)], threads=2, code=REPO)
+        size = (sum(f.stat().st_size for f in file.rglob("*") if f.is_file()) if folder else file.stat().st_size) / 2**20
         for mp, no_mmap in RUNS[name.split("-")[0]]:
             r = run_worker(Path(__file__), ["load", "--file", str(file), "--mixed_precision", mp, *(["--no_mmap"] if no_mmap else [])],
                            threads=1, code=a.code)

@@ -22,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from .config import ASSETS, TrainConfig
 from .lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_network_args
 from .loss import OBJECTIVES, apply_mask
-from .checkpoint import cast_floating, load_state_dict, take_weights
+from .checkpoint import cast_floating, load_state_dict, read_safetensors, take_weights
 from .models import FP8, MODEL_SOURCES, Components, ModelSource, assign_weights, fp8_weight_names, image_moments, weight_dtype
 from .data import TextDiskCache, weights_fingerprint
 
@@ -37,9 +37,9 @@ __all__ = ['VAE_SCALE_FACTOR', 'VAE_SHIFT_FACTOR', 'WEIGHTING_SCHEMES', 'TINY_CL
            'latent_sizes', 'use_resolution_pos_embed', 'mmdit_layers', 'mmdit_lora_table', 'parse_emb_dims',
            'parse_blocks', 'parse_bool', 'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces',
            'kohya_to_diffusers', 'apply_kohya_lora', 'save_diffusers_lora', 'is_sd3_file', 'claims_sd3', 'read_weights',
-           'load_sd3', 'load_sd3_folder', 'file_components', 'missing_components', 'mmdit_config', 'sd3_mmdit',
-           'sd3_vae', 't5_tokenizer_for', 'load_sd3_file', 'mmdit_to_sai', 'sd3_single_file_state',
-           'save_sd3_single_file', 'check_sd3']
+           'load_sd3', 'diffusers_weights', 'folder_mmdit', 'load_sd3_folder', 'file_components', 'missing_components',
+           'mmdit_config', 'sd3_mmdit', 'sd3_vae', 't5_tokenizer_for', 'load_sd3_file', 'mmdit_to_sai',
+           'sd3_single_file_state', 'save_sd3_single_file', 'check_sd3']
 
 # %% ../nbs/04b_sd3.ipynb #774f1ea4
 VAE_SCALE_FACTOR, VAE_SHIFT_FACTOR = 1.5305, 0.0609   # sd-scripts library/sd3_models.py SDVAE
@@ -634,10 +634,24 @@ def load_sd3(cfg: TrainConfig) -> Components:
     return comp
 
 # %% ../nbs/04b_sd3.ipynb #81e6b4db
+def diffusers_weights(folder: Path, mmap: bool = True) -> dict:
+    "The tensors of a diffusers model folder: `diffusion_pytorch_model.safetensors`, or the shards its index names."
+    index = folder/"diffusion_pytorch_model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["diffusion_pytorch_model.safetensors"]
+    if not (folder/files[0]).is_file(): raise ValueError(f"{folder}: no diffusion_pytorch_model.safetensors (lora_kit reads SD3 folders' safetensors weights)")
+    return {k: v for f in files for k, v in read_safetensors(folder/f, mmap).items()}
+
+def folder_mmdit(folder: Path, cfg: TrainConfig|None = None) -> SD3Transformer2DModel:
+    "The MMDiT of a diffusers folder, built on the meta device, with the folder's tensors in the weight dtype of `cfg`."
+    with torch.device("meta"): model = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(folder))
+    sd = diffusers_weights(folder, mmap=not (cfg is not None and cfg.disable_mmap_load_safetensors))
+    return _assigned(model, {k: cast_floating(v, weight_dtype(cfg)) for k, v in sd.items()}, str(folder))
+
+# %% ../nbs/04b_sd3.ipynb #cb33fc3d
 def load_sd3_folder(path: str|Path, cfg: TrainConfig|None = None) -> Components:
     "Components of a diffusers SD3 / SD3.5 folder, offline, in the weight dtype of `cfg` (the VAE in float32)."
     path, kw = Path(path), dict(local_files_only=True, torch_dtype=weight_dtype(cfg))
-    mmdit = SD3Transformer2DModel.from_pretrained(path/"transformer", **kw)
+    mmdit = folder_mmdit(path/"transformer", cfg)
     c = mmdit.config
     model_type = ("5-medium" if c.dual_attention_layers else "5-large") if c.qk_norm else "medium"
     tok = lambda sub, **k: CLIPTokenizer.from_pretrained(path/sub, model_max_length=77, **k)
