@@ -115,17 +115,20 @@ def select_bucket_no_upscale(image_width: int, image_height: int, max_area: int,
     "round the width to steps" and "round the height to steps" are tried and the one with the smaller aspect-ratio
     error is kept. Smaller images keep their size. The bucket is the (resized) size floored to reso_steps, so the
     image is cropped by up to reso_steps-1 pixels per side and never enlarged.
-    Raises ValueError when a side is below reso_steps (sd-scripts crashes with ZeroDivisionError)."""
+    Raises ValueError when a side (as is, or shrunk) is below reso_steps (sd-scripts crashes with ZeroDivisionError)."""
     aspect = image_width / image_height
     if image_width * image_height > max_area:
         resized_width = math.sqrt(max_area * aspect)
         resized_height = max_area / resized_width
         b_width_rounded = round_to_steps(resized_width, reso_steps)
         b_height_in_wr = round_to_steps(b_width_rounded / aspect, reso_steps)
-        ar_width_rounded = b_width_rounded / b_height_in_wr
         b_height_rounded = round_to_steps(resized_height, reso_steps)
         b_width_in_hr = round_to_steps(b_height_rounded * aspect, reso_steps)
-        ar_height_rounded = b_width_in_hr / b_height_rounded
+        if 0 in (b_width_rounded, b_height_in_wr, b_height_rounded, b_width_in_hr):
+            raise ValueError(f"image {image_width}x{image_height}, shrunk to the resolution's area (about {resized_width:.0f}x"
+                             f"{resized_height:.0f}), is below bucket_reso_steps={reso_steps} on a side: bucket_no_upscale would "
+                             "give an empty bucket")
+        ar_width_rounded, ar_height_rounded = b_width_rounded / b_height_in_wr, b_width_in_hr / b_height_rounded
         if abs(ar_width_rounded - aspect) < abs(ar_height_rounded - aspect):
             resized = (b_width_rounded, int(b_width_rounded / aspect + 0.5))
         else:

@@ -1037,6 +1037,8 @@ def _size_problem(path: str, size: tuple, settings: B.BucketSettings, random_cro
         if w < settings.bucket_reso_steps or h < settings.bucket_reso_steps:
             return (f"{path}: {w}x{h} is smaller than bucket_reso_steps={settings.bucket_reso_steps} on a side; with "
                     "bucket_no_upscale sd-scripts crashes (empty bucket). Remove or enlarge it.")
+        try: B.select_bucket_no_upscale(w, h, settings.resolution[0] * settings.resolution[1], settings.bucket_reso_steps)
+        except ValueError as e: return f"{path}: {e} (sd-scripts crashes). Remove it, raise the resolution or lower bucket_reso_steps."
         return None
     if settings.enable_bucket:
         if smallest and (w < smallest[0] or h < smallest[1]) and w * h < smallest[0] * smallest[1]:

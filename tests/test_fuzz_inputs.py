@@ -3,7 +3,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from PIL import Image
 
 from lora_kit.config import OPTIONS, ConfigError, make_config
@@ -110,6 +110,8 @@ def _bucket_argv(route, options, d, tmp):
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(["argv", "config_file", "dataset"]), bucket_options)
+@example("argv", {"resolution": 64, "min_bucket_reso": 0, "bucket_reso_steps": 32, "enable_bucket": True, "max_bucket_reso": 1024,
+                  "bucket_no_upscale": True})     # found by this test: the 70x900 image shrinks to ~18x230 (was a ZeroDivisionError)
 def test_bucket_settings_plan_or_clear_error(images, tmp_path, route, options):
     try: datasets = load_datasets(make_config(_bucket_argv(route, options, images, tmp_path)))[0]
     except (ConfigError, DatasetError) as e:
