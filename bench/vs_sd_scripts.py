@@ -21,8 +21,8 @@ import argparse, os, shlex, shutil, subprocess, sys, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, SD15_TEXT, SD15_VAE, RssSampler, load_now, median, run_and_measure, step_walltimes,
-                    write_dataset)
+from common import (REPO, SD15_TEXT, SD15_VAE, RssSampler, load_now, median, run_and_measure, run_worker, step_walltimes,
+                    worker_result, write_dataset)
 
 # Stable Diffusion 1.5's UNet config (runwayml/stable-diffusion-v1-5), for a random-weight model of that shape.
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -148,7 +148,12 @@ def main(argv=None):
     p.add_argument("--extra", default="", help="more flags for both, e.g. \"--sdpa --gradient_checkpointing\"")
     p.add_argument("--lora_kit_extra", default="", help="flags for lora_kit only, e.g. \"--mixed_precision bf16\" (its best settings)")
     p.add_argument("--only", choices=["lora_kit", "sd-scripts"], help="run one tool only (dry runs)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model_file", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.worker:
+        make_model(Path(a.model_file))
+        return worker_result({})
     bench = Path(a.bench_dir)
     sd_src, sd_py, tok = bench/"sd-scripts", bench/"sdvenv/bin/python", bench/"tokenizers"
     if not (sd_src/"train_network.py").is_file() or not sd_py.is_file():
@@ -156,8 +161,7 @@ def main(argv=None):
     ckpt = bench/"sd15_random.safetensors"
     if not ckpt.is_file():    # in a child process: the runs fork from this one, and ru_maxrss would count its model
         print("writing the random-weight SD1.5-shaped model (once)…", flush=True)
-        subprocess.run([sys.executable, "-c", f"import sys; sys.path[:0] = {[str(Path(__file__).parent), str(REPO)]!r}; "
-                        f"from vs_sd_scripts import make_model; from pathlib import Path; make_model(Path({str(ckpt)!r}))"], check=True)
+        run_worker(Path(__file__), ["--model_file", str(ckpt)], threads=2)
     data = write_dataset(bench/f"data_{a.repeats}", n=8, res=256, repeats=a.repeats)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -11,9 +11,9 @@ from typing import Any
 
 # %% auto #0
 __all__ = ['ASSETS', 'GROUPS', 'SUPPORTED', 'NO_EFFECT', 'LORA_KIT_OPTIONS', 'OPTIONS', 'TrainConfig', 'CONFIG_FILE_VALUES',
-           'NETWORK_MODULES', 'ConfigError', 'Opt', 'option_notes', 'load_options', 'unsupported_flags', 'convert',
-           'resolve_flag', 'parse_argv', 'read_config_file', 'ignored_config_keys', 'parse_resolution', 'validate',
-           'make_config']
+           'NETWORK_MODULES', 'ConfigError', 'Opt', 'fp8_flag', 'option_notes', 'load_options', 'unsupported_flags',
+           'convert', 'resolve_flag', 'parse_argv', 'read_config_file', 'ignored_config_keys', 'parse_resolution',
+           'validate', 'make_config']
 
 # %% ../nbs/00_config.ipynb #a34d165a
 from . import quiet  # noqa: F401  before anything imports diffusers: keeps its import-time noise away (00a_quiet)
@@ -110,6 +110,10 @@ SUPPORTED |= {"torch_compile", "dynamo_backend"}
 
 # %% ../nbs/00_config.ipynb #b9b40145
 SUPPORTED |= {"fp8_base", "fp8_base_unet"}
+
+def fp8_flag(cfg) -> str:
+    "The float8 flag `cfg` sets: `--fp8_base_unet` (the denoiser only), `--fp8_base` (also text encoders), or '' (none)."
+    return "--fp8_base_unet" if cfg.fp8_base_unet else "--fp8_base" if cfg.fp8_base else ""
 
 # %% ../nbs/00_config.ipynb #fbeafdcb
 _DOES_NOT_WORK = "sd-scripts marks it [DOES NOT WORK] and ignores it too"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, fp8_flag
 from .lora import (BLOCK_ARGS, LORAPLUS_ARGS, NETWORK_ARGS, LoRAModule, LoRANetwork, block_dims, block_lr_weight,
                            dims_from_state, load_into, load_lora, parse_network_args)
 
@@ -232,8 +232,8 @@ def network_problems(cfg, src=None) -> list[str]:
 
 def _external_fp8_problems(cfg) -> list[str]:
     "`--fp8_base` needs every op on a base weight to run under autocast; another module's layers may not (LyCORIS's LoHa multiplies them directly)."
-    if not (cfg.fp8_base or cfg.fp8_base_unet): return []
-    return [f"--fp8_base{'_unet' if cfg.fp8_base_unet else ''} with --network_module {cfg.network_module}: its modules may compute "
+    if not fp8_flag(cfg): return []
+    return [f"{fp8_flag(cfg)} with --network_module {cfg.network_module}: its modules may compute "
             f"with the base weights outside autocast, which float8 cannot (LyCORIS stops with \"not implemented for 'Float8_e4m3fn'\"); "
             f"use {', '.join(BUILTIN_ARGS)}, or drop --fp8_base"]
 

@@ -19,10 +19,10 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-from .config import ASSETS, TrainConfig
+from .config import ASSETS, TrainConfig, fp8_flag
 from .lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_network_args
 from .loss import OBJECTIVES, apply_mask
-from .checkpoint import cast_floating, load_state_dict, read_safetensors, take_weights
+from .checkpoint import cast_floating, load_state_dict, take_weights
 from .models import FP8, MODEL_SOURCES, Components, ModelSource, assign_weights, fp8_weight_names, image_moments, weight_dtype
 from .data import TextDiskCache, weights_fingerprint
 
@@ -617,9 +617,9 @@ def read_weights(path: str|Path, cfg: TrainConfig|None = None) -> dict:
     return load_state_dict(path, mmap=not (cfg is not None and cfg.disable_mmap_load_safetensors))
 
 # %% ../nbs/04b_sd3.ipynb #704fcfb6
-def _t5_in_fp8(cfg: TrainConfig|None) -> bool:
-    "Whether `--fp8_base` stores T5 in float8 (not with `--fp8_base_unet`)."
-    return cfg is not None and bool(cfg.fp8_base) and not cfg.fp8_base_unet
+def _keeps_fp8(cfg: TrainConfig|None, i: int) -> bool:
+    "Whether text encoder `i` is stored in float8 (`--fp8_base`, not `--fp8_base_unet`), so a file's float8 tensors stay."
+    return cfg is not None and fp8_flag(cfg) == "--fp8_base" and i in SD3Family.fp8_text_encoders
 
 # %% ../nbs/04b_sd3.ipynb #97b6681c
 def load_sd3(cfg: TrainConfig) -> Components:
@@ -629,22 +629,22 @@ def load_sd3(cfg: TrainConfig) -> Components:
     comp = tiny_sd3_components(name, cfg=cfg) if name in TINY_SD3 else load_sd3_folder(name, cfg)
     for i, w in enumerate(("clip_l", "clip_g", "t5xxl")):
         if getattr(cfg, w): comp.text_encoders[i] = _text_encoder(w, read_weights(getattr(cfg, w), cfg), f"--{w} {getattr(cfg, w)}", weight_dtype(cfg),
-                                                                  _t5_in_fp8(cfg) and w == "t5xxl")
+                                                                  _keeps_fp8(cfg, i))
     if cfg.vae: comp.vae = sd3_vae(read_weights(cfg.vae, cfg), f"--vae {cfg.vae}")
     return comp
 
 # %% ../nbs/04b_sd3.ipynb #81e6b4db
-def diffusers_weights(folder: Path, mmap: bool = True) -> dict:
-    "The tensors of a diffusers model folder: `diffusion_pytorch_model.safetensors`, or the shards its index names."
+def diffusers_weights(folder: Path, cfg: TrainConfig|None = None) -> dict:
+    "The tensors of a diffusers model folder (`read_weights`): `diffusion_pytorch_model.safetensors`, or the shards its index names."
     index = folder/"diffusion_pytorch_model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["diffusion_pytorch_model.safetensors"]
     if not (folder/files[0]).is_file(): raise ValueError(f"{folder}: no diffusion_pytorch_model.safetensors (lora_kit reads SD3 folders' safetensors weights)")
-    return {k: v for f in files for k, v in read_safetensors(folder/f, mmap).items()}
+    return {k: v for f in files for k, v in read_weights(folder/f, cfg).items()}
 
 def folder_mmdit(folder: Path, cfg: TrainConfig|None = None) -> SD3Transformer2DModel:
     "The MMDiT of a diffusers folder, built on the meta device, with the folder's tensors in the weight dtype of `cfg`."
     with torch.device("meta"): model = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(folder))
-    sd = diffusers_weights(folder, mmap=not (cfg is not None and cfg.disable_mmap_load_safetensors))
+    sd = diffusers_weights(folder, cfg)
     return _assigned(model, {k: cast_floating(v, weight_dtype(cfg)) for k, v in sd.items()}, str(folder))
 
 # %% ../nbs/04b_sd3.ipynb #cb33fc3d
@@ -739,7 +739,7 @@ def load_sd3_file(path: str|Path, cfg: TrainConfig|None = None) -> Components:
     part = lambda c: (read_weights(flags[c], cfg), f"--{c} {flags[c]}") if flags[c] else (sd, str(path))
     mmdit = sd3_mmdit(sd, str(path), dtype)
     vae = sd3_vae(*part("vae"))
-    tes = [_text_encoder(c, *part(c), dtype, _t5_in_fp8(cfg) and c == "t5xxl") for c in ("clip_l", "clip_g", "t5xxl")]
+    tes = [_text_encoder(c, *part(c), dtype, _keeps_fp8(cfg, i)) for i, c in enumerate(("clip_l", "clip_g", "t5xxl"))]
     c = mmdit.config
     model_type = ("5-medium" if c.dual_attention_layers else "5-large") if c.qk_norm else "medium"
     return Components(SD3Family.from_config(model_type, cfg), mmdit, vae, tes, [*clip_tokenizers(), t5_tokenizer_for(tes[2])],

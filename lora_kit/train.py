@@ -18,7 +18,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from .config import OPTIONS, ConfigError, TrainConfig, ignored_config_keys, option_notes, parse_resolution, validate
+from .config import OPTIONS, ConfigError, TrainConfig, fp8_flag, ignored_config_keys, option_notes, parse_resolution, validate
 from .data import (BucketBatchSampler, DatasetError, cache_latents, cache_text_encoder_outputs, cache_text_encoder_outputs_to_disk,
                            collate, debug_batches, load_datasets, text_cacheable, vae_fingerprint)
 from .lora import LoRANetwork, SAVE_DTYPES, atomic_path, load_lora, merge_lora, save_lora
@@ -87,8 +87,8 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     if cfg.full_fp16 and cfg.mixed_precision != "fp16": out.append("--full_fp16 needs --mixed_precision fp16 (as in sd-scripts)")
     elif cfg.full_fp16: out += fp16_optimizer_problems(cfg)
     if cfg.full_bf16 and cfg.mixed_precision != "bf16": out.append("--full_bf16 needs --mixed_precision bf16 (as in sd-scripts)")
-    if (cfg.fp8_base or cfg.fp8_base_unet) and cfg.mixed_precision == "no":
-        out.append(f"--fp8_base{'_unet' if cfg.fp8_base_unet else ''} needs --mixed_precision bf16 or fp16: steps compute in that dtype "
+    if fp8_flag(cfg) and cfg.mixed_precision == "no":
+        out.append(f"{fp8_flag(cfg)} needs --mixed_precision bf16 or fp16: steps compute in that dtype "
                    "from the float8 weights (as in sd-scripts)")
     if cfg.xformers and importlib.util.find_spec("xformers") is None:
         out.append("--xformers: the xformers package is not installed (pip install xformers; it needs a CUDA GPU); --sdpa gives the same memory saving")
@@ -875,11 +875,11 @@ def _prepare_models(cfg, comp, dtype, train_te: bool, datasets):
 # %% ../nbs/06_train.ipynb #32c68b25
 def store_fp8(cfg, comp) -> None:
     "`--fp8_base`: the denoiser's and the family's `fp8_text_encoders`' layers in float8; `--fp8_base_unet`: the denoiser's only."
-    if not (cfg.fp8_base or cfg.fp8_base_unet): return
-    tes = [] if cfg.fp8_base_unet else [comp.text_encoders[i] for i in comp.family.fp8_text_encoders]
+    if not (flag := fp8_flag(cfg)): return
+    tes = [comp.text_encoders[i] for i in comp.family.fp8_text_encoders] if flag == "--fp8_base" else []
     saved = sum(store_in_fp8(m) for m in [comp.denoiser, *tes])
     names = " and ".join(["the denoiser", *(["the text encoder" + "s" * (len(tes) > 1)] if tes else [])])
-    print(f"--fp8_base{'_unet' if cfg.fp8_base_unet else ''}: {names} stored in float8 ({saved / 2**20:,.0f} MiB less)")
+    print(f"{flag}: {names} stored in float8 ({saved / 2**20:,.0f} MiB less)")
 
 # %% ../nbs/06_train.ipynb #5221ed0a
 def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None, owned=False, val_datasets=()) -> TrainState:
@@ -1019,7 +1019,7 @@ def frozen_memos(cfg, datasets: list, train_te: bool) -> Memos:
 # %% ../nbs/06_train.ipynb #3eea0e9d
 def batch_latents(comp, batch: dict, device, memo: Memo|None = None) -> torch.Tensor:
     "Latents of the batch's images: cached ones, else drawn from the VAE's distribution of each image (with `memo`: kept per `pixel_key`)."
-    if "latents" in batch: return batch["latents"].to(device)
+    if "latents" in batch: return batch["latents"]
     pixels = batch["pixels"]
     if memo is None: return comp.family.encode_images(comp, pixels.to(device))
     moments = memo(batch["pixel_keys"], lambda rows: {"moments": image_moments(comp.vae, pixels[rows].to(device))}, device)
