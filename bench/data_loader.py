@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lora_kit import data, train
+from lora_kit.runtime.caches import cache_latents
 from lora_kit.cli import demo_argv
 from lora_kit.config import make_config
 from lora_kit.models import load_components
@@ -41,14 +42,14 @@ def main():
     ds = data.load_datasets(cfg)[0][0]
     print(f"{len(ds)} images {ds.plan.plan.resos}, batch {ds.batch_size}, {a.workers} loader workers")
     print(f"no cache:               {loader_rate(ds, a.workers):8.0f} images/s (decode, resize, crop, caption ops)")
-    t0 = time.perf_counter(); data.cache_latents(ds, encode, "bench", batch_size=16, progress=False)
+    t0 = time.perf_counter(); cache_latents(ds, encode, "bench", batch_size=16, progress=False)
     print(f"caching in memory:      {len(ds) / (time.perf_counter() - t0):8.0f} images/s (VAE encode, vae_batch_size 16)")
     print(f"--cache_latents:        {loader_rate(ds, a.workers):8.0f} images/s")
     disk = data.load_datasets(cfg)[0][0]
-    t0 = time.perf_counter(); data.cache_latents(disk, encode, "bench", to_disk=True, batch_size=16, progress=False)
+    t0 = time.perf_counter(); cache_latents(disk, encode, "bench", to_disk=True, batch_size=16, progress=False)
     print(f"caching to disk:        {len(ds) / (time.perf_counter() - t0):8.0f} images/s (first run: encode + write npz)")
     disk = data.load_datasets(cfg)[0][0]
-    t0 = time.perf_counter(); data.cache_latents(disk, encode, "bench", to_disk=True, batch_size=16, progress=False)
+    t0 = time.perf_counter(); cache_latents(disk, encode, "bench", to_disk=True, batch_size=16, progress=False)
     print(f"reusing the disk cache: {len(ds) / (time.perf_counter() - t0):8.0f} images/s (second run: key check only)")
     print(f"--cache_latents_to_disk:{loader_rate(disk, a.workers):8.0f} images/s")
 

@@ -24,7 +24,7 @@ from .lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_ne
 from .loss import OBJECTIVES, apply_mask
 from .checkpoint import cast_floating, load_state_dict, take_weights
 from .models import FP8, MODEL_SOURCES, Components, ModelSource, assign_weights, fp8_weight_names, image_moments, weight_dtype
-from .data import TextDiskCache, weights_fingerprint
+from .runtime.caches import TextDiskCache, weights_fingerprint
 
 # %% auto #0
 __all__ = ['VAE_SCALE_FACTOR', 'VAE_SHIFT_FACTOR', 'WEIGHTING_SCHEMES', 'TINY_CLIP_L', 'TINY_CLIP_G', 'TINY_T5', 'TINY_MMDIT',

@@ -19,8 +19,9 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from .config import OPTIONS, ConfigError, TrainConfig, fp8_flag, ignored_config_keys, option_notes, parse_resolution, validate
-from .data import (BucketBatchSampler, DatasetError, cache_latents, cache_text_encoder_outputs, cache_text_encoder_outputs_to_disk,
-                           collate, debug_batches, load_datasets, text_cacheable, vae_fingerprint)
+from .compat.dataset_config import DatasetError
+from .data import BucketBatchSampler, collate, debug_batches, load_datasets
+from .runtime.caches import cache_latents, cache_text_encoder_outputs, cache_text_encoder_outputs_to_disk, text_cacheable, vae_fingerprint
 from .lora import LoRANetwork, SAVE_DTYPES, atomic_path, load_lora, merge_lora, save_lora
 from .networks import build_network, network_problems
 from .loss import OBJECTIVES, ddpm_only_problems

@@ -17,7 +17,8 @@ from tqdm.notebook import tqdm as notebook_tqdm
 
 from .config import (NETWORK_MODULES, OPTIONS, ConfigError, Opt, TrainConfig, _NONNEGATIVE, _POSITIVE, convert,
                      ignored_config_keys, parse_resolution, read_config_file, validate)
-from .data import DatasetError, load_datasets
+from .compat.dataset_config import DatasetError
+from .data import load_datasets
 from .lora import atomic_path
 from .optim import OPTIMIZERS, SCHEDULERS
 from .sample import SampleCallback

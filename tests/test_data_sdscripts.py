@@ -11,11 +11,12 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from lora_kit import buckets as B, captions as C, data as D
+from lora_kit import buckets as B, captions as C
+from lora_kit.compat import dataset_config as D, dataset_schema as S, registration as R
+from lora_kit.runtime.scan import scan_dataset
 from lora_kit.config import ASSETS
 
 torch.set_num_threads(1)
-DB = D
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
 
@@ -60,14 +61,14 @@ def test_resolution_matches_sd_scripts_blueprint(case):
         "empty", "only_general", "no_subsets", "no_subsets_masked", "subsets_empty_list") else None
     if specs is None:  # configs sd-scripts accepts but that have no resolution: check resolution step only
         cli = D.normalize_cli(case["cli"])
-        sanitized, problems, _ = D.validate_user_config(case["config"], masked_loss=bool(cli.get("masked_loss")))
+        sanitized, problems, _ = S.validate_user_config(case["config"], masked_loss=bool(cli.get("masked_loss")))
         assert problems == []
         specs = D.resolve_config(sanitized, cli)
     exp = case["result"]["ok"]
     assert len(specs) == len(exp)
     for spec, e in zip(specs, exp):
-        assert (spec.kind == D.CN) == e["is_controlnet"]
-        assert (spec.kind in (D.DB, D.CN)) == e["is_dreambooth"] or spec.kind == D.CN
+        assert (spec.kind == S.CN) == e["is_controlnet"]
+        assert (spec.kind in (S.DB, S.CN)) == e["is_dreambooth"] or spec.kind == S.CN
         assert _norm(spec.sdscripts_params()) == e["params"]
         assert [_norm(s.sdscripts_params()) for s in spec.subsets] == [_expected_subset(s) for s in e["subsets"]]
 
@@ -155,10 +156,10 @@ def test_dataset_construction_checks():
 
 def test_cli_defaults_match_sd_scripts_parser():
     real = golden("cli_defaults.json")
-    for k, v in D.SD_SCRIPTS_CLI_DEFAULTS.items():
+    for k, v in S.SD_SCRIPTS_CLI_DEFAULTS.items():
         if k == "train_batch_size" or k in real:
             assert real[k] == (list(v) if isinstance(v, tuple) else v), k
-    for o in D.OPTIONS.values():
+    for o in S.OPTIONS.values():
         if o.cli:
             assert o.cli in real, o.name
             assert real[o.cli] == o.default, o.name
@@ -215,9 +216,9 @@ def test_parse_folder_name():
 def test_load_datasets_paths(tmp_path):
     (tmp_path / "5_cat").mkdir()
     specs = D.dataset_specs({"train_data_dir": str(tmp_path), "resolution": "512"})
-    assert specs[0].kind == D.DB and specs[0].subsets[0].num_repeats == 5 and specs[0].subsets[0].class_tokens == "cat"
+    assert specs[0].kind == S.DB and specs[0].subsets[0].num_repeats == 5 and specs[0].subsets[0].class_tokens == "cat"
     specs = D.dataset_specs({"train_data_dir": str(tmp_path), "in_json": "m.json", "resolution": "512"})
-    assert specs[0].kind == D.FT and specs[0].subsets[0].metadata_file == "m.json"
+    assert specs[0].kind == S.FT and specs[0].subsets[0].metadata_file == "m.json"
     toml = tmp_path / "d.toml"
     toml.write_text("[[datasets]]\nresolution = 256\n[[datasets.subsets]]\nimage_dir = 'C:\\data'\n")
     warnings = []
@@ -235,7 +236,7 @@ def test_unparseable_toml_names_file(tmp_path):
 
 
 def test_option_table_covers_schema():
-    rows = {r["key"]: r for r in D.option_table()}
+    rows = {r["key"]: r for r in S.option_table()}
     assert rows["batch_size"]["subset"] is False and rows["batch_size"]["cli"] == "--train_batch_size"
     assert rows["image_dir"]["general"] is False and rows["image_dir"]["subset"] is True
     assert rows["class_tokens"]["general"] and rows["class_tokens"]["kinds"] == ["dreambooth"]
@@ -430,7 +431,6 @@ def test_process_caption_matches_sd_scripts(case):
 
 
 def test_caption_options_from_subset_spec():
-    import lora_kit.data as D
     spec = D.load_dataset_config({"datasets": [{"subsets": [{"image_dir": "a", "keep_tokens": 2, "shuffle_caption": True}]}]},
                                  {"resolution": "512"})
     o = C.CaptionOptions.from_subset(spec[0].subsets[0])
@@ -572,9 +572,9 @@ def test_dataset_matches_sd_scripts(case, tree):
         ours = D.subsets_from_folders(os.path.join(root, "train"), os.path.join(root, "reg"), warn=lambda m: None)
         assert ours == cfg["datasets"][0]["subsets"]
     specs = D.load_dataset_config(cfg, case["cli"], warn=lambda m: None)
-    plans = [DB.plan_dataset(s, warn=lambda m: None) for s in specs]
-    seed = DB.sdscripts_dataset_seed(case["dataset_seed_source"])
-    assert DB.batches_per_epoch(plans) == case["len_group"]
+    plans = [R.plan_dataset(s, warn=lambda m: None) for s in specs]
+    seed = R.sdscripts_dataset_seed(case["dataset_seed_source"])
+    assert R.batches_per_epoch(plans) == case["len_group"]
     assert sum(p.images.num_train_images for p in plans) == case["num_train_images"]
     assert sum(p.images.num_reg_images for p in plans) == case["num_reg_images"]
     rel = lambda p: os.path.relpath(p, root) if os.path.isabs(p) else p  # noqa: E731
@@ -615,12 +615,12 @@ def test_dataset_matches_sd_scripts(case, tree):
     (7, [2, 2], [4, 3]),
 ])
 def test_balance_reg_repeats(n_train, reg, expected):
-    assert DB.balance_reg_repeats(n_train, reg) == expected
+    assert R.balance_reg_repeats(n_train, reg) == expected
 
 
 @given(st.integers(0, 400), st.lists(st.integers(1, 20), min_size=1, max_size=12))
 def test_balance_reg_repeats_properties(n_train, reg):
-    out = DB.balance_reg_repeats(n_train, reg)
+    out = R.balance_reg_repeats(n_train, reg)
     assert len(out) <= len(reg)
     if n_train == 0:
         assert out == []
@@ -632,9 +632,9 @@ def test_balance_reg_repeats_properties(n_train, reg):
 
 
 def test_epoch_accounting():
-    assert DB.steps_per_epoch(50, 1) == 50 and DB.steps_per_epoch(50, 4) == 13 and DB.steps_per_epoch(50, 4, 2) == 7
-    assert DB.max_train_steps_for_epochs(10, 50, 4) == 130
-    assert DB.num_train_epochs(1600, 50) == 32 and DB.num_train_epochs(1600, 50, 4) == 124
+    assert R.steps_per_epoch(50, 1) == 50 and R.steps_per_epoch(50, 4) == 13 and R.steps_per_epoch(50, 4, 2) == 7
+    assert R.max_train_steps_for_epochs(10, 50, 4) == 130
+    assert R.num_train_epochs(1600, 50) == 32 and R.num_train_epochs(1600, 50, 4) == 124
 
 
 def _save_img(path, size, fmt=None):
@@ -664,7 +664,7 @@ def test_scan_dataset_reports_everything(tmp_path):
         {"resolution": 512, "subsets": [{"image_dir": f"{t}/ok", "caption_extension": ".txt"}]},
     ]}
     specs = D.load_dataset_config(cfg, {}, warn=lambda m: None)
-    problems = DB.scan_dataset(specs)
+    problems = scan_dataset(specs)
     text = "\n".join(problems)
     assert f"{t}/ok/c.jpg: cannot read image" in text
     assert f"{t}/ok/d.png: cannot read image" in text
@@ -680,13 +680,13 @@ def test_scan_dataset_reports_everything(tmp_path):
     assert any(p.startswith(f"warning: {t}/ok/b.png: 100x80 is smaller than resolution 512x512 and bucketing is off") for p in problems)
     assert not any("No data found" in p for p in problems)
     # headers-only mode misses the truncated PNG but still finds the garbage JPEG
-    quick = "\n".join(DB.scan_dataset(specs, decode=False))
+    quick = "\n".join(scan_dataset(specs, decode=False))
     assert f"{t}/ok/c.jpg: cannot read image" in quick
 
 
 def test_scan_no_data(tmp_path):
     specs = D.load_dataset_config({"datasets": [{"resolution": 512, "subsets": [{"image_dir": str(tmp_path)}]}]}, {})
-    problems = DB.scan_dataset(specs)
+    problems = scan_dataset(specs)
     assert any("no images" in p for p in problems) and problems[-1].startswith("No data found")
 
 
@@ -696,11 +696,11 @@ def test_finetuning_metadata_jsonl(tmp_path):
         f.write(json.dumps({"image_path": "a.png", "caption": "c", "tags": "t"}) + "\n")
     specs = D.load_dataset_config({"datasets": [{"resolution": 512, "subsets": [
         {"image_dir": f"{tmp_path}/i", "metadata_file": f"{tmp_path}/m.jsonl"}]}]}, {})
-    plan = DB.plan_dataset(specs[0])
+    plan = R.plan_dataset(specs[0])
     assert plan.images.items[0].caption == "c,t" and plan.num_batches == 1
-    assert [p.split(": ", 2)[2][:40] for p in DB.scan_dataset(specs)] == ["640x480 is smaller than resolution 512x5"]
+    assert [p.split(": ", 2)[2][:40] for p in scan_dataset(specs)] == ["640x480 is smaller than resolution 512x5"]
     specs[0].enable_bucket = True
-    assert DB.scan_dataset(specs) == []
+    assert scan_dataset(specs) == []
 
 
 
@@ -709,11 +709,11 @@ def test_finetuning_metadata_jsonl(tmp_path):
 def test_split_train_val():
     import random
     paths = [f"{i}.png" for i in range(10)]
-    tr = DB.split_train_val(paths, 0.25, True, random.Random(3))
-    va = DB.split_train_val(paths, 0.25, False, random.Random(3))
+    tr = R.split_train_val(paths, 0.25, True, random.Random(3))
+    va = R.split_train_val(paths, 0.25, False, random.Random(3))
     assert len(tr) == 8 and len(va) == 2 and set(tr) | set(va) == set(paths)  # ceil(7.5), round(2.5) = 2
-    tr = DB.split_train_val(paths, 0.35, True, random.Random(3))
-    va = DB.split_train_val(paths, 0.35, False, random.Random(3))
+    tr = R.split_train_val(paths, 0.35, True, random.Random(3))
+    va = R.split_train_val(paths, 0.35, False, random.Random(3))
     assert len(tr) == 7 and len(va) == 4 and len(set(tr) & set(va)) == 1  # sd-scripts' rounding overlaps one image
 
 

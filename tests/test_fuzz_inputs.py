@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from PIL import Image
 
 from lora_kit.config import OPTIONS, ConfigError, make_config
-from lora_kit.data import DatasetError, load_datasets
+from lora_kit.compat.dataset_config import DatasetError
+from lora_kit.data import load_datasets
 
 names = st.sampled_from(sorted(OPTIONS)) | st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=20)
 values = st.one_of(st.text(max_size=12), st.integers(-5, 5000).map(str), st.floats(allow_nan=True).map(str),
