@@ -23,9 +23,9 @@ from .runtime.scan import mask_image_path, scan_dataset
 from .runtime.caches import load_cached_latents, text_cacheable
 
 # %% auto #0
-__all__ = ['color_aug', 'to_pixels', 'face_box', 'face_crop', 'fixed_pixels', 'TrainDataset', 'conditioning_mask',
-           'BucketBatchSampler', 'debug_batches', 'collate', 'DataSummary', 'cli_values', 'option_problems',
-           'load_datasets']
+__all__ = ['color_aug', 'to_pixels', 'face_box', 'face_crop', 'face_crop_taken', 'crop_top_left', 'image_sizes', 'fixed_pixels',
+           'TrainDataset', 'conditioning_mask', 'BucketBatchSampler', 'debug_batches', 'collate', 'DataSummary',
+           'cli_values', 'option_problems', 'load_datasets']
 
 # %% ../nbs/01_data.ipynb #ed9cd5e7
 def color_aug(image: np.ndarray, rng: random.Random) -> np.ndarray:
@@ -54,14 +54,19 @@ def face_box(path: str) -> tuple[int, int, int, int]|None:
 def face_crop(image: np.ndarray, box: tuple, resolution: tuple, aug_range: tuple, random_crop: bool, rng: random.Random,
               interpolation: str|None = None) -> np.ndarray:
     "sd-scripts' `crop_target`: `image` scaled by the face's size within `aug_range` and cropped to `resolution` (w, h) around the face."
+    return face_crop_taken(image, box, resolution, aug_range, random_crop, rng, interpolation)[0]
+
+def face_crop_taken(image: np.ndarray, box: tuple, resolution: tuple, aug_range: tuple, random_crop: bool, rng: random.Random,
+                    interpolation: str|None = None) -> tuple[np.ndarray, tuple[int, int], int]:
+    "`face_crop`'s image, the (top, left) of the crop in the scaled image, and the scaled image's width."
     (height, width), (W, H), (cx, cy, fw, fh) = image.shape[:2], resolution, box
-    if (height, width) == (H, W): return image
+    if (height, width) == (H, W): return image, (0, 0), width
     face, short = max(fw, fh), min(H, W)
     lo = min(1.0, max(H / height, W / width, short / (face * aug_range[1])))
     hi = min(1.0, max(lo, short / (face * aug_range[0])))
     scale = lo if lo >= hi else rng.uniform(lo, hi)
     nh, nw = int(height * scale + 0.5), int(width * scale + 0.5)
-    image = B.resize_image(image, nw, nh, interpolation)
+    image, top_left = B.resize_image(image, nw, nh, interpolation), []
     for axis, (target, length, p) in enumerate(zip((H, W), (nh, nw), (int(cy * scale + 0.5), int(cx * scale + 0.5)))):
         p1 = p - target // 2
         if random_crop:
@@ -71,7 +76,30 @@ def face_crop(image: np.ndarray, box: tuple, resolution: tuple, aug_range: tuple
             p1 += rng.randint(-face // 20, face // 20)
         p1 = max(0, min(p1, length - target))
         image = image[p1:p1 + target] if axis == 0 else image[:, p1:p1 + target]
-    return image
+        top_left.append(p1)
+    return image, tuple(top_left), nw
+
+# %% ../nbs/01_data.ipynb #db503d3b
+def crop_top_left(resized_size: tuple, bucket: tuple, random_crop: bool = False, rng: random.Random|None = None) -> tuple[int, int]:
+    """(top, left) of the crop `B.trim_and_resize` takes from an image resized to `resized_size` (w, h) to fill `bucket` (w, h):
+    centred, or with `random_crop` the offsets it draws from `rng` (width first), read from a copy of `rng` so the draws
+    still happen where they did."""
+    (w, h), (W, H) = resized_size, bucket
+    if random_crop: rng = _copy(rng)
+    left = (rng.randint(0, w - W) if random_crop else (w - W) // 2) if w > W else 0
+    top = (rng.randint(0, h - H) if random_crop else (h - H) // 2) if h > H else 0
+    return top, left
+
+def _copy(rng: random.Random) -> random.Random:
+    out = random.Random(); out.setstate(rng.getstate())
+    return out
+
+def image_sizes(original_size: tuple, bucket: tuple, top_left: tuple, resized_width: int, flipped: bool = False) -> dict:
+    "An item's `original_size_hw`, `crop_top_left` and `target_size_hw` from the file's (w, h), the bucket (w, h) and the crop."
+    top, left = top_left
+    if flipped: left = resized_width - (left + bucket[0])
+    return {"original_size_hw": (original_size[1], original_size[0]), "crop_top_left": (top, left),
+            "target_size_hw": (bucket[1], bucket[0])}
 
 # %% ../nbs/01_data.ipynb #1a4a042c
 def fixed_pixels(sub) -> bool:
@@ -94,17 +122,29 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def subset(self, i: int): return self.plan.spec.subsets[self.plan.images.items[i].subset]
 
-    def image(self, i: int, rng: random.Random|None = None, flipped: bool = False) -> np.ndarray:
-        "Image i resized and cropped to its bucket: (H, W, 3) uint8, or (H, W, 4) with the subset's `alpha_mask`."
+    def load(self, i: int, rng: random.Random|None = None, flipped: bool = False) -> tuple[np.ndarray, dict]:
+        "Image i resized and cropped to its bucket: (H, W, 3) uint8, or (H, W, 4) with the subset's `alpha_mask`; and its `image_sizes`."
         item, sub, choice = self.plan.images.items[i], self.subset(i), self.plan.plan.choices[i]
         interp = sub.resize_interpolation if sub.resize_interpolation is not None else self.plan.spec.resize_interpolation
         random_crop = sub.random_crop and rng is not None
         img, (W, H), box = B.load_image(item.path, alpha=sub.alpha_mask), self.plan.spec.resolution, face_box(item.path)
         if sub.face_crop_aug_range and box and rng is not None and not self.plan.spec.enable_bucket and img.shape[0] >= H and img.shape[1] >= W:
-            img = face_crop(img, box, (W, H), sub.face_crop_aug_range, sub.random_crop, rng, interp)
-        else: img, _, _ = B.trim_and_resize(img, choice.reso, choice.resized_size, random_crop, rng, interp)
+            img, top_left, resized_width = face_crop_taken(img, box, (W, H), sub.face_crop_aug_range, sub.random_crop, rng, interp)
+        else:
+            top_left, resized_width = crop_top_left(choice.resized_size, choice.reso, random_crop, rng), choice.resized_size[0]
+            img, _, _ = B.trim_and_resize(img, choice.reso, choice.resized_size, random_crop, rng, interp)
         if sub.color_aug and rng is not None: img = np.dstack([color_aug(np.ascontiguousarray(img[:, :, :3]), rng), img[:, :, 3:]])
-        return np.ascontiguousarray(img[:, ::-1] if flipped else img)
+        return np.ascontiguousarray(img[:, ::-1] if flipped else img), image_sizes(item.image_size, choice.reso, top_left, resized_width, flipped)
+
+    def image(self, i: int, rng: random.Random|None = None, flipped: bool = False) -> np.ndarray:
+        "Image i resized and cropped to its bucket: (H, W, 3) uint8, or (H, W, 4) with the subset's `alpha_mask`."
+        return self.load(i, rng, flipped)[0]
+
+    def sizes(self, i: int, flipped: bool = False) -> dict:
+        "The `image_sizes` of item i without loading it: its bucket and centred crop, as its cached latents were made."
+        item, choice = self.plan.images.items[i], self.plan.plan.choices[i]
+        top_left = crop_top_left(choice.resized_size, choice.reso)
+        return image_sizes(item.image_size, choice.reso, top_left, choice.resized_size[0], flipped)
 
     def pixels(self, i: int, rng: random.Random|None = None, flipped: bool = False) -> torch.Tensor:
         "Image i resized and cropped to its bucket, as a (3, H, W) tensor in [-1, 1]."
@@ -121,7 +161,8 @@ class TrainDataset(torch.utils.data.Dataset):
         item, sub = self.plan.images.items[i], self.subset(i)
         flipped = sub.flip_aug and rng.random() < 0.5
         out = {"index": i, "loss_weight": self.plan.spec.prior_loss_weight if item.is_reg else 1.0, "flipped": flipped}
-        img = None if i in self.latents or i in self.npz else self.image(i, rng, flipped)
+        img, sizes = (None, self.sizes(i, flipped)) if i in self.latents or i in self.npz else self.load(i, rng, flipped)
+        out.update(sizes)
         if i in self.latents: out["latents"] = self.latents[i][int(flipped)]
         elif i in self.npz: out["latents"] = load_cached_latents(self.npz[i], flipped)
         else: out["pixels"], out["pixel_key"] = to_pixels(img), (self.uid, i, flipped) if fixed_pixels(sub) else None
@@ -178,6 +219,8 @@ def collate(samples: list[dict]) -> dict:
     for k in ("pixels", "latents"):
         if k in samples[0]: out[k] = torch.stack([s[k] for s in samples])
     if "pixels" in samples[0]: out["pixel_keys"] = [s["pixel_key"] for s in samples]
+    for k, name in (("original_size_hw", "original_sizes_hw"), ("crop_top_left", "crop_top_lefts"), ("target_size_hw", "target_sizes_hw")):
+        if k in samples[0]: out[name] = torch.tensor([s[k] for s in samples], dtype=torch.long)
     if "text_cond" in samples[0]:
         out["text_cond"] = {k: torch.stack([s["text_cond"][k] for s in samples]) for k in samples[0]["text_cond"]}
     masks = [s.get("alpha_mask") for s in samples]
