@@ -11,7 +11,7 @@ import torch
 from lora_kit import data, train
 from lora_kit.cli import demo_argv
 from lora_kit.config import make_config
-from lora_kit.models import load_components
+from lora_kit.family import load_components
 from lora_kit.toyworld import write_folder
 
 
