@@ -137,11 +137,12 @@ def bench_components(model: str, seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from lora_kit.config import ASSETS
-    from lora_kit.models import FAMILIES, SCHEDULER, TINY_VAE, Components, tiny_components
+    from lora_kit.families.sd import SD_VARIANTS, SCHEDULER, TINY_VAE, tiny_components
+    from lora_kit.family import Components
     if model == "tiny": return tiny_components("tiny-sd1", seed)
     torch.manual_seed(seed)
     tok = CLIPTokenizer.from_pretrained(ASSETS/"clip_tokenizer", model_max_length=77)
-    return Components(FAMILIES["sd1"], UNet2DConditionModel(**MID_UNET), AutoencoderKL(**TINY_VAE),
+    return Components(SD_VARIANTS["sd1"], UNet2DConditionModel(**MID_UNET), AutoencoderKL(**TINY_VAE),
                       [CLIPTextModel(CLIPTextConfig(**MID_TEXT))], [tok], DDPMScheduler(**SCHEDULER), source="mid")
 
 

@@ -12,7 +12,7 @@ from lora_kit import data, train
 from lora_kit.runtime.caches import cache_latents
 from lora_kit.cli import demo_argv
 from lora_kit.config import make_config
-from lora_kit.models import load_components
+from lora_kit.family import load_components
 from lora_kit.toyworld import write_folder
 
 

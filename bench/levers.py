@@ -81,9 +81,9 @@ def build(model: str, dim: int = 16):
     import torch
     from diffusers import UNet2DConditionModel
     from lora_kit.lora import LoRANetwork
-    from lora_kit.models import UNET_TARGETS
+    from lora_kit.families.sd import UNET_TARGETS
     torch.manual_seed(0)
-    from lora_kit.models import TINY_UNET
+    from lora_kit.families.sd import TINY_UNET
     config, width = UNETS[model]
     unet = UNet2DConditionModel(**(TINY_UNET if config == "tiny" else config)).requires_grad_(False).eval()
     network = LoRANetwork([("lora_unet", unet, "", UNET_TARGETS)], dim=dim, alpha=dim).apply_to().train()

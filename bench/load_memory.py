@@ -40,22 +40,23 @@ def write_sd15(path: Path):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    from lora_kit.models import CONFIGS, FAMILIES, Components, save_model
+    from lora_kit.families.sd import CONFIGS, SD_VARIANTS, save_model
+    from lora_kit.family import Components
     cfg = CONFIGS/"sd1"
     with torch.device("meta"):
         models = [UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg, subfolder="unet")),
                   AutoencoderKL.from_config(AutoencoderKL.load_config(cfg, subfolder="vae")),
                   CLIPTextModel(CLIPTextConfig.from_pretrained(cfg, subfolder="text_encoder"))]
     unet, vae, te = (random_weights(m, torch.float16) for m in models)
-    save_model(Components(FAMILIES["sd1"], unet, vae, [te], [], None), path, dtype=torch.float16)
+    save_model(Components(SD_VARIANTS["sd1"], unet, vae, [te], [], None), path, dtype=torch.float16)
 
 
 def write_sd35m(path: Path, blocks: int, folder: bool = False):
     "The SD3.5-Medium-shaped model as a single file, or (`folder`) as a diffusers folder (`save_pretrained`)."
     import torch
     from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from lora_kit.models import Components
-    from lora_kit.sd3 import (CLIP_G, CLIP_L, SD3_VAE, TINY_T5, SD3Family, clip_encoder, clip_tokenizers, flow_scheduler,
+    from lora_kit.family import Components
+    from lora_kit.families.sd3 import CLIP_G, CLIP_L, SD3_VAE, TINY_T5, SD3Family, clip_encoder, clip_tokenizers, flow_scheduler
                               save_sd3_single_file, t5_encoder, tiny_t5_tokenizer)
     with torch.device("meta"):
         models = [SD3Transformer2DModel(**SD35_MEDIUM, num_layers=blocks, dual_attention_layers=tuple(range(blocks - 1))),
@@ -69,9 +70,8 @@ def write_sd35m(path: Path, blocks: int, folder: bool = False):
 def worker(a):
     "Load one file as training does; report the peak RSS increase while loading and after reading every weight once."
     import torch
-    import lora_kit.sd3  # registers the SD3 family, as the training loop does
     from lora_kit.config import make_config
-    from lora_kit.models import load_components
+    from lora_kit.family import load_components
     args = ["--pretrained_model_name_or_path", a.file, "--mixed_precision", a.mixed_precision]
     cfg = make_config(args + (["--disable_mmap_load_safetensors"] if a.no_mmap else []), check=False)
     base = rss_mb(os.getpid())

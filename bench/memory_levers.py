@@ -29,9 +29,10 @@ def write_mid_sd1(folder: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from lora_kit.config import ASSETS
-    from lora_kit.models import FAMILIES, SCHEDULER, Components, save_diffusers_folder
+    from lora_kit.families.sd import SD_VARIANTS, SCHEDULER, save_diffusers_folder
+    from lora_kit.family import Components
     torch.manual_seed(seed)
-    comp = Components(FAMILIES["sd1"], UNet2DConditionModel(**{**MID_UNET, "cross_attention_dim": 768}),
+    comp = Components(SD_VARIANTS["sd1"], UNet2DConditionModel(**{**MID_UNET, "cross_attention_dim": 768}),
                       AutoencoderKL(**SD15_VAE), [CLIPTextModel(CLIPTextConfig(**SD15_TEXT))],
                       [CLIPTokenizer.from_pretrained(ASSETS/"clip_tokenizer", model_max_length=77)], DDPMScheduler(**SCHEDULER))
     save_diffusers_folder(comp, folder)

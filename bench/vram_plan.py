@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from lora_kit.models import weight_dtype
+from lora_kit.runtime.weights import weight_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, bench_components, peak_rss_mb, reset_peak_rss, rss_mb, write_dataset
@@ -155,18 +155,19 @@ def sd_from_configs(family: str, cfg_dir: Path):
     "SD 1.x/2.x components of a (configs-only) diffusers folder, on the current device."
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    from lora_kit.models import FAMILIES, Components, load_tokenizer
+    from lora_kit.families.sd import SD_VARIANTS, load_tokenizer
+    from lora_kit.family import Components
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg_dir, subfolder="unet"))
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(cfg_dir, subfolder="vae"))
     te = CLIPTextModel(CLIPTextConfig.from_pretrained(cfg_dir, subfolder="text_encoder"))
-    return Components(FAMILIES[family], unet, vae, [te], [load_tokenizer(cfg_dir)], None, source=str(cfg_dir))
+    return Components(SD_VARIANTS[family], unet, vae, [te], [load_tokenizer(cfg_dir)], None, source=str(cfg_dir))
 
 
 def sd3_components(mmdit, cfg, vae_cfg: dict|None = None, encoders: list|None = None):
     "SD3 components around `mmdit`: the SD3 VAE and CLIP-L, CLIP-G, T5-XXL (full size unless given)."
     from diffusers import AutoencoderKL
-    from lora_kit.models import Components
-    from lora_kit.sd3 import CLIP_G, CLIP_L, SD3_VAE, T5XXL, SD3Family, clip_encoder, clip_tokenizers, t5_encoder, tiny_t5_tokenizer
+    from lora_kit.family import Components
+    from lora_kit.families.sd3 import CLIP_G, CLIP_L, SD3_VAE, T5XXL, SD3Family, clip_encoder, clip_tokenizers, t5_encoder, tiny_t5_tokenizer
     encoders = encoders or [clip_encoder(CLIP_L, "l"), clip_encoder(CLIP_G, "g"), t5_encoder(T5XXL)]
     c = mmdit.config
     model_type = ("5-medium" if c.dual_attention_layers else "5-large") if c.qk_norm else "medium"     # sd-scripts' names
@@ -194,7 +195,9 @@ def sd3_single_file(path: Path, cfg):
     """SD3 components of a single-file checkpoint: the MMDiT shaped by the file's header; each encoder and the VAE full size
     or tiny, as the file (or its --clip_l/--clip_g/--t5xxl/--vae file) says."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from lora_kit.sd3 import (CLIP_G, CLIP_L, SAI_PREFIXES, SD3_VAE, T5XXL, TINY_CLIP_G, TINY_CLIP_L, TINY_T5, TINY_VAE,
+    from lora_kit.compat.sd3_formats import SAI_PREFIXES
+    from lora_kit.families.sd import TINY_VAE
+    from lora_kit.families.sd3 import CLIP_G, CLIP_L, SD3_VAE, T5XXL, TINY_CLIP_G, TINY_CLIP_L, TINY_T5
                               _shapes_match, clip_encoder, mmdit_config, t5_encoder)
     def fitting(which: str, build, candidates: list):
         shapes = _header(getattr(cfg, which) or path, SAI_PREFIXES[which])
@@ -211,7 +214,7 @@ def sd3_single_file(path: Path, cfg):
 def sd_model(name: str):
     "SD 1.x/2.x components of a model lora_kit loads (built-in, diffusers folder or single file), from configs."
     from lora_kit.checkpoint import read_shapes
-    from lora_kit.models import config_dir_for, detect_model, tiny_components
+    from lora_kit.families.sd import config_dir_for, detect_model, tiny_components
     kind, what, family = detect_model(name)
     if kind == "builtin": return tiny_components(name)
     if kind == "diffusers": return sd_from_configs(family, Path(what))
@@ -220,8 +223,8 @@ def sd_model(name: str):
 
 def components_for(cfg):
     "The models of `cfg`'s `--pretrained_model_name_or_path`, with the family's options, on the current device."
-    from lora_kit.models import CONFIGS
-    from lora_kit.sd3 import TINY_SD3, claims_sd3, tiny_sd3_components
+    from lora_kit.families.sd import CONFIGS
+    from lora_kit.families.sd3 import TINY_SD3, claims_sd3, tiny_sd3_components
     name = cfg.pretrained_model_name_or_path
     if name == "mid": return bench_components("mid")
     if name in SD_SHAPES: return sd_from_configs(SD_SHAPES[name], CONFIGS/SD_SHAPES[name])
@@ -289,7 +292,6 @@ def prepare(cfg, comp, res):
     """Set the models up as lora_kit's training does (frozen, denoiser and text encoders in the weight dtype or with
     `--fp8_base` in float8, the VAE in float32, attention and gradient checkpointing as the flags say) and inject the
     LoRA; returns the LoRA network."""
-    from lora_kit.models import configure_denoiser
     from lora_kit.networks import build_network
     from lora_kit.train import store_fp8
     dtype = weight_dtype(cfg)
@@ -297,7 +299,7 @@ def prepare(cfg, comp, res):
     for m in [comp.denoiser, *comp.text_encoders]: m.to(dtype=dtype)
     comp.vae.to(dtype=torch.float32)
     store_fp8(cfg, comp)
-    configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn or cfg.xformers, cfg.gradient_checkpointing, _train_te(cfg), [res])
+    comp.family.configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn or cfg.xformers, cfg.gradient_checkpointing, _train_te(cfg), [res])
     for m in [comp.denoiser, *comp.text_encoders]:
         if getattr(m, "is_gradient_checkpointing", False): m.train()
     with torch.device(comp.denoiser.device): network = build_network(cfg, comp)

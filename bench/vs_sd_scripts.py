@@ -36,9 +36,10 @@ def make_model(ckpt: Path, seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from lora_kit.config import ASSETS
-    from lora_kit.models import FAMILIES, SCHEDULER, Components, save_model
+    from lora_kit.families.sd import SD_VARIANTS, SCHEDULER, save_model
+    from lora_kit.family import Components
     torch.manual_seed(seed)
-    comp = Components(FAMILIES["sd1"], UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE),
+    comp = Components(SD_VARIANTS["sd1"], UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE),
                       [CLIPTextModel(CLIPTextConfig(**SD15_TEXT))],
                       [CLIPTokenizer.from_pretrained(ASSETS/"clip_tokenizer", model_max_length=77)], DDPMScheduler(**SCHEDULER))
     save_model(comp, ckpt)

@@ -11,7 +11,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read when torch loads: i
 from .config import ConfigError, make_config
 from .lora import atomic_path
 from .sample import SampleCallback
-from .sd3 import TINY_SD3, claims_sd3, load_sd3, save_diffusers_lora
+from .compat.sd3_formats import save_diffusers_lora
+from .families.sd3 import TINY_SD3, claims_sd3, load_sd3
 from .train import TrainingStopped, train
 
 # %% auto #0
@@ -105,7 +106,7 @@ def check_toy(argv: list[str]) -> int:
 # %% ../nbs/09_cli.ipynb #8bce48cc
 def _family_model(name: str, v2: bool, v_parameterization: bool):
     from lora_kit.config import TrainConfig
-    from lora_kit.models import load_components
+    from lora_kit.family import load_components
     return load_components(TrainConfig(pretrained_model_name_or_path=name, v2=v2, v_parameterization=v_parameterization))
 
 # %% ../nbs/09_cli.ipynb #869ac8d0
@@ -130,7 +131,7 @@ def merge(argv: list[str]) -> int:
     "`lora-kit merge --model M --lora a.safetensors[:strength] ... --output merged.safetensors`."
     from lora_kit.lora import load_lora, merge_lora
     from lora_kit.lora import SAVE_DTYPES
-    from lora_kit.models import save_model
+    from lora_kit.families.sd import save_model
     p = argparse.ArgumentParser(prog="lora-kit merge", description="bake LoRAs into a model and save it")
     p.add_argument("--model", required=True); p.add_argument("--lora", nargs="+", required=True)
     p.add_argument("--output", required=True); p.add_argument("--v2", action="store_true"); p.add_argument("--v_parameterization", action="store_true")

@@ -39,7 +39,7 @@ class Opt:
     item: str = "str"     # item type of a `list` option
     group: str = "advanced"    # section in the notebook form
     supported: bool = False    # implemented by lora_kit
-    scripts: tuple = ("train_network", "sd3_train_network")  # which sd-scripts scripts have it
+    scripts: tuple = ()   # which sd-scripts scripts have it (from the option table; "lora_kit": lora_kit's own)
 
     @property
     def flag(self): return f"--{self.name}"
@@ -411,7 +411,7 @@ def _combination_problems(c) -> list[str]:
     return out
 
 # %% ../nbs/00_config.ipynb #e7d271ee
-NETWORK_MODULES = ("networks.lora", "networks.lora_sd3", "networks.lora_fa", "networks.dylora", "networks.oft", "lycoris.kohya")   # suggested; see `networks`
+NETWORK_MODULES = ("networks.lora", "networks.lora_fa", "networks.dylora", "networks.oft", "lycoris.kohya")   # suggested (families add their own); see `networks`
 
 # %% ../nbs/00_config.ipynb #6716fda9
 def validate(c) -> list[str]:

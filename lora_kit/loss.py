@@ -12,10 +12,10 @@ from diffusers import DDPMScheduler
 from .config import OPTIONS
 
 # %% auto #0
-__all__ = ['HUBER_SCHEDULES', 'LOSS_TYPES', 'OBJECTIVES', 'DDPM_ONLY', 'training_scheduler', 'DDPMOptions', 'pyramid_noise',
-           'sample_noise', 'perturbed', 'sample_timesteps', 'diffusion_target', 'huber_threshold', 'apply_mask',
-           'per_sample_loss', 'snr_table', 'min_snr_weight', 'snr_weighted', 'sd_loss', 'DDPMObjective',
-           'ddpm_only_problems']
+__all__ = ['HUBER_SCHEDULES', 'LOSS_TYPES', 'OBJECTIVES', 'DDPM_ONLY', 'WEIGHTING_SCHEMES', 'training_scheduler', 'DDPMOptions',
+           'pyramid_noise', 'sample_noise', 'perturbed', 'sample_timesteps', 'diffusion_target', 'huber_threshold',
+           'apply_mask', 'per_sample_loss', 'snr_table', 'min_snr_weight', 'snr_weighted', 'sd_loss', 'DDPMObjective',
+           'ddpm_only_problems', 'sample_u', 'shift_u', 'loss_weight', 'flow_loss', 'FlowObjective']
 
 # %% ../nbs/04_loss.ipynb #5dd6db88
 def training_scheduler(v_prediction: bool = False, zero_terminal_snr: bool = False) -> DDPMScheduler:
@@ -203,3 +203,56 @@ def ddpm_only_problems(cfg, family: str) -> list[str]:
            for n in DDPM_ONLY if getattr(cfg, n) != OPTIONS[n].default]
     if cfg.loss_type != "l2": out.append(f"--loss_type {cfg.loss_type}: lora_kit trains {family} with l2 only; remove it")
     return out
+
+# %% ../nbs/04_loss.ipynb #774f1ea4
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform")
+
+# %% ../nbs/04_loss.ipynb #1257917a
+def sample_u(weighting_scheme: str, n: int, logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
+             generator=None, device=None) -> torch.Tensor:
+    "`n` values of u in [0, 1) drawn on `device` as `--weighting_scheme` says (sd-scripts' `compute_density_for_timestep_sampling`)."
+    if weighting_scheme == "logit_normal":
+        return torch.sigmoid(torch.normal(logit_mean, logit_std, size=(n,), generator=generator, device=device))
+    u = torch.rand(n, generator=generator, device=device)
+    if weighting_scheme == "mode": u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+# %% ../nbs/04_loss.ipynb #ed51d808
+def shift_u(u: torch.Tensor, shift: float) -> torch.Tensor:
+    "`--training_shift`: u·s / (1 + (s−1)·u); s = 1 leaves u unchanged."
+    return u * shift / (1 + (shift - 1) * u)
+
+# %% ../nbs/04_loss.ipynb #6c38a963
+def loss_weight(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    "Per-image loss weight of `--weighting_scheme` (sd-scripts' `compute_loss_weighting_for_sd3`)."
+    if weighting_scheme == "sigma_sqrt": return (sigmas ** -2.0).float()
+    if weighting_scheme == "cosmap": return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))
+    return torch.ones_like(sigmas)
+
+# %% ../nbs/04_loss.ipynb #4a967ec4
+def flow_loss(predict, latents: torch.Tensor, weighting_scheme: str = "uniform", logit_mean: float = 0.0,
+              logit_std: float = 1.0, mode_scale: float = 1.29, training_shift: float = 1.0,
+              min_timestep: int|None = None, max_timestep: int|None = None, generator=None, mask: torch.Tensor|None = None) -> torch.Tensor:
+    "Per-image SD3 loss; `predict(noisy, timesteps)` is the model call, `mask` weights pixels. Draw order as sd-scripts: noise, then u."
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
+    u = shift_u(sample_u(weighting_scheme, latents.shape[0], logit_mean, logit_std, mode_scale, generator, latents.device), training_shift)
+    t_min, t_max = min_timestep or 0, 1000 if max_timestep is None else max_timestep
+    timesteps = (u * (t_max - t_min) + t_min).long().to(latents.dtype)
+    sigmas = (timesteps / 1000).view(-1, *[1] * (latents.dim() - 1))
+    noisy = sigmas * noise + (1 - sigmas) * latents
+    x0 = predict(noisy, timesteps) * (-sigmas) + noisy
+    loss = F.mse_loss(x0.float(), latents.float(), reduction="none") * loss_weight(weighting_scheme, sigmas)
+    return apply_mask(loss, mask).mean(dim=list(range(1, loss.dim())))
+
+# %% ../nbs/04_loss.ipynb #a3fd4e5e
+class FlowObjective:
+    "The rectified-flow objective (SD3's) from `--weighting_scheme`, `--logit_mean`, `--logit_std`, `--mode_scale`, `--training_shift`."
+    def __init__(self, cfg):
+        self.kw = dict(weighting_scheme=cfg.weighting_scheme, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                       mode_scale=cfg.mode_scale, training_shift=cfg.training_shift,
+                       min_timestep=cfg.min_timestep, max_timestep=cfg.max_timestep)
+
+    def __call__(self, predict, latents: torch.Tensor, generator=None, mask: torch.Tensor|None = None) -> torch.Tensor:
+        return flow_loss(predict, latents, generator=generator, mask=mask, **self.kw)
+
+OBJECTIVES["flow"] = FlowObjective

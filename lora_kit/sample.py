@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_sample.ipynb #7dd833ec
 from __future__ import annotations
-import inspect, json, re, tomllib
+import json, re, tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -83,14 +83,14 @@ def sample_scheduler(sampler: str, config):
 # %% ../nbs/07_sample.ipynb #413119b2
 _EMBED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
-def prompt_conditioning(pipe, p: SamplePrompt, clip_skip: int|None = None, autocast=nullcontext) -> dict:
+def prompt_conditioning(comp, pipe, p: SamplePrompt, clip_skip: int|None = None, autocast=nullcontext) -> dict:
     "The pipeline's embeddings for `p` (keyword arguments of its call), computed by its text encoders, kept on the CPU."
-    more = {n: None for n in ("prompt_2", "prompt_3") if n in inspect.signature(pipe.encode_prompt).parameters}  # SD3: = prompt
+    more = comp.family.prompt_arguments(pipe)      # e.g. the second and third text encoders' prompts
     with torch.no_grad(), autocast():
         out = pipe.encode_prompt(prompt=p.prompt, **more, negative_prompt=p.negative_prompt or None, device=pipe.text_encoder.device,
                                  num_images_per_prompt=1, do_classifier_free_guidance=p.scale > 1,
                                  clip_skip=clip_skip - 1 if clip_skip and clip_skip > 1 else None)
-    return {name: e.cpu() for name, e in zip(_EMBED_NAMES, out) if e is not None}   # (SD 1.x/2.x: no pooled embeddings)
+    return {name: e.cpu() for name, e in zip(_EMBED_NAMES, out) if e is not None}   # (some pipelines have no pooled embeddings)
 
 # %% ../nbs/07_sample.ipynb #2148ded3
 def decode_latents(vae, latents: torch.Tensor):
@@ -110,7 +110,7 @@ def generate(comp, prompts: list[SamplePrompt], sampler: str = "ddim", default_s
     device = comp.denoiser.device
     out = []
     for i, p in enumerate(prompts):
-        cond = conditioning[i] if conditioning else prompt_conditioning(pipe, p, clip_skip, autocast)
+        cond = conditioning[i] if conditioning else prompt_conditioning(comp, pipe, p, clip_skip, autocast)
         g = torch.Generator(device="cpu").manual_seed(p.seed if p.seed is not None else default_seed + i)
         with torch.no_grad(), autocast():
             latents = pipe(**{k: v.to(device) for k, v in cond.items()}, width=p.width, height=p.height, num_inference_steps=p.sample_steps,
@@ -144,7 +144,7 @@ class SampleCallback(Callback):
         if not self.prompts or state.network.modules_with("lora_te") or None in comp.text_encoders: return
         pipe = comp.family.pipeline(comp)
         with state.placement.also(text_encoder_names(comp)):
-            self.conditioning = [prompt_conditioning(pipe, p, state.cfg.clip_skip, state.accelerator.autocast) for p in self.prompts]
+            self.conditioning = [prompt_conditioning(state.comp, pipe, p, state.cfg.clip_skip, state.accelerator.autocast) for p in self.prompts]
 
     def sample(self, state: TrainState, tag: str):
         if not self.prompts or not state.accelerator.is_main_process: return

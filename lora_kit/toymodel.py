@@ -71,7 +71,7 @@ def load_toy(model: str = "toy-sd1", lora: str|Path|None = None, strength: float
     "The components of `model`, optionally with the LoRA file `lora` merged at `strength`."
     from lora_kit.config import make_config
     from lora_kit.lora import load_lora, merge_lora
-    from lora_kit.models import load_components
+    from lora_kit.family import load_components
     comp = load_components(make_config(check=False, pretrained_model_name_or_path=str(model)))
     if lora: merge_lora(comp, load_lora(lora)[0], strength)
     return comp

@@ -25,8 +25,8 @@ from .runtime.caches import cache_latents, cache_text_encoder_outputs, cache_tex
 from .lora import LoRANetwork, SAVE_DTYPES, atomic_path, load_lora, merge_lora, save_lora
 from .networks import build_network, network_problems
 from .loss import OBJECTIVES, ddpm_only_problems
-from .models import check_model, configure_denoiser, image_moments, load_components, model_source, store_in_fp8, weight_dtype
-import lora_kit.sd3  # registers the SD3 family (its model source and the "flow" objective)
+from .family import check_model, family_for, image_moments, load_components
+from .runtime.weights import store_in_fp8, weight_dtype
 from .optim import optim_problems, optimizer_from_config, scheduler_from_config
 
 # %% auto #0
@@ -60,9 +60,9 @@ def check_all(cfg: TrainConfig):
     "Validate options, model path, network args and datasets together; returns (datasets, summary, warnings)."
     problems = validate(cfg) + check_model(cfg) + machine_problems(cfg) + lora_file_problems(cfg) + optim_problems(cfg)
     if not cfg.output_dir and not cfg.debug_dataset: problems.append("--output_dir is required: where the LoRA files are written")
-    src = model_source(cfg.pretrained_model_name_or_path)
-    if src: problems += ddpm_only_problems(cfg, src.name)
-    problems += network_problems(cfg, src)
+    fam = family_for(cfg.pretrained_model_name_or_path)
+    if fam.objective != "ddpm": problems += ddpm_only_problems(cfg, fam.name)
+    problems += network_problems(cfg, fam)
     data = None
     if cfg.dataset_config or (cfg.train_data_dir and os.path.isdir(cfg.train_data_dir)):
         try: data = load_datasets(cfg)
@@ -867,7 +867,7 @@ def _prepare_models(cfg, comp, dtype, train_te: bool, datasets):
     store_fp8(cfg, comp)
     if cfg.blocks_to_swap and not cfg.gradient_checkpointing:
         print("note: --blocks_to_swap turns on --gradient_checkpointing (a swapped block runs again in the backward pass instead of being kept)")
-    configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing or bool(cfg.blocks_to_swap), train_te,
+    comp.family.configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing or bool(cfg.blocks_to_swap), train_te,
                        [d.plan.spec.resolution for d in datasets])
     for m in [comp.denoiser, *comp.text_encoders]:   # checkpointed layers act only in training mode (sd-scripts sets it too)
         if _checkpointing(m): m.train()

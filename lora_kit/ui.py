@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 from fastcore.basics import patch
 from tqdm.notebook import tqdm as notebook_tqdm
 
+from .family import registered
 from .config import (NETWORK_MODULES, OPTIONS, ConfigError, Opt, TrainConfig, _NONNEGATIVE, _POSITIVE, convert,
                      ignored_config_keys, parse_resolution, read_config_file, validate)
 from .compat.dataset_config import DatasetError
@@ -31,7 +32,7 @@ __all__ = ['GROUP_ORDER', 'FORM_EXCLUDED', 'SUGGESTIONS', 'option_widget', 'read
 # %% ../nbs/08_ui.ipynb #379c8e8f
 GROUP_ORDER = ("model", "dataset", "network", "optimizer", "saving", "sampling", "logging", "advanced")
 FORM_EXCLUDED = {"config_file", "output_config"}
-SUGGESTIONS = {"optimizer_type": sorted(OPTIMIZERS), "lr_scheduler": list(SCHEDULERS), "network_module": list(NETWORK_MODULES)}
+SUGGESTIONS = {"optimizer_type": sorted(OPTIMIZERS), "lr_scheduler": list(SCHEDULERS), "network_module": list(NETWORK_MODULES) + [m for f in registered() for m in f.network_modules]}
 _STYLE = {"description_width": "230px"}
 
 # %% ../nbs/08_ui.ipynb #1f89e270

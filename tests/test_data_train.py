@@ -39,7 +39,7 @@ def test_text_encoder_outputs_cached(tmp_path):
 def test_cached_models_freed_only_when_unused(tmp_path):
     """With every latent and caption cached, training frees the VAE and the frozen text encoder it loaded itself; it keeps
     them when it did not load them (the caller may use them), when sampling needs them, or when the text encoder trains."""
-    from lora_kit.models import load_components
+    from lora_kit.family import load_components
     from lora_kit.sample import SampleCallback
     write_folder(tmp_path / "data" / "1_sks", n=2, seed=0)
     (tmp_path / "prompts.txt").write_text("a red sks --w 64 --h 64 --s 2\n")
@@ -137,7 +137,7 @@ def test_weighted_captions_train(tmp_path, monkeypatch):
     """--weighted_captions with caption ops and 150 tokens: the loop encodes the captions with their weights (the brackets
     are not tokenized), shuffled with keep_tokens on the weighted text; with cached text-encoder outputs the cache holds
     the weighted conditioning (sd-scripts re-encodes a frozen encoder each step: the same values)."""
-    import lora_kit.models as M
+    import lora_kit.families.sd as M
     write_folder(tmp_path / "data" / "1_sks", n=2, seed=0)
     for p in (tmp_path / "data" / "1_sks").glob("*.txt"): p.write_text("sks, (red ball:1.5), [grass]")
     seen = []

@@ -8,7 +8,9 @@ from torch.utils._pytree import tree_flatten
 
 from lora_kit.config import make_config
 from lora_kit.lora import LoRANetwork, parse_network_args
-from lora_kit.sd3 import SD3_NETWORK_ARGS, WEIGHTING_SCHEMES, FlowObjective, flow_loss, tiny_sd3_components
+from lora_kit.compat.sd3_formats import SD3_NETWORK_ARGS
+from lora_kit.families.sd3 import tiny_sd3_components
+from lora_kit.loss import WEIGHTING_SCHEMES, FlowObjective, flow_loss
 
 
 class CpuOps(TorchDispatchMode):

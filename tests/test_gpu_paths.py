@@ -85,7 +85,7 @@ def test_full_fp16_steps(data):
 
 def test_vae_stays_float32_and_unrounded(data):
     "Under bf16 the VAE is never cast to bf16 and back: its weights are bit for bit what was loaded."
-    from lora_kit.models import load_components
+    from lora_kit.family import load_components
     cfg = _cfg(data, "tiny-sd1", "--mixed_precision", "bf16", "--cache_latents")
     comp = load_components(cfg)
     before = {k: v.clone() for k, v in comp.vae.state_dict().items()}

@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 from lora_kit.cli import main
 from lora_kit.config import TrainConfig
 from lora_kit.lora import LoRANetwork, dims_from_state, load_into, load_lora, save_lora
-from lora_kit.models import load_components, save_model, tiny_components
+from lora_kit.families.sd import save_model, tiny_components
+from lora_kit.family import load_components
 from lora_kit.toyworld import write_folder
 from lora_kit.train import build_network
 

@@ -18,8 +18,8 @@ import json, sys, torch
 from pathlib import Path
 import diffusers.loaders.single_file_utils
 from lora_kit.config import make_config
-from lora_kit.models import load_components
-from lora_kit.sd3 import clip_tokenizers, tiny_t5_tokenizer
+from lora_kit.family import load_components
+from lora_kit.families.sd3 import clip_tokenizers, tiny_t5_tokenizer
 def status(key): return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":")) / 2**10
 cfg = make_config(sys.argv[1:], check=False)
 clip_tokenizers(), tiny_t5_tokenizer()
@@ -36,7 +36,8 @@ print(json.dumps({"peak_mb": status("VmHWM") - base, "dtypes": [str(m.dtype) for
 def mid_sd3_file(tmp_path_factory) -> Path:
     "tiny SD3.5 Medium with a width-768 MMDiT and a full-size CLIP-L, in bf16."
     from diffusers import SD3Transformer2DModel
-    from lora_kit.sd3 import CLIP_L, TINY_MMDIT, clip_encoder, save_sd3_single_file, tiny_sd3_components
+    from lora_kit.compat.sd3_formats import save_sd3_single_file
+    from lora_kit.families.sd3 import CLIP_L, TINY_MMDIT, clip_encoder, tiny_sd3_components
     comp = tiny_sd3_components("tiny-sd35m")
     with torch.device("meta"):
         mmdit = SD3Transformer2DModel(**{**TINY_MMDIT, "num_attention_heads": 12, "caption_projection_dim": 768},

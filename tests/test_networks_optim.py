@@ -75,7 +75,7 @@ def _outputs(comp):
 def test_lycoris_file_loads_back_in_lycoris_and_the_image_tools(algo, data, tmp_path):
     import lycoris.kohya
     from lora_kit.lora import LoRANetwork
-    from lora_kit.models import tiny_components
+    from lora_kit.families.sd import tiny_components
     from lora_kit.networks import sd_scripts_text_encoder
     (tmp_path / "full.toml").write_text(FULL_PRESET)
     state = run(data, tmp_path, "--network_module", "lycoris.kohya", "--network_args", f"algo={algo}", f"preset={tmp_path / 'full.toml'}",

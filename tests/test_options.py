@@ -116,7 +116,7 @@ def lora_state(out, name="x"):
 
 
 def test_clip_skip_uses_the_penultimate_layer_through_the_final_norm(data, tmp_path):
-    from lora_kit.models import tiny_components
+    from lora_kit.families.sd import tiny_components
     comp = tiny_components("tiny-sd1")
     te, caps = comp.text_encoders[0], ["a red sks", "a blue circle"]
     ids = comp.tokenizers[0](caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -181,11 +181,11 @@ def update_norm(out) -> float:
 
 def test_gradient_accumulation_and_max_grad_norm(pair, tmp_path, monkeypatch):
     import lora_kit.loss
-    from lora_kit.models import FAMILIES
+    from lora_kit.families.sd import SD_VARIANTS
     # noise, timesteps and latents depend only on the image, so a batch of 2 and two batches of 1 see the same examples
     monkeypatch.setattr(lora_kit.loss, "sample_noise", lambda latents, *a, **kw: torch.cos(3 * latents))
     monkeypatch.setattr(lora_kit.loss, "sample_timesteps", lambda n, *a, device=None, **kw: torch.full((n,), 500, device=device))
-    monkeypatch.setattr(type(FAMILIES["sd1"]), "encode_images",
+    monkeypatch.setattr(type(SD_VARIANTS["sd1"]), "encode_images",
                         lambda self, comp, px: comp.vae.encode(px.to(comp.vae.device)).latent_dist.mode() * comp.vae.config.scaling_factor)
     sgd = ("--output_name", "x", "--optimizer_type", "SGD", "--learning_rate", "1", "--network_alpha", "64")
     one_batch = run(pair, tmp_path / "b2", *sgd, "--max_grad_norm", "0", steps=1)
@@ -278,7 +278,7 @@ def test_warmup_stable_decay_and_custom_scheduler_drive_training(data, tmp_path)
 def test_base_weights_are_merged_before_training(data, tmp_path):
     "--base_weights with --base_weights_multiplier: at the first step the UNet equals tiny-sd1 with that LoRA merged by hand."
     from lora_kit.lora import merge_lora
-    from lora_kit.models import tiny_components
+    from lora_kit.families.sd import tiny_components
     from lora_kit.train import Callback
     run(data, tmp_path/"a", "--output_name", "base", steps=2)
     base = tmp_path/"a"/"base.safetensors"

@@ -24,7 +24,7 @@ def run_cli(*args):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from lora_kit.sd3 import tiny_sd3_components
+    from lora_kit.families.sd3 import tiny_sd3_components
     d = tmp_path_factory.mktemp("sd3")
     write_folder(d / "img", n=2, seed=0)
     (d / "data.toml").write_text(f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\nbatch_size = 2\n'
@@ -67,7 +67,8 @@ def test_kohya_keys_and_metadata(trained):
 def test_diffusers_copy_loads_with_same_output(trained):
     from diffusers.utils import logging as dlogging
     from lora_kit.lora import count_peft_layers, load_lora
-    from lora_kit.sd3 import apply_kohya_lora, tiny_sd3_components
+    from lora_kit.compat.sd3_formats import apply_kohya_lora
+    from lora_kit.families.sd3 import tiny_sd3_components
     out = trained / "out"
     run_cli("convert_sd3_lora", str(out / "my_sd3_lora.safetensors"), str(out / "peft.safetensors"), "--pretrained_model_name_or_path", "tiny-sd3")
     state, _ = load_lora(out / "my_sd3_lora.safetensors")
@@ -98,7 +99,7 @@ class FixedEval:
 
     @torch.no_grad()
     def loss(self, state) -> float:
-        from lora_kit.sd3 import flow_loss
+        from lora_kit.loss import flow_loss
         comp, fam = state.comp, state.comp.family
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -162,7 +163,7 @@ def test_samples_during_training(tmp_path):
 def _te_cache_run(folder: Path, out: Path, *flags: str):
     "Train 3 steps on tiny-sd3 with text-encoder cache flags; returns (text-encoder forward calls, losses)."
     from lora_kit.config import make_config
-    from lora_kit.sd3 import tiny_sd3_components
+    from lora_kit.families.sd3 import tiny_sd3_components
     from lora_kit.train import train
     cfg = make_config(["--pretrained_model_name_or_path", "tiny-sd3", "--network_module", "networks.lora_sd3", "--train_data_dir", str(folder),
                        "--caption_extension", ".txt", "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "3", "--seed", "0",
@@ -200,7 +201,7 @@ def test_partial_text_encoder_cache(tmp_path):
     only while caching, CLIP at every step; losses and LoRA equal a run without the cache; T5 is freed for training."""
     from lora_kit.config import make_config
     from lora_kit.lora import load_lora
-    from lora_kit.sd3 import tiny_sd3_components
+    from lora_kit.families.sd3 import tiny_sd3_components
     from lora_kit.train import train
     write_folder(tmp_path / "img" / "1_sks", n=3, seed=0)
     def run(name, *flags, hooked=True):
@@ -244,7 +245,7 @@ def test_latent_disk_cache_uses_sd3_file_names(tmp_path):
 def _pos_embed_run(tmp_path: Path, name: str, *flags: str):
     "4 steps of tiny-sd35m on two datasets (64 and 128 px); returns (the components, losses)."
     from lora_kit.config import make_config
-    from lora_kit.sd3 import tiny_sd3_components
+    from lora_kit.families.sd3 import tiny_sd3_components
     from lora_kit.train import train
     if not (tmp_path / "data.toml").exists():
         write_folder(tmp_path / "small", n=2, seed=0); write_folder(tmp_path / "large", n=2, seed=1, res=128)
@@ -261,7 +262,7 @@ def _pos_embed_run(tmp_path: Path, name: str, *flags: str):
 def test_scaled_pos_embed_and_random_crop(tmp_path):
     """--enable_scaled_pos_embed makes one table per dataset resolution (64 px -> 4x4 patches, 128 px -> 8x8) and the MMDiT
     uses them; --pos_emb_random_crop_rate 1 moves the crop. Each changes the training losses (same seed, same data)."""
-    from lora_kit.sd3 import ResolutionPosEmbed
+    from lora_kit.families.sd3 import ResolutionPosEmbed
     base, loss_base = _pos_embed_run(tmp_path, "base")
     assert "cropped_pos_embed" not in vars(base.denoiser.pos_embed)       # diffusers' own centre crop
     scaled, loss_scaled = _pos_embed_run(tmp_path, "scaled", "--enable_scaled_pos_embed")
@@ -275,7 +276,7 @@ def test_scaled_pos_embed_and_random_crop(tmp_path):
 def test_text_encoder_disk_cache_refused_for_sd1():
     "sd-scripts' train_network.py has no --cache_text_encoder_outputs_to_disk: refused for SD 1.x/2.x before loading."
     from lora_kit.config import make_config
-    from lora_kit.models import check_model
+    from lora_kit.family import check_model
     cfg = make_config(["--pretrained_model_name_or_path", "tiny-sd1", "--cache_text_encoder_outputs_to_disk"], check=False)
     assert any(p.startswith("--cache_text_encoder_outputs_to_disk is an sd3_train_network option") for p in check_model(cfg))
 
@@ -300,7 +301,7 @@ def test_split_qkv_and_loraplus_train_save_and_resume(tmp_path):
     assert sd[f"{q}.lora_up.weight"][:128, :4].abs().sum() > 0                                          # trained
     # --network_weights with the same network_args: split again into q/k/v LoRAs of rank 4, same weights
     from lora_kit.lora import SplitLoRAModule
-    from lora_kit.sd3 import tiny_sd3_components
+    from lora_kit.families.sd3 import tiny_sd3_components
     from lora_kit.train import build_network
     net = build_network(make_config([*argv, "--output_dir", str(tmp_path / "b"), "--network_weights", str(tmp_path / "a" / "a.safetensors")]),
                         tiny_sd3_components("tiny-sd3"))

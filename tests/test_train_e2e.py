@@ -54,7 +54,7 @@ def test_kohya_keys_and_metadata(trained):
 def test_diffusers_loads_every_key(trained):
     from diffusers.utils import logging as dlogging
     from lora_kit.lora import count_peft_layers, load_lora
-    from lora_kit.models import tiny_components
+    from lora_kit.families.sd import tiny_components
     comp = tiny_components("tiny-sd1")
     pipe = comp.family.pipeline(comp)
     gen = lambda: pipe("a red sks at the center", num_inference_steps=4, height=64, width=64, output_type="pt",
