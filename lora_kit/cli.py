@@ -4,54 +4,89 @@
 
 # %% ../nbs/09_cli.ipynb #c596eb9f
 from __future__ import annotations
-import argparse, os, sys, time
+import argparse, difflib, functools, importlib, os, shutil, sys, textwrap, time
 from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read when torch loads: idle threads sleep instead of spinning (train.cpu_threads)
 
-from .config import ConfigError, make_config
-from .lora import atomic_path
-from .sample import SampleCallback
-from .compat.sd3_formats import save_diffusers_lora
-from .families.sd3 import TINY_SD3, claims_sd3, load_sd3
-from .train import TrainingStopped, train
+from . import __version__
+from .config import GROUPS, OPTIONS, ConfigError, Opt, make_config
 
 # %% auto #0
-__all__ = ['COMMANDS', 'ALIASES', 'train_network', 'sd3_train_network', 'convert_sd3_lora', 'demo_argv', 'write_demo_data',
-           'demo', 'check_toy', 'convert', 'merge', 'main']
+__all__ = ['COMMANDS', 'ALIASES', 'option_help', 'script_help', 'train_script', 'train_network', 'demo_argv', 'write_demo_data',
+           'demo', 'check_toy', 'convert', 'merge', 'overview', 'main']
+
+# %% ../nbs/09_cli.ipynb #c1e00005
+_METAVARS = {"int": "INT", "float": "FLOAT", "int_or_float": "NUMBER", "str": "STR"}
+
+def _metavar(o: Opt) -> str:
+    "What follows the flag: nothing for a switch, the choices, or the value's type (repeated for a list)."
+    if o.kind == "bool": return ""
+    one = "{" + ",".join(map(str, o.choices)) + "}" if o.choices else _METAVARS.get(o.item if o.kind == "list" else o.kind, "STR")
+    return f"{one} [{one} ...]" if o.kind == "list" else one
+
+def option_help(o: Opt, width: int = 100) -> str:
+    "One option as `--help` shows it: the flag and its value on a line, then the help text and sd-scripts' default."
+    text = " ".join(o.help.split()) + (f" (default: {o.default})" if o.default not in (None, False, []) else "")
+    if o.scripts == ("lora_kit",): text += " [lora_kit's own option]"
+    return "\n".join([f"  {o.flag} {_metavar(o)}".rstrip(), *textwrap.wrap(text, width - 6, initial_indent=" " * 6, subsequent_indent=" " * 6)])
+
+# %% ../nbs/09_cli.ipynb #c1e00007
+def script_help(script: str = "train_network", width: int|None = None) -> str:
+    "What `lora-kit <script> --help` prints: the script's options by group, then the flags lora_kit does not implement yet."
+    width = width or min(shutil.get_terminal_size((100, 24)).columns, 100)
+    opts = [o for o in OPTIONS.values() if {script, "lora_kit"} & set(o.scripts)]
+    out = [f"usage: lora-kit {script} [--option [value ...] ...]", "", textwrap.fill(
+        f"sd-scripts' {script}.py: the same flags with the same meanings and defaults, so a command line for it runs "
+        f"with `lora-kit` in front (`{script}.py` is accepted too); --config_file reads them from a TOML file.", width)]
+    for group in [*GROUPS, "advanced"]:
+        order = GROUPS.get(group, "").split()   # the table's order; the rest (advanced, lora_kit's own) as in OPTIONS
+        shown = sorted((o for o in opts if o.supported and o.group == group), key=lambda o: order.index(o.name) if o.name in order else len(order))
+        if shown: out += ["", f"{group}:", *(option_help(o, width) for o in shown)]
+    if refused := [o.flag for o in opts if not o.supported]:
+        out += ["", "sd-scripts flags lora_kit does not implement yet (an error when set):",
+                textwrap.fill(" ".join(refused), width, initial_indent="  ", subsequent_indent="  ")]
+    return "\n".join(out + ["", "help:", "  -h, --help\n      this list", "  --version\n      print lora-kit's version"])
+
+# %% ../nbs/09_cli.ipynb #c1e0000a
+def _help_or_version(argv: list[str], script: str) -> bool:
+    "Print the script's options for `-h`/`--help`, or the version for `--version`; whether it did."
+    if "-h" in argv or "--help" in argv: print(script_help(script)); return True
+    if "--version" in argv: print(f"lora-kit {__version__}"); return True
+    return False
 
 # %% ../nbs/09_cli.ipynb #92b87833
-def train_network(argv: list[str], script: str = "train_network") -> int:
-    "sd-scripts' `train_network.py` (or `script`) with the same flags; returns the exit status."
+def train_script(script: str, argv: list[str]) -> int:
+    "sd-scripts' `<script>.py` (a registered family's script) with the same flags; returns the exit status."
+    if _help_or_version(argv, script): return 0
     cfg = make_config(argv, check=False, script=script)
     if cfg.output_config:
+        from lora_kit.lora import atomic_path
         if not cfg.config_file: raise ConfigError(["--output_config needs --config_file <path to write>"])
         with atomic_path(cfg.config_file) as tmp: Path(tmp).write_text(cfg.to_toml().replace("output_config = true\n", ""))
         print(f"wrote {cfg.config_file}"); return 0
+    from lora_kit.family import family_for, scripts   # imports the families (torch, diffusers): only now (see above)
+    fam, model = scripts()[script], family_for(cfg.pretrained_model_name_or_path, script)
+    if model.script != script:
+        raise ConfigError([f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path!r} is a {model.title} model: "
+                           f"train it with lora-kit {model.script}"])
+    if cfg.network_module == "networks.lora" and fam.network_modules: argv = [*argv, "--network_module", fam.network_modules[0]]
     cfg = make_config(argv, script=script)
+    from lora_kit.sample import SampleCallback
+    from lora_kit.train import train
     state = train(cfg, [SampleCallback(cfg)])
     if state.saved: print(f"saved {state.saved[-1]} after {state.step} steps")   # only the main process saves
     return 0
 
-# %% ../nbs/09_cli.ipynb #2e2d554d
-def sd3_train_network(argv: list[str]) -> int:
-    "sd-scripts' `sd3_train_network.py` with the same flags; returns the exit status."
-    cfg = make_config(argv, check=False, script="sd3_train_network")
-    if not claims_sd3(cfg.pretrained_model_name_or_path or ""):
-        raise ConfigError([f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path!r} is not an SD3 model "
-                           f"(an SD3 .safetensors file, a diffusers SD3 folder or {', '.join(TINY_SD3)}); for SD 1.x/2.x use lora-kit train_network"])
-    if cfg.network_module == "networks.lora": argv = [*argv, "--network_module", "networks.lora_sd3"]
-    return train_network(argv, "sd3_train_network")
+def train_network(argv: list[str]) -> int:
+    "sd-scripts' `train_network.py` with the same flags; returns the exit status."
+    return train_script("train_network", argv)
 
-# %% ../nbs/09_cli.ipynb #7df40c03
-def convert_sd3_lora(argv: list[str]) -> int:
-    "Write the diffusers/PEFT copy of a kohya SD3 LoRA."
-    p = argparse.ArgumentParser(prog="lora-kit convert_sd3_lora", description="kohya SD3 LoRA -> diffusers/PEFT LoRA")
-    p.add_argument("kohya_lora"); p.add_argument("output")
-    p.add_argument("--pretrained_model_name_or_path", required=True, help="the SD3 model the LoRA was trained on")
-    a = p.parse_args(argv)
-    comp = load_sd3(make_config(["--pretrained_model_name_or_path", a.pretrained_model_name_or_path], check=False))
-    print(f"wrote {save_diffusers_lora(a.kohya_lora, a.output, comp)}")
-    return 0
+# %% ../nbs/09_cli.ipynb #c1e0000f
+def _parser(command: str, description: str) -> argparse.ArgumentParser:
+    "An argparse parser for `lora-kit <command>`, with `-h`/`--help` and `--version`."
+    p = argparse.ArgumentParser(prog=f"lora-kit {command}", description=description)
+    p.add_argument("--version", action="version", version=f"lora-kit {__version__}")
+    return p
 
 # %% ../nbs/09_cli.ipynb #fbcd974e
 def demo_argv(out: Path, steps: int = 400, model: str = "toy-sd1") -> list[str]:
@@ -75,10 +110,11 @@ def write_demo_data(out: Path):
 # %% ../nbs/09_cli.ipynb #00cf8f7e
 def demo(argv: list[str]) -> int:
     "Train the built-in demo LoRA on the toy model, then compare the concept rate without and with it."
-    from lora_kit.toymodel import concept_rate, image_grid, load_toy
-    p = argparse.ArgumentParser(prog="lora-kit demo", description="teach the pretrained toy model a new concept with a LoRA")
-    p.add_argument("--output_dir", default="output/demo"); p.add_argument("--max_train_steps", type=int, default=400)
+    p = _parser("demo", "teach the pretrained toy model a new concept with a LoRA")
+    p.add_argument("--output_dir", default="output/demo", help="where the data, LoRA, samples and logs go (default: %(default)s)")
+    p.add_argument("--max_train_steps", type=int, default=400, help="training steps (default: %(default)s)")
     a = p.parse_args(argv)
+    from lora_kit.toymodel import concept_rate, image_grid, load_toy
     out, t0 = Path(a.output_dir), time.time()
     write_demo_data(out)
     args = demo_argv(out, a.max_train_steps)
@@ -95,11 +131,13 @@ def demo(argv: list[str]) -> int:
 # %% ../nbs/09_cli.ipynb #468fc3f2
 def check_toy(argv: list[str]) -> int:
     "`lora-kit check_toy [--model toy-sd1] [--lora L]`: prompt following and concept rate of a toy model."
-    from lora_kit.toymodel import load_toy, print_report
-    p = argparse.ArgumentParser(prog="lora-kit check_toy", description="measure what a toy-world model draws")
-    p.add_argument("--model", default="toy-sd1"); p.add_argument("--lora", default=None)
-    p.add_argument("--prompts", type=int, default=24); p.add_argument("--per_prompt", type=int, default=4)
+    p = _parser("check_toy", "measure what a toy-world model draws")
+    p.add_argument("--model", default="toy-sd1", help="the toy model (default: %(default)s)")
+    p.add_argument("--lora", default=None, help="a LoRA to apply first, e.g. output/demo/demo.safetensors")
+    p.add_argument("--prompts", type=int, default=24, help="prompts to draw (default: %(default)s)")
+    p.add_argument("--per_prompt", type=int, default=4, help="images per prompt (default: %(default)s)")
     a = p.parse_args(argv)
+    from lora_kit.toymodel import load_toy, print_report
     print_report(load_toy(a.model, a.lora), a.prompts, a.per_prompt)
     return 0
 
@@ -112,11 +150,12 @@ def _family_model(name: str, v2: bool, v_parameterization: bool):
 # %% ../nbs/09_cli.ipynb #869ac8d0
 def convert(argv: list[str]) -> int:
     "`lora-kit convert --to diffusers|kohya in out`."
-    from lora_kit.lora import from_peft, load_lora, peft_paths, save_lora, to_peft
-    p = argparse.ArgumentParser(prog="lora-kit convert", description="convert a LoRA between kohya and diffusers/PEFT layouts")
-    p.add_argument("--to", choices=["diffusers", "kohya"], required=True); p.add_argument("input"); p.add_argument("output")
+    p = _parser("convert", "convert a LoRA between kohya and diffusers/PEFT layouts")
+    p.add_argument("--to", choices=["diffusers", "kohya"], required=True, help="the layout to write")
+    p.add_argument("input", help="the LoRA to read (.safetensors)"); p.add_argument("output", help="the LoRA to write")
     p.add_argument("--model", default=None, help="a model of the LoRA's family (default: tiny model of the family in the metadata)")
     a = p.parse_args(argv)
+    from lora_kit.lora import from_peft, load_lora, peft_paths, save_lora, to_peft
     state, md = load_lora(a.input)
     if a.to == "kohya": out = from_peft(state)
     else:
@@ -129,14 +168,15 @@ def convert(argv: list[str]) -> int:
 # %% ../nbs/09_cli.ipynb #7ec56037
 def merge(argv: list[str]) -> int:
     "`lora-kit merge --model M --lora a.safetensors[:strength] ... --output merged.safetensors`."
-    from lora_kit.lora import load_lora, merge_lora
-    from lora_kit.lora import SAVE_DTYPES
-    from lora_kit.families.sd import save_model
-    p = argparse.ArgumentParser(prog="lora-kit merge", description="bake LoRAs into a model and save it")
-    p.add_argument("--model", required=True); p.add_argument("--lora", nargs="+", required=True)
-    p.add_argument("--output", required=True); p.add_argument("--v2", action="store_true"); p.add_argument("--v_parameterization", action="store_true")
-    p.add_argument("--save_precision", choices=["float", "fp16", "bf16"], default=None)
+    p = _parser("merge", "bake LoRAs into a model and save it")
+    p.add_argument("--model", required=True, help="the model, as --pretrained_model_name_or_path takes it")
+    p.add_argument("--lora", nargs="+", required=True, help="LoRA files, each with an optional :strength (default 1)")
+    p.add_argument("--output", required=True, help="a .safetensors/.ckpt file, or a diffusers folder (no suffix)")
+    p.add_argument("--v2", action="store_true", help="the model is SD 2.x"); p.add_argument("--v_parameterization", action="store_true", help="the model predicts v")
+    p.add_argument("--save_precision", choices=["float", "fp16", "bf16"], default=None, help="the saved weights' dtype (default: as loaded)")
     a = p.parse_args(argv)
+    from lora_kit.lora import SAVE_DTYPES, load_lora, merge_lora
+    from lora_kit.families.sd import save_model
     comp = _family_model(a.model, a.v2, a.v_parameterization)
     for spec in a.lora:
         path, _, strength = spec.rpartition(":") if spec.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() else (spec, "", "1")
@@ -145,25 +185,65 @@ def merge(argv: list[str]) -> int:
     print(f"wrote {a.output}"); return 0
 
 # %% ../nbs/09_cli.ipynb #d74c4add
-COMMANDS = {"train_network": train_network, "sd3_train_network": sd3_train_network, "demo": demo, "check_toy": check_toy,
-            "convert": convert, "convert_sd3_lora": convert_sd3_lora, "merge": merge}
-ALIASES = {"train_network.py": "train_network", "sd3_train_network.py": "sd3_train_network"}
+def _registered_commands() -> dict:
+    "One training command per registered family's script, and the families' own commands (from the registry, nothing imported)."
+    from lora_kit.families.registry import REGISTRY
+    out = {e.script: (functools.partial(train_script, e.script), e.summary) for e in REGISTRY}
+    for e in REGISTRY:
+        for name, target, summary in e.commands:
+            module, fn = target.split(":")
+            out[name] = (lambda argv, module=module, fn=fn: getattr(importlib.import_module(module), fn)(argv), summary)
+    return out
+
+COMMANDS = {   # name: (function, its line in `lora-kit --help`)
+    **_registered_commands(),
+    "demo": (demo, "teach the built-in toy model a new shape with a LoRA, on a CPU, and compare before/after"),
+    "check_toy": (check_toy, "measure what a toy model draws for its prompts, with or without a LoRA"),
+    "convert": (convert, "rewrite a LoRA between kohya's and diffusers/PEFT's layouts"),
+    "merge": (merge, "bake LoRAs into a model and save the model"),
+}
+ALIASES = {f"{name}.py": name for name in COMMANDS}   # sd-scripts' script names, pasted with their `.py`
+
+# %% ../nbs/09_cli.ipynb #c1e00019
+def overview(width: int|None = None) -> str:
+    "What `lora-kit --help` prints: one line per command, and where a newcomer starts."
+    width = width or min(shutil.get_terminal_size((100, 24)).columns, 100)
+    col = max(map(len, COMMANDS)) + 4
+    scripts = " or ".join(f"{n}.py" for n, (fn, _) in COMMANDS.items() if isinstance(fn, functools.partial))
+    out = ["usage: lora-kit <command> [options]", "", textwrap.fill(
+        "LoRA training for Stable Diffusion with kohya-ss sd-scripts' command lines: put `lora-kit` in front of a "
+        f"{scripts} command. New here? Run `lora-kit demo`: it trains a LoRA on the "
+        "built-in toy model in minutes on a CPU and shows what it learned.", width), "", "commands:"]
+    out += [textwrap.fill(line, width, initial_indent=f"  {name:<{col - 2}}", subsequent_indent=" " * col)
+            for name, (_, line) in COMMANDS.items()]
+    return "\n".join(out + ["", textwrap.fill("`lora-kit <command> --help` lists a command's options; `lora-kit --version` "
+                                             "prints the version.", width)])
+
+# %% ../nbs/09_cli.ipynb #c1e0001b
+def _training_stopped(e: BaseException) -> bool:
+    "Whether `e` is `train.TrainingStopped`; `train` is imported only once training starts, so before that it cannot be."
+    train = sys.modules.get("lora_kit.train")
+    return train is not None and isinstance(e, train.TrainingStopped)
 
 # %% ../nbs/09_cli.ipynb #9ee642e8
 def main(argv: list[str]|None = None) -> int:
     "`lora-kit <command> [flags]`."
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: lora-kit {" + ",".join(COMMANDS) + "} [sd-scripts flags]"); return 0 if argv else 2
+    if not argv or argv[0] in ("-h", "--help"): print(overview()); return 0 if argv else 2
+    if argv[0] == "--version": print(f"lora-kit {__version__}"); return 0
     cmd = ALIASES.get(argv[0], argv[0])
     if cmd not in COMMANDS:
-        print(f"lora-kit: unknown command {argv[0]!r}; use one of {', '.join(COMMANDS)}", file=sys.stderr); return 2
+        near = difflib.get_close_matches(cmd, COMMANDS, n=1)
+        print(f"lora-kit: unknown command {argv[0]!r}" + (f" (did you mean {near[0]}?)" if near else "") +
+              f"; use one of {', '.join(COMMANDS)} (lora-kit --help says what each does)", file=sys.stderr); return 2
     quiet = os.environ.get("RANK", "0") != "0"     # another process of a multi-process run says the same
-    try: return COMMANDS[cmd](argv[1:])
+    run, _ = COMMANDS[cmd]
+    try: return run(argv[1:])
     except ConfigError as e:
         if not quiet: print("lora-kit: cannot start training:", *[f"  - {p}" for p in e.problems], sep="\n", file=sys.stderr)
         return 2
-    except TrainingStopped as e:
+    except Exception as e:
+        if not _training_stopped(e): raise
         if not quiet: print(f"lora-kit: {e}", file=sys.stderr)
         return 130 if "interrupted" in str(e) else 1
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_family.ipynb #a03aedf5
 from __future__ import annotations
-import importlib, os, re
+import functools, importlib, os, re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -94,9 +94,13 @@ class Family:
     modelspec_architecture = "?"
 
 # %% ../nbs/02_family.ipynb #7bf724d1
+@functools.cache
+def _loaded() -> tuple:
+    return tuple(e.load() for e in importlib.import_module("lora_kit.families.registry").REGISTRY)
+
 def registered() -> list[Family]:
-    "The registered families (`families.registry.REGISTRY`), in the order their `claims` are asked."
-    return importlib.import_module("lora_kit.families.registry").REGISTRY
+    "The registered families (`families.registry.REGISTRY`, each imported once), in the order their `claims` are asked."
+    return list(_loaded())
 
 def scripts() -> dict[str, Family]:
     "sd-scripts' training scripts lora_kit takes, each with the family it trains by default."

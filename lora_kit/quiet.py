@@ -4,10 +4,10 @@
 
 # %% ../nbs/00a_quiet.ipynb #9cac8a20
 from __future__ import annotations
-import logging, sys
+import importlib.abc, logging, sys
 
 # %% auto #0
-__all__ = ['drop_bitsandbytes_kernel_notice', 'bind_pil_image_processors']
+__all__ = ['drop_bitsandbytes_kernel_notice', 'bind_pil_image_processors', 'bind_before_diffusers']
 
 # %% ../nbs/00a_quiet.ipynb #e9224247
 def _not_4bit_kernel_notice(record: logging.LogRecord) -> bool:
@@ -29,6 +29,27 @@ def bind_pil_image_processors():
     for name, pil in pils.items():
         if pil: setattr(module, name, pil)      # transformers < 5 has no Pil classes (and no notice)
 
+# %% ../nbs/00a_quiet.ipynb #b1d5e7a1
+class _BindBeforeDiffusers(importlib.abc.MetaPathFinder):
+    "On the first import of diffusers: `bind_pil_image_processors`, then diffusers' own code."
+    def find_spec(self, name, path=None, target=None):
+        if name != "diffusers": return None
+        others = [f for f in sys.meta_path if f is not self and hasattr(f, "find_spec")]
+        spec = next((s for f in others if (s := f.find_spec(name, path, target)) is not None), None)
+        if spec is None or not hasattr(spec.loader, "exec_module"): return spec
+        exec_module = spec.loader.exec_module
+        def bind_then_exec(module):
+            if self in sys.meta_path: sys.meta_path.remove(self)
+            bind_pil_image_processors()
+            exec_module(module)
+        spec.loader.exec_module = bind_then_exec
+        return spec
+
+def bind_before_diffusers():
+    "Run `bind_pil_image_processors` just before diffusers is first imported (now, if it already is)."
+    if "diffusers" in sys.modules: return bind_pil_image_processors()
+    if not any(type(f).__name__ == "_BindBeforeDiffusers" for f in sys.meta_path): sys.meta_path.insert(0, _BindBeforeDiffusers())
+
 # %% ../nbs/00a_quiet.ipynb #18c3ae6c
 drop_bitsandbytes_kernel_notice()
-bind_pil_image_processors()
+bind_before_diffusers()
