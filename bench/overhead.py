@@ -40,7 +40,8 @@ def lora_kit_worker(a) -> dict:
 
     if not a.memos:      # the same work as the bare loop: the VAE encodes every image at every step
         import lora_kit.train
-        lora_kit.train.frozen_memos = lambda *args: lora_kit.train.Memos()
+        from lora_kit.runtime.memos import Memos
+        lora_kit.train.frozen_memos = lambda *args: Memos()
     comp = bench_components(a.model)
     out = tempfile.mkdtemp(prefix="lk_overhead_")
     argv = ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", a.data, "--caption_extension", ".txt",

@@ -293,7 +293,7 @@ def prepare(cfg, comp, res):
     `--fp8_base` in float8, the VAE in float32, attention and gradient checkpointing as the flags say) and inject the
     LoRA; returns the LoRA network."""
     from lora_kit.networks import build_network
-    from lora_kit.train import store_fp8
+    from lora_kit.runtime.placement import store_fp8
     dtype = weight_dtype(cfg)
     for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
     for m in [comp.denoiser, *comp.text_encoders]: m.to(dtype=dtype)
@@ -326,11 +326,11 @@ def step_batch(cfg, comp, res) -> dict:
 def step_peak(cfg, comp, network, res, autocast) -> int:
     "Peak bytes of one lora_kit training step (its `batch_loss` and the backward pass) at resolution `res`, with its batch."
     from lora_kit.loss import OBJECTIVES
-    from lora_kit.train import batch_loss
+    from lora_kit.train import TrainState, batch_loss
     objective, batch = OBJECTIVES[comp.family.objective](cfg), step_batch(cfg, comp, res)
     with counting(autocast) as run:
         acc = types.SimpleNamespace(device=comp.denoiser.device, autocast=run.autocast.region)
-        loss = batch_loss(cfg, comp, objective, acc, batch, _train_te(cfg), weight_dtype(cfg))
+        loss = batch_loss(TrainState(cfg, comp, accelerator=acc, dtype=weight_dtype(cfg), train_te=_train_te(cfg)), batch, objective)
         run.autocast.enabled = run.autocast.dtype is not None   # checkpointing recomputes under autocast, as torch.utils.checkpoint does
         backward(loss)
     network.zero_grad(set_to_none=True)
@@ -418,8 +418,8 @@ TRAINING, SAMPLING = ("LoRA", "optimizer state", "train step"), ("LoRA", "optimi
 
 def moments(plan, how: str) -> dict[str, list[tuple[list[str], tuple]]]:
     """Phase -> its moments, each (models on the device, what else is there). `device`: lora_kit's placement on a GPU
-    (`train.Placement`, sd-scripts' order): models load to the CPU; the VAE, then the text encoders come to the device to
-    fill their caches and go back; the steps hold the denoiser and what each step runs (`train.training_models`); sampling
+    (`runtime.placement.Placement`, sd-scripts' order): models load to the CPU; the VAE, then the text encoders come to the device to
+    fill their caches and go back; the steps hold the denoiser and what each step runs (`runtime.placement.training_models`); sampling
     adds the VAE, and no text encoder that does not train (the sample prompts are encoded once); block swap as asked.
     `cpu`: what a CPU run holds in host memory: every model loaded, less those freed once cached (`--check` measures it)."""
     cfg, tes = plan.cfg, _encoders(plan)

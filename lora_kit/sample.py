@@ -15,7 +15,8 @@ import diffusers
 from diffusers.image_processor import VaeImageProcessor
 
 from .lora import atomic_path
-from .train import Callback, TrainState, text_encoder_names
+from .runtime.placement import text_encoder_names
+from .train import Callback, TrainState
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SamplePrompt', 'parse_prompt_line', 'read_prompts', 'sample_scheduler', 'prompt_conditioning',

@@ -4,320 +4,267 @@
 
 # %% ../nbs/06_train.ipynb #ff5628eb
 from __future__ import annotations
-import base64, csv, dataclasses, errno, functools, gc, importlib.util, itertools, json, math, mimetypes, os, random, shutil, signal, tempfile, threading, time, uuid, weakref
+import errno, math, random, time, uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from .config import OPTIONS, ConfigError, TrainConfig, fp8_flag, ignored_config_keys, option_notes, parse_resolution, validate
-from .compat.dataset_config import DatasetError
-from .data import BucketBatchSampler, collate, debug_batches, load_datasets
-from .runtime.caches import cache_latents, cache_text_encoder_outputs, cache_text_encoder_outputs_to_disk, text_cacheable, vae_fingerprint
-from .lora import LoRANetwork, SAVE_DTYPES, atomic_path, load_lora, merge_lora, save_lora
-from .networks import build_network, network_problems
-from .loss import OBJECTIVES, ddpm_only_problems
-from .family import check_model, family_for, image_moments, load_components
-from .runtime.weights import store_in_fp8, weight_dtype
-from .optim import optim_problems, optimizer_from_config, scheduler_from_config
+from .config import ConfigError, TrainConfig, ignored_config_keys, option_notes
+from .data import debug_batches, load_datasets
+from .lora import LoRANetwork, SAVE_DTYPES, save_lora
+from .networks import build_network
+from .loss import OBJECTIVES
+from .family import image_moments, load_components
+from .runtime.weights import weight_dtype
+from .optim import is_schedule_free, optimizer_from_config, optimizer_type, scheduler_from_config
+from .compat.metadata import training_metadata
+from .runtime.checks import check_all, start_problem
+from .runtime.distributed import allow_fp16_gradients, any_signalled, average_gradients, batch_loader, loader_batches
+from .runtime.distributed import make_accelerator, rows_loss, stop_signals
+from .runtime.logs import init_trackers, learning_rates, log_to_trackers, setup_logging, write_loss_log
+from .runtime.memos import Memos, cache_outputs, frozen_memos
+from .runtime.outputs import load_state, lora_filename, output_lock, prune_saves, save_state, state_dirname
+from .runtime.placement import BlockSwap, Placement, block_swap, compile_models, cpu_threads, models_used
+from .runtime.placement import prepare_models, release_cached_models, training_models
+from .runtime.validation import Validation
 
 # %% auto #0
-__all__ = ['SECRET_OPTIONS', 'MEMO_BYTES', 'lora_file_problems', 'merge_base_weights', 'check_all', 'compile_problems',
-           'machine_problems', 'fp16_optimizer_problems', 'resume_problems', 'count_steps', 'initial_step',
-           'starting_point', 'lora_filename', 'state_dirname', 'epoch_to_remove', 'step_to_remove', 'training_metadata',
-           'dataset_metadata', 'model_file_metadata', 'modelspec', 'TrainState', 'Callback', 'TrainingStopped',
-           'averaged_weights', 'LossLog', 'plot_loss', 'output_lock', 'stop_signals', 'setup_logging',
-           'tracker_init_kwargs', 'tracker_problems', 'init_trackers', 'allow_fp16_gradients', 'process_share',
-           'rows_loss', 'average_gradients', 'save_state', 'load_state', 'clean_memory', 'named_models',
-           'text_encoder_names', 'Placement', 'training_models', 'BlockSwap', 'compile_models',
-           'free_cached_text_encoders', 'release_cached_models', 'models_used', 'free_cores', 'cpu_threads', 'train',
-           'store_fp8', 'Memo', 'Memos', 'frozen_memos', 'batch_latents', 'batch_conditioning', 'batch_loss',
-           'validation_timesteps', 'Validation']
+__all__ = ['train', 'batch_loss', 'batch_latents', 'batch_conditioning', 'TrainState', 'Run', 'Callback', 'TrainingStopped',
+           'LossLog', 'count_steps', 'initial_step', 'starting_point']
 
-# %% ../nbs/06_train.ipynb #95681ebd
-def lora_file_problems(cfg: TrainConfig) -> list[str]:
-    "Missing `--network_weights` / `--base_weights` files, reported before anything loads."
-    files = [("--network_weights", cfg.network_weights)] * bool(cfg.network_weights) + [("--base_weights", p) for p in cfg.base_weights or []]
-    return [f"{flag}: file {p} does not exist" for flag, p in files if not Path(p).is_file()]
+# %% ../nbs/06_train.ipynb #1dca0585
+def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
+          progress: bool = True) -> TrainState:   # False: no tqdm bar (e.g. a notebook view shows its own)
+    "Train a LoRA as `cfg` says; returns the final state (its `saved` lists the files written). `--debug_dataset`: print the batches instead."
+    setup_logging(cfg)
+    datasets, summary, warnings = check_all(cfg)
+    if cfg.debug_dataset:
+        for line in [summary, *debug_batches(datasets, cfg.seed or 0)]: print(line)
+        return TrainState(cfg)
+    val_datasets = load_datasets(cfg, "validation")[0]
+    acc = make_accelerator(cfg)
+    for w in ignored_config_keys(cfg.config_file) + warnings: acc.print("warning:", w)
+    for n in option_notes(cfg): acc.print("note:", n)
+    acc.print(summary)
+    if cfg.seed is None: cfg.seed = broadcast_object_list([random.randint(0, 2**32 - 1)])[0]   # one seed for all processes
+    set_seed(cfg.seed)
+    cpu_threads(acc.device, cfg.num_cpu_threads_per_process)
+    with output_lock(cfg, acc.is_main_process), stop_signals(acc.num_processes > 1) as signalled:
+        try:
+            owned = comp is None       # loaded here: free to release models the caches replace
+            if comp: comp.family = comp.family.with_options(cfg)
+            else: comp = load_components(cfg)
+            run = Run(datasets, val_datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [], signalled, owned, progress)
+            state = _start(cfg, comp, acc, run)
+            _loop(state)
+            return _finish(state)
+        finally: acc.end_training()
 
-# %% ../nbs/06_train.ipynb #41047b36
-def merge_base_weights(cfg: TrainConfig, comp):
-    "`--base_weights` LoRA files merged into the model before training, each at its `--base_weights_multiplier` (default 1.0)."
-    mults = cfg.base_weights_multiplier or []
-    for i, path in enumerate(cfg.base_weights or []):
-        merge_lora(comp, load_lora(path)[0], mults[i] if i < len(mults) else 1.0)
-
-# %% ../nbs/06_train.ipynb #12087795
-def check_all(cfg: TrainConfig):
-    "Validate options, model path, network args and datasets together; returns (datasets, summary, warnings)."
-    problems = validate(cfg) + check_model(cfg) + machine_problems(cfg) + lora_file_problems(cfg) + optim_problems(cfg)
-    if not cfg.output_dir and not cfg.debug_dataset: problems.append("--output_dir is required: where the LoRA files are written")
-    fam = family_for(cfg.pretrained_model_name_or_path)
-    if fam.objective != "ddpm": problems += ddpm_only_problems(cfg, fam.name)
-    problems += network_problems(cfg, fam)
-    data = None
-    if cfg.dataset_config or (cfg.train_data_dir and os.path.isdir(cfg.train_data_dir)):
-        try: data = load_datasets(cfg)
-        except DatasetError as e: problems += e.problems
-    if problems: raise ConfigError(problems)
-    return data
-
-# %% ../nbs/06_train.ipynb #fbe98cda
-def compile_problems(cfg: TrainConfig) -> list[str]:
-    "Whether `--dynamo_backend` is a backend this PyTorch has (checked only with `--torch_compile`)."
-    if not cfg.torch_compile: return []
-    import torch._dynamo
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if cfg.dynamo_backend.lower() in known: return []
-    return [f"--dynamo_backend {cfg.dynamo_backend}: not a torch.compile backend of this PyTorch; use one of inductor (the default), "
-            f"aot_eager, eager, {', '.join(b for b in torch._dynamo.list_backends() if b != 'inductor')}"]
-
-# %% ../nbs/06_train.ipynb #8c2d765c
-def machine_problems(cfg: TrainConfig) -> list[str]:
-    "Problems with options that need a file, a package or a GPU; each line names the flag and the fix."
-    out, cuda = [], torch.cuda.is_available()
-    if cfg.resume: out += resume_problems(cfg.resume)
-    if cfg.full_fp16 and cfg.mixed_precision != "fp16": out.append("--full_fp16 needs --mixed_precision fp16 (as in sd-scripts)")
-    elif cfg.full_fp16: out += fp16_optimizer_problems(cfg)
-    if cfg.full_bf16 and cfg.mixed_precision != "bf16": out.append("--full_bf16 needs --mixed_precision bf16 (as in sd-scripts)")
-    if fp8_flag(cfg) and cfg.mixed_precision == "no":
-        out.append(f"{fp8_flag(cfg)} needs --mixed_precision bf16 or fp16: steps compute in that dtype "
-                   "from the float8 weights (as in sd-scripts)")
-    if cfg.xformers and importlib.util.find_spec("xformers") is None:
-        out.append("--xformers: the xformers package is not installed (pip install xformers; it needs a CUDA GPU); --sdpa gives the same memory saving")
-    elif cfg.xformers and not cuda: out.append("--xformers needs a CUDA GPU; use --sdpa on this machine")
-    if cfg.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
-        out.append(f"--log_with {cfg.log_with}: the wandb package is not installed (pip install wandb), or use --log_with tensorboard")
-    if cfg.log_with in ("tensorboard", "all") and not cfg.logging_dir: out.append(f"--log_with {cfg.log_with} needs --logging_dir <folder>")
-    return out + tracker_problems(cfg) + compile_problems(cfg)
-
-# %% ../nbs/06_train.ipynb #74851b2b
-def fp16_optimizer_problems(cfg: TrainConfig) -> list[str]:
-    "Whether the optimizer keeps float16 weights finite through a step with a zero gradient (`--full_fp16`)."
-    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))
+# %% ../nbs/06_train.ipynb #5221ed0a
+def _loop(state: TrainState):
+    "Epochs of steps until `max_steps` or a callback's `stop`; an interruption or a NaN loss saves the LoRA so far and stops."
+    cfg, acc, run = state.cfg, state.accelerator, state.run
     try:
-        opt = optimizer_from_config(cfg, [{"params": [w]}])
-        w.grad = torch.zeros_like(w)
-        opt.step()
-    except Exception: return []                   # optim_problems reports an optimizer that cannot be built
-    if torch.isfinite(w).all(): return []
-    return [f"--full_fp16: optimizer {cfg.optimizer_type or 'AdamW'} turns float16 weights into NaN at the first step (its eps is 0 in "
-            "float16); use --optimizer_type AdamW8bit (float32 states), a larger eps (--optimizer_args eps=1e-4), or no --full_fp16"]
+        for epoch in range(run.first_epoch, state.num_epochs):
+            state.epoch = epoch + 1
+            skip = run.done_in_epoch * cfg.gradient_accumulation_steps if epoch == run.first_epoch else 0
+            for batch in loader_batches(run.loaders, epoch, skip):
+                loss = _step(state, batch)
+                if not acc.sync_gradients: continue
+                _after_step(state, loss)
+                if run.validation.due_at_step(state.step): run.validation.run(state, "step", run.bar)
+                for d in run.datasets: d.step.value = state.step   # token warm-up follows the global step
+                if any_signalled(state, run.signalled): raise KeyboardInterrupt
+                if state.step >= state.max_steps or state.stop: break
+            if not state.stop and run.validation.due_at_epoch(state.epoch): run.validation.run(state, "epoch", run.bar)   # the last epoch too
+            if state.step >= state.max_steps or state.stop: break
+            _after_epoch(state)
+    except KeyboardInterrupt:
+        path = _save_stopped(state)
+        raise TrainingStopped(f"interrupted at step {state.step}: the LoRA so far is saved in {path}") from None
+    except FloatingPointError:
+        path = _save_stopped(state)
+        raise TrainingStopped(f"the loss became NaN/inf at step {state.step + 1} (epoch {state.epoch}); the LoRA before that step "
+                              f"is saved in {path}. Try a lower --learning_rate, --max_grad_norm 1.0 or --mixed_precision bf16") from None
+    finally: run.bar.close()
 
-# %% ../nbs/06_train.ipynb #63db84a8
-def resume_problems(path) -> list[str]:
-    "Why `--resume path` cannot be loaded (empty if it can)."
-    p = Path(path)
-    if p.is_file(): return [f"--resume {p} is a file; --resume takes a state folder written by --save_state "
-                            f"(e.g. output/name-state). To start from LoRA weights use --network_weights {p}"]
-    if not p.is_dir(): return [f"--resume {p}: folder does not exist (state folders are named like name-state, name-000002-state, name-step00000100-state)"]
-    missing = [f for f in ("model.safetensors", "optimizer.bin", "scheduler.bin") if not (p/f).exists()]
-    return [f"--resume {p}: not a complete training state, {', '.join(missing)} missing"] if missing else []
+# %% ../nbs/06_train.ipynb #d03a4adb
+def _step(state: TrainState, batch: dict) -> torch.Tensor:
+    "One forward/backward pass (an optimizer step when gradients are synchronised); returns the loss, the same on every process."
+    cfg, acc, opt, run = state.cfg, state.accelerator, state.optimizer, state.run
+    with acc.accumulate(run.model):
+        loss = batch_loss(state, batch, state.objective, acc.num_processes)
+        total = acc.reduce(loss.detach(), "mean") if acc.num_processes > 1 else loss.detach()
+        if not torch.isfinite(total):
+            if cfg.on_nan_loss != "skip": raise FloatingPointError("non-finite loss")
+            acc.print(f"warning: the loss is {total.item()}; skipping this batch (--on_nan_loss skip)")
+            opt.zero_grad(set_to_none=True)
+            return total
+        acc.backward(loss)
+        if acc.sync_gradients:
+            average_gradients(run.trainable, acc)
+            if cfg.max_grad_norm: acc.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
+        opt.step(); state.scheduler.step(); opt.zero_grad(set_to_none=True)
+    return total
 
-# %% ../nbs/06_train.ipynb #293d94cd
-def count_steps(batches_per_epoch: int, cfg: TrainConfig, num_processes: int = 1) -> tuple[int, int]:
-    "(max_train_steps, num_epochs) as sd-scripts computes them."
-    per_epoch = math.ceil(batches_per_epoch / num_processes / cfg.gradient_accumulation_steps)
-    steps = cfg.max_train_epochs * per_epoch if cfg.max_train_epochs else cfg.max_train_steps
-    return steps, math.ceil(steps / per_epoch)
+# %% ../nbs/06_train.ipynb #d0a0657a
+def batch_loss(state: TrainState, batch: dict, objective, num_processes: int = 1) -> torch.Tensor:
+    "This process's part of the loss of one (global) batch under `objective`, weighted so that the `num_processes` parts average to the batch mean."
+    comp, acc = state.comp, state.accelerator
+    latents = batch_latents(state, batch).to(acc.device, state.dtype)
+    cond = batch_conditioning(state, batch)
+    offset, n = batch["rows"]
+    with acc.autocast():
+        mask = batch["alpha_masks"].unsqueeze(1).to(acc.device) if "alpha_masks" in batch else None
+        per_sample = rows_loss(objective, lambda noisy, t: comp.family.predict(comp, noisy, t, cond, batch), latents, offset, n, mask)
+    return (per_sample * batch["loss_weights"].to(per_sample.device)).sum() * num_processes / n
 
-# %% ../nbs/06_train.ipynb #61f968ec
-def initial_step(cfg: TrainConfig, per_epoch: int, resumed_step: int = 0) -> int:
-    "sd-scripts' initial step: `--initial_step`, else from `--initial_epoch`, else the resumed state's step."
-    if cfg.initial_step is not None: return cfg.initial_step
-    if cfg.initial_epoch is not None: return (cfg.initial_epoch - 1) * per_epoch
-    return resumed_step
+# %% ../nbs/06_train.ipynb #3eea0e9d
+def batch_latents(state: TrainState, batch: dict) -> torch.Tensor:
+    "Latents of the batch's images: cached ones, else drawn from the VAE's distribution of each image (kept per `pixel_key` by the image memo)."
+    if "latents" in batch: return batch["latents"]
+    comp, device, memo, pixels = state.comp, state.accelerator.device, state.memos.images, batch["pixels"]
+    if memo is None: return comp.family.encode_images(comp, pixels.to(device))
+    moments = memo(batch["pixel_keys"], lambda rows: {"moments": image_moments(comp.vae, pixels[rows].to(device))}, device)
+    return comp.family.sample_latents(comp, moments["moments"])
 
-def starting_point(cfg: TrainConfig, per_epoch: int, resumed_step: int = 0) -> tuple[int, int, int]:
-    "(step counter, first epoch counted from 0, steps of that epoch to skip) for `--initial_step/--initial_epoch` or a resume."
-    initial = initial_step(cfg, per_epoch, resumed_step)
-    if (cfg.initial_step is not None or cfg.initial_epoch is not None) and not cfg.skip_until_initial_step:
-        return 0, initial // per_epoch, 0
-    return initial, *divmod(initial, per_epoch)
+def batch_conditioning(state: TrainState, batch: dict) -> dict:
+    "The text conditioning of the batch: cached, encoded (with gradients when the text encoders train), or kept per caption by the text memo."
+    cfg, comp, acc, memo = state.cfg, state.comp, state.accelerator, state.memos.texts
+    fam, captions = comp.family, batch["captions"]
+    if "text_cond" in batch:
+        cond = {k: v.to(acc.device, state.dtype) for k, v in batch["text_cond"].items()}
+        if state.train_te:    # a partial cache (the frozen encoders' outputs cached): the trained encoders run on top of it
+            with acc.autocast(): cond = fam.encode_text(comp, captions, cfg.clip_skip, cfg.max_token_length, cached=cond, batch=batch)
+        return cond
+    whole = lambda rows: len(rows) == len(captions)     # a memo encodes single captions: no batch then
+    encode = lambda rows: fam.encode_text(comp, [captions[j] for j in rows], cfg.clip_skip, cfg.max_token_length, batch=batch if whole(rows) else None)
+    with torch.set_grad_enabled(state.train_te and torch.is_grad_enabled()), acc.autocast():
+        return memo(captions, encode, acc.device) if memo else encode(range(len(captions)))
 
-# %% ../nbs/06_train.ipynb #e62ba30e
-def _start_problem(cfg: TrainConfig, start: int, max_steps: int) -> str|None:
-    if start < max_steps: return None
-    flag = "--initial_step" if cfg.initial_step is not None else "--initial_epoch" if cfg.initial_epoch is not None else f"--resume {cfg.resume}"
-    return f"{flag} starts at step {start}: nothing left to do with --max_train_steps {max_steps}; raise it"
+# %% ../nbs/06_train.ipynb #63632e91
+def _after_step(state: TrainState, loss: torch.Tensor):
+    "Bookkeeping after an optimizer step: averages, logs, progress, periodic saves, callbacks."
+    cfg = state.cfg
+    norms = state.network.apply_max_norm_regularization(cfg.scale_weight_norms) if cfg.scale_weight_norms else None
+    state.step += 1
+    state.loss = loss.item()
+    window = ([h[2] for h in state.history] + [state.loss])[-state.steps_per_epoch:]
+    state.avg_loss = sum(window) / len(window)          # moving average over one epoch, as sd-scripts shows it
+    state.lrs = learning_rates(state.scheduler)
+    state.history.append((state.step, state.epoch, state.loss, state.avg_loss, state.scheduler.get_last_lr()[0]))
+    state.run.bar.update(1); state.run.bar.set_postfix(loss=f"{state.loss:.4f}", avr_loss=f"{state.avg_loss:.4f}")
+    logs = {"loss/current": state.loss, "loss/average": state.avg_loss, **{f"lr/{k}": v for k, v in state.lrs.items()}}
+    if norms: logs.update(zip(("max_norm/keys_scaled", "norm/avg_key_norm", "max_norm/max_key_norm"), norms))
+    log_to_trackers(state.accelerator, logs, state.step)
+    if cfg.save_every_n_steps and state.step % cfg.save_every_n_steps == 0 and state.step < state.max_steps:
+        _save_point(state, step=state.step)
+    _emit(state, "on_step_end")
 
-# %% ../nbs/06_train.ipynb #b883636e
-def lora_filename(cfg: TrainConfig, epoch: int|None = None, step: int|None = None) -> Path:
-    "Path of a LoRA saved at an epoch, a step, or (neither) the end of training."
-    ext = "." + (cfg.save_model_as or "safetensors")
-    if epoch is not None: name = f"{cfg.output_name or 'epoch'}-{epoch:06d}"
-    elif step is not None: name = f"{cfg.output_name or 'at'}-step{step:08d}"
-    else: name = cfg.output_name or "last"
-    return Path(cfg.output_dir)/(name + ext)
+def _after_epoch(state: TrainState):
+    "The epoch's average loss logged, an epoch save point when due, callbacks."
+    cfg = state.cfg
+    epoch_losses = [h[2] for h in state.history if h[1] == state.epoch]
+    if epoch_losses: log_to_trackers(state.accelerator, {"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, state.epoch)
+    if cfg.save_every_n_epochs and state.epoch % cfg.save_every_n_epochs == 0 and state.epoch < state.num_epochs:
+        _save_point(state, epoch=state.epoch)
+    _emit(state, "on_epoch_end")
 
-# %% ../nbs/06_train.ipynb #e2f58887
-def state_dirname(cfg: TrainConfig, epoch: int|None = None, step: int|None = None) -> Path:
-    "Folder of the training state saved at an epoch, a step, or (neither) the end of training."
-    return Path(cfg.output_dir)/(lora_filename(cfg, epoch, step).stem + "-state")
+# %% ../nbs/06_train.ipynb #7c5f9c05
+def _save(state: TrainState, path: Path) -> Path:
+    "Save the LoRA (main process only) with the metadata of this point of training; tell the callbacks."
+    acc, metadata = state.accelerator, state.run.metadata()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        md = {**metadata, "ss_training_finished_at": str(time.time()), "ss_steps": str(state.step), "ss_epoch": str(state.epoch)}
+        try:
+            with state.averaged_weights(): save_lora(state.network.state_dict(), path, md, SAVE_DTYPES[state.cfg.save_precision])
+        except OSError as e:
+            if e.errno != errno.ENOSPC: raise
+            kept = ", ".join(str(p) for p in state.saved) or "none yet"
+            raise TrainingStopped(f"the disk is full while writing {path}; nothing was overwritten (earlier files: {kept}). "
+                                  "Free space and continue from the last file with --network_weights") from None
+        state.saved.append(path)
+        _emit(state, "on_save", path)
+    return path
 
-# %% ../nbs/06_train.ipynb #641cc1b9
-def epoch_to_remove(epoch: int, every: int|None, last_n: int|None) -> int|None:
-    "The epoch whose save becomes stale when saving at `epoch` with `--save_last_n_epochs last_n`."
-    if not last_n or not every: return None
-    e = epoch - every * last_n
-    return e if e > 0 else None
+def _save_point(state: TrainState, epoch: int|None = None, step: int|None = None):
+    "Save the LoRA (and with `--save_state` the state) at an epoch or step save point; prune old ones."
+    cfg = state.cfg
+    _save(state, lora_filename(cfg, epoch, step))
+    if cfg.save_state: save_state(state, state_dirname(cfg, epoch, step))
+    if state.accelerator.is_main_process: prune_saves(cfg, epoch, step)
 
-def step_to_remove(step: int, every: int|None, last_n: int|None) -> int|None:
-    "The step whose save becomes stale when saving at `step` with `--save_last_n_steps last_n`."
-    if not last_n or not every: return None
-    s = step - last_n - 1
-    s -= s % every
-    return s if s > 0 else None
+def _save_stopped(state: TrainState) -> Path:
+    "Save the LoRA (and with `--save_state` a resumable state) when training stops early."
+    if state.cfg.save_state: save_state(state, state_dirname(state.cfg, step=state.step))
+    return _save(state, lora_filename(state.cfg, step=state.step))
 
-# %% ../nbs/06_train.ipynb #9f0eaa16
-_SS_FROM_CFG = """learning_rate unet_lr gradient_checkpointing gradient_accumulation_steps lr_warmup_steps lr_scheduler
-network_module network_alpha network_dropout mixed_precision full_fp16 v2 clip_skip max_token_length cache_latents seed lowram
-noise_offset multires_noise_iterations multires_noise_discount adaptive_noise_scale zero_terminal_snr training_comment
-max_grad_norm caption_dropout_rate caption_dropout_every_n_epochs caption_tag_dropout_rate face_crop_aug_range
-prior_loss_weight min_snr_gamma scale_weight_norms ip_noise_gamma noise_offset_random_strength
-ip_noise_gamma_random_strength loss_type huber_schedule huber_scale huber_c fp8_base fp8_base_unet validation_seed
-validation_split max_validation_steps validate_every_n_epochs validate_every_n_steps resize_interpolation""".split()
-_SS_MINIMUM = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
+def _finish(state: TrainState) -> TrainState:
+    "The last save (with `--save_state` or `--save_state_on_train_end` the state too), then `on_train_end`."
+    cfg = state.cfg
+    if cfg.save_state or cfg.save_state_on_train_end: save_state(state, state_dirname(cfg))
+    _save(state, lora_filename(cfg))
+    _emit(state, "on_train_end")
+    if state.run.swap: state.run.swap.remove()
+    return state
 
-# %% ../nbs/06_train.ipynb #9f204ae1
-def training_metadata(cfg: TrainConfig, family, summary, steps: int, epochs: int, optimizer, session_id: str, started: float,
-                      datasets: list = (), num_processes: int = 1, num_validation_images: int = 0) -> dict:
-    "`ss_*` and `modelspec.*` metadata for a LoRA trained with `cfg`, with sd-scripts' key set (`--no_metadata`: its minimum)."
-    opt_args = "(" + ",".join(cfg.optimizer_args or []) + ")" if cfg.optimizer_args else ""
-    md = {f"ss_{n}": getattr(cfg, n) for n in _SS_FROM_CFG}
-    md.update({"ss_session_id": session_id, "ss_training_started_at": started, "ss_output_name": cfg.output_name,
-               "ss_text_encoder_lr": (cfg.text_encoder_lr or [None])[0], "ss_num_train_images": summary.num_train_images,
-               "ss_num_validation_images": num_validation_images, "ss_num_reg_images": summary.num_reg_images,
-               "ss_num_batches_per_epoch": summary.batches_per_epoch, "ss_num_epochs": epochs, "ss_max_train_steps": steps,
-               "ss_network_dim": cfg.network_dim or 4, "ss_v2": bool(family.v2), "ss_base_model_version": family.base_model_version,
-               "ss_sd_scripts_commit_hash": f"lora_kit {_version()}", "ss_debiased_estimation": bool(cfg.debiased_estimation_loss),
-               "ss_optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}{opt_args}",
-               **dataset_metadata(cfg, datasets, num_processes), **model_file_metadata("sd", cfg.pretrained_model_name_or_path)})
-    if cfg.network_args: md["ss_network_args"] = json.dumps(dict(a.split("=", 1) for a in cfg.network_args))
-    if cfg.vae: md.update(model_file_metadata("vae", cfg.vae))
-    md.update(family.metadata(cfg))
-    if cfg.no_metadata: md = {k: v for k, v in md.items() if k in _SS_MINIMUM}
-    return {k: str(v) for k, v in {**md, **modelspec(cfg, family, started)}.items()}
+# %% ../nbs/06_train.ipynb #d6ed27bf
+def _lora_and_optimizer(cfg: TrainConfig, comp, device, dtype):
+    "The LoRA around the prepared models, on the device, and its optimizer."
+    network = build_network(cfg, comp)
+    network.to(device).train()
+    if cfg.full_bf16 or cfg.full_fp16: network.to(dtype)          # LoRA weights and gradients in bf16/fp16
+    te_lr = (cfg.text_encoder_lr or [None])[0]
+    groups = network.param_groups({"lora_te": te_lr, "lora_unet": cfg.unet_lr}, cfg.learning_rate)
+    if not groups: raise ConfigError(["nothing to train: every LoRA part has learning rate 0"])
+    return network, optimizer_from_config(cfg, groups)
 
-# %% ../nbs/06_train.ipynb #ded2fc3f
-def _version() -> str:
-    from lora_kit import __version__
-    return __version__
-
-# %% ../nbs/06_train.ipynb #dbfff954
-def dataset_metadata(cfg: TrainConfig, datasets: list, num_processes: int = 1) -> dict:
-    "sd-scripts' dataset keys: `ss_datasets` … with `--dataset_config`, the flat legacy keys in folder mode."
-    return _toml_dataset_metadata(datasets) if cfg.dataset_config else _folder_dataset_metadata(cfg, datasets, num_processes)
-
-# %% ../nbs/06_train.ipynb #9c51effd
-def _bucket_values(d) -> dict:
-    "The bucket settings a dataset keeps (sd-scripts: min/max rounded to the steps; None, None, False without bucketing)."
-    s = d.plan.plan.settings
-    return {"enable_bucket": bool(s.enable_bucket), "bucket_no_upscale": bool(s.bucket_no_upscale),
-            "min_bucket_reso": s.min_bucket_reso, "max_bucket_reso": s.max_bucket_reso}
-
-def _folder_dataset_metadata(cfg: TrainConfig, datasets: list, num_processes: int) -> dict:
-    "The flat keys of folder mode (`--train_data_dir` / `--in_json`: one dataset)."
-    dirs, reg_dirs, tags, buckets = {}, {}, {}, None
-    bucket = {"enable_bucket": bool(cfg.enable_bucket), "bucket_no_upscale": False, "min_bucket_reso": None, "max_bucket_reso": None}
-    for d in datasets[:1]:
-        images, subsets = d.plan.images, d.plan.spec.subsets
-        for idx, n in images.img_count.items():
-            sub = subsets[idx]
-            (reg_dirs if sub.is_reg else dirs)[os.path.basename(str(sub.image_dir or sub.metadata_file))] = {"n_repeats": sub.num_repeats, "img_count": n}
-        tags, buckets, bucket = images.tag_frequency, d.plan.bucket_info(), _bucket_values(d)
-    return {"ss_batch_size_per_device": cfg.train_batch_size,
-            "ss_total_batch_size": cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps,
-            "ss_resolution": parse_resolution(cfg.resolution) if cfg.resolution else None,
-            **{f"ss_{k}": bool(getattr(cfg, k)) for k in ("color_aug", "flip_aug", "random_crop", "shuffle_caption")},
-            **{f"ss_{k}": v for k, v in bucket.items()}, "ss_keep_tokens": cfg.keep_tokens,
-            "ss_dataset_dirs": json.dumps(dirs), "ss_reg_dataset_dirs": json.dumps(reg_dirs),
-            "ss_tag_frequency": json.dumps(tags), "ss_bucket_info": json.dumps(buckets)}
-
-_SUBSET_KEYS = ("num_repeats", "keep_tokens", "keep_tokens_separator", "secondary_separator", "caption_prefix", "caption_suffix",
-                "resize_interpolation")
-_SUBSET_FLAGS = ("color_aug", "flip_aug", "random_crop", "shuffle_caption", "enable_wildcard")
-
-def _subset_metadata(sub, img_count: int) -> dict:
-    "One entry of a dataset's `subsets` in `ss_datasets`."
-    m = {"img_count": img_count, **{k: getattr(sub, k) for k in _SUBSET_KEYS}, **{k: bool(getattr(sub, k)) for k in _SUBSET_FLAGS}}
-    if sub.image_dir: m["image_dir"] = os.path.basename(sub.image_dir)
-    if sub.kind == "dreambooth": m.update(class_tokens=sub.class_tokens, is_reg=sub.is_reg)
-    elif sub.metadata_file: m["metadata_file"] = os.path.basename(sub.metadata_file)   # (a conditioning_data_dir subset has neither)
-    return m
-
-def _toml_dataset_metadata(datasets: list) -> dict:
-    "`ss_datasets`, `ss_tag_frequency` and `ss_dataset_dirs` of a dataset TOML run."
-    out, tags, dirs = [], {}, {}
-    for d in datasets:
-        spec, images = d.plan.spec, d.plan.images
-        subsets = [_subset_metadata(spec.subsets[i], images.img_count.get(i, 0)) for i in images.used_subsets]
-        for sub in subsets:
-            name = sub.get("metadata_file") or (None if sub.get("is_reg") else sub.get("image_dir"))
-            if name is None: continue
-            unique = next(n for n in itertools.chain([name], (f"{name} ({i})" for i in itertools.count(2))) if n not in dirs)
-            dirs[unique] = {"n_repeats": sub["num_repeats"], "img_count": sub["img_count"]}
-        out.append({"is_dreambooth": spec.kind == "dreambooth", "batch_size_per_device": spec.batch_size,
-                    "num_train_images": images.num_train_images, "num_reg_images": images.num_reg_images,
-                    "resolution": spec.resolution, **{k: v for k, v in _bucket_values(d).items() if k != "bucket_no_upscale"},
-                    "tag_frequency": images.tag_frequency, "bucket_info": d.plan.bucket_info(),
-                    "resize_interpolation": spec.resize_interpolation, "subsets": subsets})
-        for name, freq in images.tag_frequency.items(): tags.setdefault(name, freq)   # a folder in several datasets counts once
-    return {"ss_datasets": json.dumps(out), "ss_tag_frequency": json.dumps(tags), "ss_dataset_dirs": json.dumps(dirs)}
-
-# %% ../nbs/06_train.ipynb #d9eb701a
-def model_file_metadata(kind: str, path: str|None) -> dict:
-    "`ss_{kind}_model_name` (`ss_vae_name`) and, for a local path, `ss_{kind}_model_hash` / `ss_new_{kind}_model_hash`, as sd-scripts writes them."
-    name = "vae" if kind == "vae" else f"{kind}_model"
-    if path is None or not os.path.exists(path): return {f"ss_{name}_name": path}
-    legacy, sha = _file_hashes(os.path.abspath(path), os.path.getmtime(path))
-    return {f"ss_{name}_hash": legacy, f"ss_new_{name}_hash": sha, f"ss_{name}_name": os.path.basename(os.path.normpath(path))}
-
-# %% ../nbs/06_train.ipynb #76709f8f
-from functools import lru_cache
-
-@lru_cache(maxsize=8)
-def _file_hashes(path: str, mtime: float) -> tuple[str, str]:
-    "(A1111's legacy model hash, SHA-256) of a file, or sd-scripts' placeholders for a folder."
-    import hashlib
-    if os.path.isdir(path): return "IsADirectory", "IsADirectory"
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(0x100000); legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-        f.seek(0)
-        for chunk in iter(lambda: f.read(1 << 20), b""): sha.update(chunk)
-    return legacy, sha.hexdigest()
-
-# %% ../nbs/06_train.ipynb #1f773b9b
-def modelspec(cfg: TrainConfig, family, started: float) -> dict:
-    "The `modelspec.*` keys of a LoRA trained with `cfg`."
-    reso = parse_resolution(cfg.resolution) if cfg.resolution else (family.default_resolution,) * 2
-    when = datetime.fromtimestamp(started)
-    md = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": family.modelspec_architecture,
-          "modelspec.implementation": "diffusers", "modelspec.title": cfg.metadata_title or cfg.output_name or f"LoRA@{when:%Y-%m-%d %H:%M:%S}",
-          "modelspec.resolution": f"{reso[0]}x{reso[1]}", "modelspec.prediction_type": "v" if family.v_prediction else "epsilon",
-          "modelspec.date": when.isoformat(timespec="seconds"), "modelspec.implementation_version": f"lora_kit/{_version()}"}
-    if cfg.min_timestep is not None or cfg.max_timestep is not None:
-        md["modelspec.timestep_range"] = f"{cfg.min_timestep or 0},{1000 if cfg.max_timestep is None else cfg.max_timestep}"
-    if cfg.clip_skip: md["modelspec.encoder_layer"] = cfg.clip_skip
-    for n in OPTIONS:
-        if n.startswith("metadata_") and getattr(cfg, n) is not None: md[f"modelspec.{n[9:]}"] = getattr(cfg, n)
-    if cfg.metadata_thumbnail and not cfg.metadata_thumbnail.startswith("data:"):
-        md["modelspec.thumbnail"] = _data_url(cfg.metadata_thumbnail)
-    return md
-
-# %% ../nbs/06_train.ipynb #ecf7b032
-def _data_url(path: str) -> str:
-    mime = mimetypes.guess_type(path)[0] or "image/png"
-    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+def _start(cfg: TrainConfig, comp, acc: Accelerator, run: Run) -> TrainState:
+    "Everything before the first step; returns the run state, resumed or at its starting point."
+    dtype, train_te, data = weight_dtype(cfg), not cfg.network_train_unet_only, [*run.datasets, *run.val_datasets]
+    prepare_models(cfg, comp, dtype, train_te, run.datasets)   # in a function: no local here keeps a model alive
+    network, optimizer = _lora_and_optimizer(cfg, comp, acc.device, dtype)
+    run.loaders = [batch_loader(cfg, d, acc.num_processes, acc.process_index) for d in run.datasets]
+    memos = frozen_memos(cfg, data, train_te)
+    run.validation = Validation(cfg, run.val_datasets, acc, comp.family.objective, batch_loss)
+    placement = Placement(comp, acc.device, empty_cache=not cfg.highvram)
+    keep = (lambda: models_used(run.callbacks)) if run.owned else (lambda: {"vae", "text_encoders"})   # never free a caller's models
+    freed = cache_outputs(cfg, comp, data, acc, placement, keep(), run.progress and acc.is_local_main_process)
+    global_batches = sum(len(dl) for dl in run.loaders)
+    steps, epochs = count_steps(global_batches, cfg)
+    if cfg.save_n_epoch_ratio: cfg.save_every_n_epochs = math.floor(epochs / cfg.save_n_epoch_ratio) or 1
+    scheduler = scheduler_from_config(cfg, optimizer, steps, acc.num_processes)
+    run.model, optimizer, scheduler = acc.prepare(network, optimizer, scheduler)
+    run.trainable = [p for p in run.model.parameters() if p.requires_grad]     # once, not at every step
+    if cfg.full_fp16: allow_fp16_gradients(acc.scaler)
+    objective = OBJECTIVES[comp.family.objective](cfg)
+    state = TrainState(cfg, comp, acc.unwrap_model(run.model), acc, steps, epochs, math.ceil(global_batches / cfg.gradient_accumulation_steps),
+                       started=time.time(), placement=placement, optimizer=optimizer, scheduler=scheduler, objective=objective,
+                       dtype=dtype, train_te=train_te, memos=memos, run=run)
+    if cfg.resume: load_state(state, cfg.resume)
+    if (p := start_problem(cfg, initial_step(cfg, state.steps_per_epoch, state.step), steps)): raise ConfigError([p])
+    state.step, run.first_epoch, run.done_in_epoch = starting_point(cfg, state.steps_per_epoch, state.step)
+    state.history = [h for h in state.history if h[0] <= state.step]
+    for d in run.datasets: d.max_train_steps = steps
+    session = str(uuid.uuid4())
+    run.metadata = lambda: training_metadata(cfg, comp.family, run.summary, steps, epochs, getattr(optimizer, "optimizer", optimizer),
+                                             session, state.started, run.datasets, acc.num_processes, run.validation.num_images)
+    if acc.is_main_process and acc.log_with: init_trackers(acc, cfg)
+    run.swap = block_swap(cfg, comp, acc.device)        # first: the swapped blocks must not come to the device with the rest
+    placement.only(training_models(cfg, comp))
+    compile_models(cfg, comp, train_te)
+    _emit(state, "on_train_start")                      # (sampling encodes its prompts here, if the text encoders do not train)
+    freed += release_cached_models(cfg, comp, keep())
+    if freed: acc.print(f"freed the {' and '.join(freed)}: their outputs are cached")
+    run.bar = tqdm(total=steps, initial=state.step, desc="steps", disable=not (run.progress and acc.is_local_main_process), dynamic_ncols=True)
+    return state
 
 # %% ../nbs/06_train.ipynb #49a775ed
 @dataclass
@@ -340,8 +287,45 @@ class TrainState:
     saved: list = field(default_factory=list)     # paths written
     stop: bool = False
     started: float = 0.0
-    placement: "Placement" = None                 # which models are on the device (callbacks bring others with `placement.also`)
+    placement: Placement = None                   # which models are on the device (callbacks bring others with `placement.also`)
     optimizer: object = None                      # the (accelerate-wrapped) optimizer
+    scheduler: object = None                      # the (accelerate-wrapped) learning-rate scheduler
+    objective: object = None                      # the family's objective (`loss.OBJECTIVES`), called by `batch_loss`
+    dtype: torch.dtype = torch.float32            # the frozen models' weight dtype
+    train_te: bool = False                        # whether the text encoders' LoRA trains
+    memos: Memos = field(default_factory=Memos)   # what the frozen encoders computed, kept per image and caption
+    run: Run = None                               # the loop's machinery
+
+    @contextmanager
+    def averaged_weights(self):
+        "Within this block a schedule-free optimizer is in eval mode (the LoRA holds its averaged weights); no-op for others."
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)        # accelerate wraps it
+        switch = opt is not None and is_schedule_free(optimizer_type(self.cfg))
+        if switch: opt.eval()
+        try: yield
+        finally:
+            if switch: opt.train()
+
+# %% ../nbs/06_train.ipynb #fd6d5853
+@dataclass
+class Run:
+    "The loop's machinery: what `train` was given, and what `_start` sets up."
+    datasets: list                                # the training datasets
+    val_datasets: list                            # the images validation_split holds out
+    summary: object                               # the datasets' summary (image counts, for the metadata)
+    callbacks: list
+    signalled: object = None                      # `stop_signals`' flag (several processes: a stop signal arrived)
+    owned: bool = False                           # `train` loaded the models: it may free those the caches replace
+    progress: bool = True                         # show a tqdm bar
+    model: torch.nn.Module = None                 # the LoRA as accelerate prepared it (DDP-wrapped with several processes)
+    trainable: list = field(default_factory=list)   # its trained parameters
+    loaders: list = field(default_factory=list)     # this process's share of each dataset's batches
+    validation: Validation = None
+    metadata: Callable[[], dict] = dict           # the `ss_*`/`modelspec.*` metadata of a save now
+    swap: BlockSwap|None = None                   # `--blocks_to_swap`
+    first_epoch: int = 0                          # where the loop starts (counted from 0) …
+    done_in_epoch: int = 0                        # … and the optimizer steps of that epoch trained before
+    bar: object = None                            # the tqdm progress bar
 
 # %% ../nbs/06_train.ipynb #7cbf712f
 class Callback:
@@ -359,809 +343,38 @@ class TrainingStopped(RuntimeError):
     "Training ended early (Ctrl-C or a non-finite loss); the message says what was saved."
 
 # %% ../nbs/06_train.ipynb #c275291a
-def _emit(callbacks, event: str, state: TrainState, *args):
+def _emit(state: TrainState, event: str, *args):
     "Call `event` on every callback (with the averaged weights of a schedule-free optimizer); a failing callback is reported and training goes on."
-    with averaged_weights(state):
-        for cb in callbacks:
+    with state.averaged_weights():
+        for cb in state.run.callbacks:
             try: getattr(cb, event)(state, *args)
             except (KeyboardInterrupt, TrainingStopped): raise
             except Exception as e: print(f"warning: {type(cb).__name__}.{event} failed ({type(e).__name__}: {e}); training continues")
 
-# %% ../nbs/06_train.ipynb #fd6d5853
-from .optim import is_schedule_free, optimizer_type
-
-@contextmanager
-def averaged_weights(state: TrainState):
-    "Within this block a schedule-free optimizer is in eval mode (the LoRA holds its averaged weights); no-op for others."
-    opt = getattr(state.optimizer, "optimizer", state.optimizer)        # accelerate wraps it
-    switch = opt is not None and is_schedule_free(optimizer_type(state.cfg))
-    if switch: opt.eval()
-    try: yield
-    finally:
-        if switch: opt.train()
-
 # %% ../nbs/06_train.ipynb #8228549e
 class LossLog(Callback):
-    "Write the loss history as CSV and a PNG plot into output_dir."
+    "Write the loss history as CSV and a PNG plot into output_dir at each save and at the end."
     uses_models = False
-    def paths(self, state: TrainState) -> tuple[Path, Path]:
-        base = Path(state.cfg.output_dir)/f"{state.cfg.output_name or 'last'}_loss"
-        return base.with_suffix(".csv"), base.with_suffix(".png")
-
-    def write(self, state: TrainState):
-        csv_path, png_path = self.paths(state)
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(csv_path, "w", newline="") as f:
-            w = csv.writer(f); w.writerow(["step", "epoch", "loss", "avr_loss", "lr"]); w.writerows(state.history)
-        plot_loss(state.history, png_path)
-
-    def on_save(self, state, path): self.write(state)
-    def on_train_end(self, state): self.write(state)
-
-# %% ../nbs/06_train.ipynb #293e2438
-def plot_loss(history: list, path: Path):
-    "Save a loss-curve PNG (raw loss and moving average against steps)."
-    import matplotlib
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(7, 3.5), dpi=100)
-    ax = fig.subplots()
-    if history:
-        steps = [h[0] for h in history]
-        ax.plot(steps, [h[2] for h in history], alpha=0.35, label="loss")
-        ax.plot(steps, [h[3] for h in history], label="average loss")
-    ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend(loc="upper right"); fig.tight_layout()
-    fig.savefig(path)
-
-# %% ../nbs/06_train.ipynb #43c898ea
-def _pid_alive(pid: int) -> bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
-
-# %% ../nbs/06_train.ipynb #67f0367b
-@contextmanager
-def output_lock(cfg: TrainConfig, enabled: bool = True):
-    "Hold `{output_dir}/.{output_name}.lock` while training; refuse if a live process holds it."
-    if not enabled or cfg.ignore_output_lock: yield; return
-    path = Path(cfg.output_dir)/f".{cfg.output_name or 'last'}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        try: fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY); break
-        except FileExistsError:
-            try: pid = int(path.read_text().strip() or 0)
-            except (OSError, ValueError): pid = 0
-            if pid and pid != os.getpid() and _pid_alive(pid):
-                raise ConfigError([f"another run (process {pid}) is writing {Path(cfg.output_dir)/(cfg.output_name or 'last')}*: "
-                                   "use another --output_name or --output_dir, or --ignore_output_lock"]) from None
-            path.unlink(missing_ok=True)          # stale lock of a run that ended without cleaning up
-    try:
-        os.write(fd, str(os.getpid()).encode()); os.close(fd)
-        yield
-    finally: path.unlink(missing_ok=True)
-
-# %% ../nbs/06_train.ipynb #90b0fda8
-@contextmanager
-def stop_signals(distributed: bool = False):
-    "Within this block SIGTERM raises KeyboardInterrupt; `distributed`: SIGTERM and SIGINT set the yielded event instead."
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread(): yield stop; return   # handlers need the main thread
-    def interrupt(signum, frame): raise KeyboardInterrupt
-    handler = (lambda signum, frame: stop.set()) if distributed else interrupt
-    old = {s: signal.signal(s, handler) for s in ((signal.SIGTERM, signal.SIGINT) if distributed else (signal.SIGTERM,))}
-    try: yield stop
-    finally:
-        for s, h in old.items(): signal.signal(s, h)
-
-# %% ../nbs/06_train.ipynb #f7eaa563
-import logging, sys, tomllib
-
-def setup_logging(cfg: TrainConfig):
-    "Python's root logger as sd-scripts sets it from `--console_log_level`, `--console_log_file` and `--console_log_simple` (if any is given)."
-    if not (cfg.console_log_level or cfg.console_log_file or cfg.console_log_simple): return
-    for h in logging.root.handlers[:]: logging.root.removeHandler(h)
-    if cfg.console_log_file: handler = logging.FileHandler(cfg.console_log_file, mode="w", encoding="utf-8")
-    elif not cfg.console_log_simple and importlib.util.find_spec("rich"):
-        from rich.console import Console
-        from rich.logging import RichHandler
-        handler = RichHandler(console=Console(stderr=True))
-    else: handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-    logging.root.setLevel(cfg.console_log_level or "INFO")
-    logging.root.addHandler(handler)
-
-# %% ../nbs/06_train.ipynb #25eaed19
-def tracker_init_kwargs(cfg: TrainConfig) -> dict:
-    "accelerate's `init_kwargs` for the trackers, as sd-scripts builds them."
-    if cfg.log_tracker_config: return tomllib.loads(Path(cfg.log_tracker_config).read_text(encoding="utf-8"))
-    return {"wandb": {"name": cfg.wandb_run_name}} if cfg.wandb_run_name else {}
-
-def tracker_problems(cfg: TrainConfig) -> list[str]:
-    "What is wrong with `--log_tracker_config`, if given."
-    if not cfg.log_tracker_config: return []
-    p = Path(cfg.log_tracker_config)
-    if not p.is_file(): return [f"--log_tracker_config: {p} does not exist"]
-    try: tables = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e: return [f"--log_tracker_config {p}: invalid TOML: {e}"]
-    return [f"--log_tracker_config {p}: '{k}' must be a table of keyword arguments for that tracker, e.g. [{k}]"
-            for k, v in tables.items() if not isinstance(v, dict)]
-
-# %% ../nbs/06_train.ipynb #56591f5e
-SECRET_OPTIONS = ("wandb_api_key", "huggingface_token")   # never sent to a tracker (sd-scripts filters them too)
-
-def init_trackers(acc: Accelerator, cfg: TrainConfig):
-    "Start the trackers (main process) with the changed options as their config, sd-scripts' tracker name and init_kwargs."
-    if cfg.wandb_api_key and cfg.log_with in ("wandb", "all"):
-        import wandb
-        wandb.login(key=cfg.wandb_api_key)
-    config = {k: v for k, v in cfg.to_dict(changed_only=True).items() if isinstance(v, (int, float, str, bool)) and k not in SECRET_OPTIONS}
-    acc.init_trackers(cfg.log_tracker_name or "network_train", config=config, init_kwargs=tracker_init_kwargs(cfg))
-
-# %% ../nbs/06_train.ipynb #d39d07b3
-def _accelerator(cfg: TrainConfig) -> Accelerator:
-    """The accelerator for `cfg`; logs go to `--logging_dir/{--log_prefix}{timestamp}` as in sd-scripts; `--ddp_timeout`
-    (minutes) bounds how long processes wait for each other (PyTorch's default: 10 minutes)."""
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()   # several CPU processes: gloo
-    timeout = {"timeout": timedelta(minutes=cfg.ddp_timeout)} if cfg.ddp_timeout else {}
-    if PartialState(cpu=cpu, **timeout).num_processes == 1:      # fresh state, so one session can train again with other precision
-        AcceleratorState._reset_state(); GradientState._reset_state()
-    log_dir = str(Path(cfg.logging_dir)/f"{cfg.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}") if cfg.logging_dir else None
-    log_with = cfg.log_with or ("tensorboard" if log_dir else None)
-    if log_with == "all": log_with = ["tensorboard", "wandb"]
-    if log_with in ("wandb", ["tensorboard", "wandb"]) and log_dir: os.makedirs(log_dir, exist_ok=True); os.environ["WANDB_DIR"] = log_dir
-    acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                      log_with=log_with, project_dir=log_dir)
-    if acc.mixed_precision == "fp16" and acc.device.type == "cpu": _cpu_fp16(acc)
-    return acc
-
-# %% ../nbs/06_train.ipynb #cc16fcb7
-def _cpu_fp16(acc: Accelerator):
-    "Give a CPU accelerator GPU-style fp16: autocast to float16 and a gradient scaler (set before `prepare`)."
-    print("note: --mixed_precision fp16 on a CPU runs as on a GPU (float16 autocast, gradient scaler) but slowly; bf16 is faster here")
-    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu")
-
-# %% ../nbs/06_train.ipynb #db051903
-def allow_fp16_gradients(scaler: torch.amp.GradScaler):
-    "Let `scaler` unscale float16 gradients (`--full_fp16`), as sd-scripts' `patch_accelerator_for_fp16_training` does."
-    unscale = scaler._unscale_grads_
-    scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(optimizer, inv_scale, found_inf, True)
-
-# %% ../nbs/06_train.ipynb #65d159dd
-def process_share(batch: list, num_processes: int, rank: int) -> list[tuple]:
-    "This process's items of a global batch, as (item, offset, batch length, counts): a contiguous block of ceil(n/N) items."
-    n = len(batch)
-    size = math.ceil(n / num_processes)
-    lo = rank * size
-    return [(k, lo, n, True) for k in batch[lo:lo + size]] or [(batch[0], 0, n, False)]
-
-# %% ../nbs/06_train.ipynb #b9b77681
-class _ProcessBatches(torch.utils.data.Sampler):
-    "This process's share of each global batch; `skip` leaves out the first batches of the next epoch without loading them (to resume mid-epoch)."
-    def __init__(self, inner, num_processes: int = 1, rank: int = 0): self.inner, self.num_processes, self.rank, self.skip = inner, num_processes, rank, 0
-    def set_epoch(self, epoch: int): self.inner.set_epoch(epoch)
-    def __iter__(self):
-        skip, self.skip = self.skip, 0
-        return (process_share(b, self.num_processes, self.rank) for b in itertools.islice(iter(self.inner), skip, None))
-    def __len__(self): return len(self.inner)
-
-# %% ../nbs/06_train.ipynb #4a4f1c62
-class _ProcessRows(torch.utils.data.Dataset):
-    "A dataset whose items say where they sit in the global batch (`rows`: offset, length); stand-ins get loss weight 0."
-    def __init__(self, dataset): self.dataset = dataset
-    def __len__(self): return len(self.dataset)
-    def __getitem__(self, key):
-        item, offset, n, counts = key
-        out = {**self.dataset[item], "rows": (offset, n)}
-        if not counts: out["loss_weight"] = 0.0
-        return out
-
-def _collate_rows(samples: list[dict]) -> dict:
-    return {**collate(samples), "rows": samples[0]["rows"]}
-
-# %% ../nbs/06_train.ipynb #8c3f4e3c
-def rows_loss(objective, predict, latents: torch.Tensor, offset: int, n: int, mask: torch.Tensor|None = None) -> torch.Tensor:
-    "Per-sample loss of the rows `offset…` of a global batch of `n`, with the noise and timesteps drawn for all `n`."
-    b = latents.shape[0]
-    if offset == 0 and b == n: return objective(predict, latents, mask=mask)
-    rows = slice(offset, offset + b)
-    full = latents.new_zeros((n, *latents.shape[1:]))
-    full[rows] = latents
-    if mask is not None: mask = torch.cat([mask.new_ones((offset, *mask.shape[1:])), mask, mask.new_ones((n - offset - b, *mask.shape[1:]))])
-    def predict_rows(noisy, t):
-        out = noisy.new_zeros(noisy.shape)
-        out[rows] = predict(noisy[rows], t[rows])
-        return out
-    return objective(predict_rows, full, mask=mask)[rows]
-
-# %% ../nbs/06_train.ipynb #5b3a28ec
-def average_gradients(params: list, accelerator) -> None:
-    "Average the gradients of `params` over all processes (in place); no-op with one process."
-    n = accelerator.num_processes
-    if n == 1 or not params: return
-    grads = [p.grad.float().flatten() if p.grad is not None else p.new_zeros(p.numel(), dtype=torch.float32) for p in params]
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-    flat = accelerator.reduce(torch.cat([*grads, has]), "sum")
-    total, has = flat[:-len(params)] / n, flat[-len(params):]
-    for p, g, h in zip(params, total.split([p.numel() for p in params]), has):
-        p.grad = g.view_as(p).to(p.dtype) if h > 0 else None
-
-# %% ../nbs/06_train.ipynb #2fc707e4
-def _loader(cfg, dataset, num_processes: int = 1, rank: int = 0) -> torch.utils.data.DataLoader:
-    "Batches of `dataset` (this process's share of each global batch), loaded by `--max_data_loader_n_workers` workers."
-    return torch.utils.data.DataLoader(_ProcessRows(dataset), collate_fn=_collate_rows,
-                                       batch_sampler=_ProcessBatches(BucketBatchSampler(dataset, cfg.seed, dataset.batch_size * num_processes), num_processes, rank),
-                                       num_workers=min(cfg.max_data_loader_n_workers, os.cpu_count() or 1),
-                                       persistent_workers=cfg.persistent_data_loader_workers and cfg.max_data_loader_n_workers > 0,
-                                       generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
-
-# %% ../nbs/06_train.ipynb #ac0f38ef
-def _batches(loaders, epoch: int, skip: int = 0):
-    "All batches of one epoch, dataset after dataset, leaving out the first `skip`."
-    for dl in loaders:
-        dl.batch_sampler.set_epoch(epoch + 1)           # sd-scripts counts epochs from 1
-        dl.batch_sampler.skip, skip = min(skip, len(dl)), max(0, skip - len(dl))
-    for dl in loaders: yield from dl
-
-# %% ../nbs/06_train.ipynb #2796b60e
-from .checkpoint import follow_umask
-
-# %% ../nbs/06_train.ipynb #350dc4f1
-def save_state(state: TrainState, folder: Path) -> Path:
-    "Write a resumable state (accelerate `save_state` + `train_state.json`) to `folder`, atomically."
-    acc, folder = state.accelerator, Path(folder)
-    tmp = folder.with_name(f".{folder.name}.partial")    # one name for all processes; the output lock keeps it ours
-    if acc.is_main_process: shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-    with averaged_weights(state): acc.save_state(str(tmp))   # the main process writes the model and optimizer, every process its random generators
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        try:
-            (tmp/"train_state.json").write_text(json.dumps({"current_epoch": state.epoch, "current_step": state.step, "loss_history": state.history}))
-            follow_umask(tmp)             # accelerate writes model.safetensors with mode 0600
-            old = folder.with_name(tmp.name + ".old")
-            if folder.exists(): folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        finally: shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-# %% ../nbs/06_train.ipynb #0284c159
-def load_state(state: TrainState, folder: Path):
-    "Restore the LoRA, optimizer, scheduler, random generators, step/epoch and loss history from a `save_state` folder."
-    state.accelerator.load_state(str(folder))
-    info = json.loads((Path(folder)/"train_state.json").read_text()) if (Path(folder)/"train_state.json").exists() else {}
-    state.step = info.get("current_step", 0)
-    state.history = [tuple(h) for h in info.get("loss_history", [])]
-    state.accelerator.print(f"resumed from {folder} at step {state.step}")
-
-# %% ../nbs/06_train.ipynb #51b467dc
-def _prune(path: Path):
-    "Remove an old LoRA file or state folder (as `--save_last_n_*` asks)."
-    if path.is_dir(): shutil.rmtree(path)
-    elif path.exists(): path.unlink()
-
-# %% ../nbs/06_train.ipynb #7a843c49
-def _save_point(state: TrainState, metadata, callbacks, epoch: int|None = None, step: int|None = None):
-    "Save the LoRA (and with `--save_state` the state) at an epoch or step save point; prune old ones."
-    cfg = state.cfg
-    _save(state, lora_filename(cfg, epoch, step), metadata(), callbacks)
-    if epoch is not None:
-        old, old_state = (epoch_to_remove(epoch, cfg.save_every_n_epochs, n) for n in (cfg.save_last_n_epochs, cfg.save_last_n_epochs_state or cfg.save_last_n_epochs))
-        kw, kw_state = dict(epoch=old), dict(epoch=old_state)
-    else:
-        old, old_state = (step_to_remove(step, cfg.save_every_n_steps, n) for n in (cfg.save_last_n_steps, cfg.save_last_n_steps_state or cfg.save_last_n_steps))
-        kw, kw_state = dict(step=old), dict(step=old_state)
-    if cfg.save_state: save_state(state, state_dirname(cfg, epoch, step))
-    if state.accelerator.is_main_process:
-        if old is not None: _prune(lora_filename(cfg, **kw))
-        if cfg.save_state and old_state is not None: _prune(state_dirname(cfg, **kw_state))
-
-# %% ../nbs/06_train.ipynb #ae418534
-def clean_memory(device):
-    "Return freed memory for real: Python's garbage, then the device's cached blocks."
-    gc.collect()
-    if torch.device(device).type == "cuda": torch.cuda.empty_cache()
-
-# %% ../nbs/06_train.ipynb #5e14647c
-def named_models(comp) -> dict:
-    "The loaded models by the names `Placement` uses: 'denoiser', 'vae', 'text_encoder1'… (freed ones left out)."
-    return {n: m for n, m in [("denoiser", comp.denoiser), ("vae", comp.vae), *((f"text_encoder{i + 1}", te) for i, te in enumerate(comp.text_encoders))]
-            if m is not None}
-
-def text_encoder_names(comp, indices=None) -> set[str]:
-    "`named_models`' names of the loaded text encoders (only those at `indices`, if given)."
-    idx = range(len(comp.text_encoders)) if indices is None else indices
-    return {f"text_encoder{i + 1}" for i in idx if comp.text_encoders[i] is not None}
-
-# %% ../nbs/06_train.ipynb #1f6f75b1
-class Placement:
-    "Which of the models are on the device; `only` and `also` move them (`empty_cache=False`: sd-scripts' `--highvram`)."
-    def __init__(self, comp, device, empty_cache: bool = True):
-        self.comp, self.device, self.empty_cache = comp, torch.device(device), empty_cache
-        self.on_device = {n for n, m in named_models(comp).items() if next(m.parameters()).device == self.device}
-
-    def only(self, names):
-        "Put the named models on the device and the other loaded models in CPU memory."
-        names, moved_off = set(names), False
-        for n, m in named_models(self.comp).items():
-            if (n in names) != (n in self.on_device):
-                m.to(self.device if n in names else "cpu")
-                moved_off |= n not in names
-        self.on_device = set(names) & set(named_models(self.comp))
-        if moved_off and self.empty_cache: clean_memory(self.device)
-
-    @contextmanager
-    def also(self, names):
-        "Within this block the named models are on the device too; afterwards only what was there before."
-        before = set(self.on_device)
-        self.only(before | set(names))
-        try: yield
-        finally: self.only(before & set(named_models(self.comp)))
-
-# %% ../nbs/06_train.ipynb #7cbc0f98
-def training_models(cfg, comp) -> set[str]:
-    "The models a training step runs: the denoiser, the VAE unless latents are cached, the text encoders unless their outputs are (trained ones always)."
-    names = {"denoiser"} | ({"vae"} if not (cfg.cache_latents or cfg.cache_latents_to_disk) and comp.vae is not None else set())
-    te_cached = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
-    cached = range(len(comp.text_encoders)) if cfg.network_train_unet_only else comp.family.cache_only_encoders
-    return names | text_encoder_names(comp, [i for i in range(len(comp.text_encoders)) if not (te_cached and i in cached)])
-
-# %% ../nbs/06_train.ipynb #20943715
-class BlockSwap:
-    "Keep the last `n` of `blocks` in CPU memory; each comes to `device` only while it runs (see above)."
-    def __init__(self, blocks, n: int, device):
-        self.device, self.live, self.peak = torch.device(device), 0, 0    # device copies of tensors that exist now / at most
-        self.swapped = list(blocks)[len(blocks) - n:]
-        for b in self.swapped:
-            b.to("cpu")
-            if self.device.type == "cuda": b._apply(lambda t: t.pin_memory())
-            slots = [(d, k) for m in b.modules() for d in (m._parameters, m._buffers) for k, v in d.items() if v is not None]
-            b.forward = functools.partial(self._run, b.forward, slots, [d[k] for d, k in slots])
-            b._apply = lambda fn, recurse=True, b=b: b     # moving the whole model to the device leaves this block where it is
-
-    def _run(self, forward, slots, home, *args, **kwargs):
-        "The block's forward with device copies of its weights (put back even when checkpointing stops a recomputation early)."
-        for (d, k), t in zip(slots, home):
-            d[k] = copy = t.detach().to(self.device, non_blocking=True, copy=True)
-            self.live += 1; weakref.finalize(copy, self._freed)
-        self.peak = max(self.peak, self.live)
-        try: return forward(*args, **kwargs)
-        finally:
-            for (d, k), t in zip(slots, home): d[k] = t
-
-    def _freed(self): self.live -= 1
-
-    def remove(self):
-        "Stop swapping: every block back on the device for good."
-        for b in self.swapped:
-            del b.forward, b._apply
-            b.to(self.device)
-
-# %% ../nbs/06_train.ipynb #9477f639
-def _block_swap(cfg, comp, device) -> BlockSwap|None:
-    "`--blocks_to_swap` on the denoiser's `transformer_blocks` (SD3's MMDiT; the option exists only for such models)."
-    if not cfg.blocks_to_swap: return None
-    blocks = comp.denoiser.transformer_blocks
-    if cfg.blocks_to_swap > len(blocks): print(f"note: --blocks_to_swap {cfg.blocks_to_swap}: this model has {len(blocks)} blocks; swapping them all")
-    return BlockSwap(blocks, min(cfg.blocks_to_swap, len(blocks)), device)
-
-# %% ../nbs/06_train.ipynb #c37daff6
-def compile_models(cfg, comp, train_te: bool) -> list:
-    "`--torch_compile`: compile the denoiser (and the trained text encoders) in place with `--dynamo_backend`; returns them."
-    if not cfg.torch_compile: return []
-    models = [comp.denoiser, *(te for te in comp.text_encoders if train_te and te is not None)]
-    for m in models: m.compile(backend=cfg.dynamo_backend.lower())
-    return models
-
-# %% ../nbs/06_train.ipynb #90c9210d
-def free_cached_text_encoders(cfg, comp) -> list[str]:
-    "Free (put None in place of) the text encoders that do not train and whose outputs are cached; returns the names of those freed now."
-    frozen = range(len(comp.text_encoders)) if cfg.network_train_unet_only else comp.family.cache_only_encoders
-    freed = [f"text encoder {i + 1}" for i in frozen if comp.text_encoders[i] is not None]
-    comp.text_encoders = [None if i in frozen else te for i, te in enumerate(comp.text_encoders)]
-    return freed
-
-# %% ../nbs/06_train.ipynb #eef83def
-def release_cached_models(cfg, comp, keep: set, which=("vae", "text_encoders")) -> list[str]:
-    "Free the models of `which` whose outputs are all cached, unless a callback runs them (`keep`); returns their names."
-    freed, drop = [], set(which) - set(keep)
-    if "vae" in drop and (cfg.cache_latents or cfg.cache_latents_to_disk) and comp.vae is not None: comp.vae = None; freed.append("VAE")
-    if "text_encoders" in drop and (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
-        freed += free_cached_text_encoders(cfg, comp)
-    if freed: gc.collect()
-    return freed
-
-# %% ../nbs/06_train.ipynb #cbf48c44
-def models_used(callbacks) -> set[str]:
-    "Which of 'vae' and 'text_encoders' some callback runs (`uses_models`: a set of them, or true for both)."
-    used = (getattr(cb, "uses_models", True) for cb in callbacks)
-    return set().union(*(set(u) if isinstance(u, (set, frozenset)) else {"vae", "text_encoders"} if u else set() for u in used))
-
-# %% ../nbs/06_train.ipynb #4fc8d4db
-def _gather_cache(acc, cache: dict):
-    "Merge every process's part of a dict cache into `cache` (in place)."
-    for part in gather_object([cache]): cache.update(part)
-
-# %% ../nbs/06_train.ipynb #5e6474e5
-def _cache(cfg, comp, datasets, acc, placement: Placement, keep: set, progress: bool = True) -> list[str]:
-    "Fill the datasets' latent and text-encoder caches as the options ask, each model on the device only meanwhile; frees what `keep` allows."
-    fam, freed, part, shared = comp.family, [], (acc.process_index, acc.num_processes), acc.num_processes > 1
-    if cfg.cache_latents or cfg.cache_latents_to_disk:
-        vae_id = vae_fingerprint(comp.vae)
-        placement.only({"vae"})
-        cache = lambda d, part: cache_latents(d, lambda px: fam.encode_images(comp, px), vae_id, cfg.cache_latents_to_disk, cfg.vae_batch_size,
-                                              fam.latents_suffix, cfg.skip_cache_check, progress, part)
-        for d in datasets: cache(d, part)
-        if shared:
-            acc.wait_for_everyone()
-            for d in datasets: cache(d, (0, 1)) if cfg.cache_latents_to_disk else _gather_cache(acc, d.latents)  # the others' files / parts
-        freed += release_cached_models(cfg, comp, keep, ["vae"])
-    if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
-        placement.only(text_encoder_names(comp))
-        batch = lambda d: cfg.text_encoder_batch_size or d.batch_size    # sd-scripts' default: the dataset's batch size
-        encode = lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length)
-        files = fam.text_disk_cache(comp) if cfg.cache_text_encoder_outputs_to_disk else None   # (fingerprints the encoders once)
-        disk = lambda d, part: cache_text_encoder_outputs_to_disk(d, files, batch(d), cfg.skip_cache_check, progress, part)
-        with acc.autocast():
-            for d in datasets:    # --cache_text_encoder_outputs_to_disk implies --cache_text_encoder_outputs, as in sd-scripts
-                disk(d, part) if cfg.cache_text_encoder_outputs_to_disk else cache_text_encoder_outputs(d, encode, batch(d), progress, part)
-        if shared:
-            acc.wait_for_everyone()
-            for d in datasets: disk(d, (0, 1)) if cfg.cache_text_encoder_outputs_to_disk else _gather_cache(acc, d.text_cond)
-        freed += release_cached_models(cfg, comp, keep, ["text_encoders"])
-    placement.only(set())
-    return freed
-
-# %% ../nbs/06_train.ipynb #5b30935d
-def free_cores() -> int:
-    "The cores this process may use that the 1-minute load average leaves free (at least 1)."
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, int(cores - os.getloadavg()[0] + 0.5)))
-
-def cpu_threads(device, requested: int|None = None) -> int:
-    "On a CPU: `requested` threads, else `OMP_NUM_THREADS`, else the free cores; returns the number of threads in use."
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(requested or int(os.environ.get("OMP_NUM_THREADS") or 0) or free_cores())
-    return torch.get_num_threads()
-
-# %% ../nbs/06_train.ipynb #1dca0585
-def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
-          progress: bool = True) -> TrainState:   # False: no tqdm bar (e.g. a notebook view shows its own)
-    "Train a LoRA as `cfg` says; returns the final state (its `saved` lists the files written). `--debug_dataset`: print the batches instead."
-    setup_logging(cfg)
-    datasets, summary, warnings = check_all(cfg)
-    if cfg.debug_dataset:
-        for line in [summary, *debug_batches(datasets, cfg.seed or 0)]: print(line)
-        return TrainState(cfg)
-    val_datasets = load_datasets(cfg, "validation")[0]
-    acc = _accelerator(cfg)
-    for w in ignored_config_keys(cfg.config_file) + warnings: acc.print("warning:", w)
-    for n in option_notes(cfg): acc.print("note:", n)
-    acc.print(summary)
-    if cfg.seed is None: cfg.seed = broadcast_object_list([random.randint(0, 2**32 - 1)])[0]   # one seed for all processes
-    set_seed(cfg.seed)
-    cpu_threads(acc.device, cfg.num_cpu_threads_per_process)
-    with output_lock(cfg, acc.is_main_process), stop_signals(acc.num_processes > 1) as signalled:
-        try:
-            owned = comp is None       # loaded here: free to release models the caches replace
-            if comp: comp.family = comp.family.with_options(cfg)
-            else: comp = load_components(cfg)
-            return _run(cfg, comp, acc, datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [], progress, signalled,
-                        owned, val_datasets)
-        finally: acc.end_training()
-
-# %% ../nbs/06_train.ipynb #69516bd7
-def _checkpointing(model) -> bool:
-    "Whether gradient checkpointing is on in `model`: transformers ≥ 5 names it `is_activation_checkpointing` (the old name warns), diffusers `is_gradient_checkpointing`."
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    return bool(getattr(model, name, False))
-
-# %% ../nbs/06_train.ipynb #14d38bfe
-def _prepare_models(cfg, comp, dtype, train_te: bool, datasets):
-    """Frozen base models in their dtypes (the VAE in float32, the others in the weight dtype; each cast once, directly), with the
-    base weights merged and the attention/checkpointing options. They stay where they are: `Placement` moves them."""
-    for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
-    merge_base_weights(cfg, comp)
-    for m, want in [(comp.denoiser, dtype), (comp.vae, torch.float32), *((te, dtype) for te in comp.text_encoders)]:
-        if m.dtype != want: m.to(dtype=want)
-    store_fp8(cfg, comp)
-    if cfg.blocks_to_swap and not cfg.gradient_checkpointing:
-        print("note: --blocks_to_swap turns on --gradient_checkpointing (a swapped block runs again in the backward pass instead of being kept)")
-    comp.family.configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing or bool(cfg.blocks_to_swap), train_te,
-                       [d.plan.spec.resolution for d in datasets])
-    for m in [comp.denoiser, *comp.text_encoders]:   # checkpointed layers act only in training mode (sd-scripts sets it too)
-        if _checkpointing(m): m.train()
-    if cfg.xformers: comp.denoiser.enable_xformers_memory_efficient_attention()
-
-# %% ../nbs/06_train.ipynb #32c68b25
-def store_fp8(cfg, comp) -> None:
-    "`--fp8_base`: the denoiser's and the family's `fp8_text_encoders`' layers in float8; `--fp8_base_unet`: the denoiser's only."
-    if not (flag := fp8_flag(cfg)): return
-    tes = [comp.text_encoders[i] for i in comp.family.fp8_text_encoders] if flag == "--fp8_base" else []
-    saved = sum(store_in_fp8(m) for m in [comp.denoiser, *tes])
-    names = " and ".join(["the denoiser", *(["the text encoder" + "s" * (len(tes) > 1)] if tes else [])])
-    print(f"{flag}: {names} stored in float8 ({saved / 2**20:,.0f} MiB less)")
-
-# %% ../nbs/06_train.ipynb #5221ed0a
-def _run(cfg, comp, acc, datasets, summary, callbacks, progress=True, signalled=None, owned=False, val_datasets=()) -> TrainState:
-    "The loop (`owned`: `comp` was loaded by `train`, so the models the caches replace may be freed)."
-    dtype, device = weight_dtype(cfg), acc.device
-    train_te = not cfg.network_train_unet_only
-    _prepare_models(cfg, comp, dtype, train_te, datasets)   # in a function: no local here keeps a model alive
-    network = build_network(cfg, comp)
-    network.to(device).train()
-    if cfg.full_bf16 or cfg.full_fp16: network.to(dtype)          # LoRA weights and gradients in bf16/fp16
-    te_lr = (cfg.text_encoder_lr or [None])[0]
-    groups = network.param_groups({"lora_te": te_lr, "lora_unet": cfg.unet_lr}, cfg.learning_rate)
-    if not groups: raise ConfigError(["nothing to train: every LoRA part has learning rate 0"])
-    optimizer = optimizer_from_config(cfg, groups)
-    nproc = acc.num_processes
-    loaders = [_loader(cfg, d, nproc, acc.process_index) for d in datasets]
-    memos = frozen_memos(cfg, [*datasets, *val_datasets], train_te)
-    validation = Validation(cfg, val_datasets, acc, comp.family.objective, train_te, dtype, memos)
-    placement = Placement(comp, device, empty_cache=not cfg.highvram)
-    keep = (lambda: models_used(callbacks)) if owned else (lambda: {"vae", "text_encoders"})   # never free a caller's models
-    freed = _cache(cfg, comp, [*datasets, *val_datasets], acc, placement, keep(), progress and acc.is_local_main_process)
-    global_batches = sum(len(dl) for dl in loaders)
-    steps, epochs = count_steps(global_batches, cfg)
-    if cfg.save_n_epoch_ratio: cfg.save_every_n_epochs = math.floor(epochs / cfg.save_n_epoch_ratio) or 1
-    scheduler = scheduler_from_config(cfg, optimizer, steps, nproc)
-    network, optimizer, scheduler = acc.prepare(network, optimizer, scheduler)
-    trainable = [p for p in network.parameters() if p.requires_grad]     # once, not at every step
-    if cfg.full_fp16: allow_fp16_gradients(acc.scaler)
-    objective = OBJECTIVES[comp.family.objective](cfg)
-    per_epoch = math.ceil(global_batches / cfg.gradient_accumulation_steps)
-    state = TrainState(cfg, comp, acc.unwrap_model(network), acc, steps, epochs, per_epoch, started=time.time(),
-                       placement=placement, optimizer=optimizer)
-    if cfg.resume: load_state(state, cfg.resume)
-    if (p := _start_problem(cfg, initial_step(cfg, per_epoch, state.step), steps)): raise ConfigError([p])
-    state.step, first_epoch, done_in_epoch = starting_point(cfg, per_epoch, state.step)
-    state.history = [h for h in state.history if h[0] <= state.step]
-    for d in datasets: d.max_train_steps = steps
-    session = str(uuid.uuid4())
-    metadata = lambda: training_metadata(cfg, comp.family, summary, steps, epochs, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                         session, state.started, datasets, nproc, validation.num_images)
-    if acc.is_main_process and acc.log_with: init_trackers(acc, cfg)
-    swap = _block_swap(cfg, comp, device)              # first: the swapped blocks must not come to the device with the rest
-    placement.only(training_models(cfg, comp))
-    compile_models(cfg, comp, train_te)
-    _emit(callbacks, "on_train_start", state)           # (sampling encodes its prompts here, if the text encoders do not train)
-    freed += release_cached_models(cfg, comp, keep())
-    if freed: acc.print(f"freed the {' and '.join(freed)}: their outputs are cached")
-    bar = tqdm(total=steps, initial=state.step, desc="steps", disable=not (progress and acc.is_local_main_process), dynamic_ncols=True)
-    try:
-        for epoch in range(first_epoch, epochs):
-            state.epoch = epoch + 1
-            skip = done_in_epoch * cfg.gradient_accumulation_steps if epoch == first_epoch else 0
-            for batch in _batches(loaders, epoch, skip):
-                loss = _step(cfg, comp, network, trainable, objective, optimizer, scheduler, acc, batch, train_te, dtype, memos)
-                if not acc.sync_gradients: continue
-                _after_step(state, loss, scheduler, bar, callbacks, metadata)
-                if validation.due_at_step(state.step): validation.run(state, "step", bar)
-                for d in datasets: d.step.value = state.step   # token warm-up follows the global step
-                if _signalled(state, signalled): raise KeyboardInterrupt
-                if state.step >= steps or state.stop: break
-            if not state.stop and validation.due_at_epoch(state.epoch): validation.run(state, "epoch", bar)   # the last epoch too
-            if state.step >= steps or state.stop: break
-            epoch_losses = [h[2] for h in state.history if h[1] == state.epoch]
-            if epoch_losses: _log(acc, {"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, state.epoch)
-            if cfg.save_every_n_epochs and state.epoch % cfg.save_every_n_epochs == 0 and state.epoch < epochs:
-                _save_point(state, metadata, callbacks, epoch=state.epoch)
-            _emit(callbacks, "on_epoch_end", state)
-    except KeyboardInterrupt:
-        path = _save_stopped(state, metadata, callbacks)
-        raise TrainingStopped(f"interrupted at step {state.step}: the LoRA so far is saved in {path}") from None
-    except FloatingPointError:
-        path = _save_stopped(state, metadata, callbacks)
-        raise TrainingStopped(f"the loss became NaN/inf at step {state.step + 1} (epoch {state.epoch}); the LoRA before that step "
-                              f"is saved in {path}. Try a lower --learning_rate, --max_grad_norm 1.0 or --mixed_precision bf16") from None
-    finally: bar.close()
-    if cfg.save_state or cfg.save_state_on_train_end: save_state(state, state_dirname(cfg))
-    _save(state, lora_filename(cfg), metadata(), callbacks)
-    _emit(callbacks, "on_train_end", state)
-    if swap: swap.remove()
-    return state
-
-# %% ../nbs/06_train.ipynb #28622fbc
-def _signalled(state: TrainState, signalled) -> bool:
-    "With several processes: whether any got a stop signal (all then stop at this step); a callback's `state.stop` reaches all."
-    acc = state.accelerator
-    if acc.num_processes == 1: return False
-    flags = acc.reduce(torch.tensor([float(signalled.is_set()), float(state.stop)], device=acc.device), "sum")
-    state.stop = bool(flags[1])
-    return bool(flags[0])
-
-# %% ../nbs/06_train.ipynb #d6ed27bf
-def _save_stopped(state: TrainState, metadata, callbacks) -> Path:
-    "Save the LoRA (and with `--save_state` a resumable state) when training stops early."
-    if state.cfg.save_state: save_state(state, state_dirname(state.cfg, step=state.step))
-    return _save(state, lora_filename(state.cfg, step=state.step), metadata(), callbacks)
-
-# %% ../nbs/06_train.ipynb #a212948e
-MEMO_BYTES = 2**30   # host memory each memo may fill
-
-class Memo:
-    """Batch-first outputs of a frozen encoder kept in host memory per input key, up to `budget` bytes. First come, kept:
-    training passes over the same inputs in turn, so replacing kept outputs would only trade one miss for another."""
-    def __init__(self, budget: int = MEMO_BYTES): self.rows, self.budget, self.used, self.full = {}, budget, 0, False
-
-    def __call__(self, keys: list, encode: Callable[[list], dict], device) -> dict:
-        """Outputs for `keys`: kept rows where there are; a new key is encoded alone (`encode([position])`), so what is kept
-        does not depend on the batch it came in; the rest (None keys, or all once the memo is full) in one batch."""
-        for j, k in enumerate(keys):
-            if k is not None and k not in self.rows and not self.full: self._keep(k, {n: v[0] for n, v in encode([j]).items()})
-        rest = [j for j, k in enumerate(keys) if k not in self.rows]
-        new = encode(rest) if rest else {}
-        if len(rest) == len(keys): return new
-        at = {j: i for i, j in enumerate(rest)}
-        names = self.rows[next(k for k in keys if k in self.rows)].keys()
-        return {n: torch.stack([new[n][at[j]] if j in at else self.rows[k][n].to(device) for j, k in enumerate(keys)]) for n in names}
-
-    def _keep(self, key, row: dict):
-        size = sum(v.numel() * v.element_size() for v in row.values())
-        self.full = self.used + size > self.budget
-        if self.full: return
-        self.rows[key] = {n: v.detach().to("cpu", copy=True) for n, v in row.items()}
-        self.used += size
-
-@dataclass
-class Memos:
-    "What a run keeps of its frozen encoders' outputs (None: nothing): the VAE's per image, the text encoders' per caption."
-    images: Memo|None = None
-    texts: Memo|None = None
-
-def frozen_memos(cfg, datasets: list, train_te: bool) -> Memos:
-    "The memos a run can use: images unless latents are cached; captions when the text encoders are frozen, not cached and fixed."
-    latents_cached = cfg.cache_latents or cfg.cache_latents_to_disk
-    texts_cached = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
-    fixed = all(text_cacheable(s) for d in datasets for s in d.plan.spec.subsets)
-    return Memos(None if latents_cached else Memo(), Memo() if fixed and not (train_te or texts_cached) else None)
-
-# %% ../nbs/06_train.ipynb #3eea0e9d
-def batch_latents(comp, batch: dict, device, memo: Memo|None = None) -> torch.Tensor:
-    "Latents of the batch's images: cached ones, else drawn from the VAE's distribution of each image (with `memo`: kept per `pixel_key`)."
-    if "latents" in batch: return batch["latents"]
-    pixels = batch["pixels"]
-    if memo is None: return comp.family.encode_images(comp, pixels.to(device))
-    moments = memo(batch["pixel_keys"], lambda rows: {"moments": image_moments(comp.vae, pixels[rows].to(device))}, device)
-    return comp.family.sample_latents(comp, moments["moments"])
-
-def batch_conditioning(cfg, comp, acc, batch: dict, train_te: bool, dtype, memo: Memo|None = None) -> dict:
-    "The text conditioning of the batch: cached, encoded (with gradients when the text encoders train), or kept in `memo` per caption."
-    fam, captions = comp.family, batch["captions"]
-    if "text_cond" in batch:
-        cond = {k: v.to(acc.device, dtype) for k, v in batch["text_cond"].items()}
-        if train_te:    # a partial cache (SD3: T5 cached, CLIP trained): the trained encoders run on top of it
-            with acc.autocast(): cond = fam.encode_text(comp, captions, cfg.clip_skip, cfg.max_token_length, cached=cond)
-        return cond
-    encode = lambda rows: fam.encode_text(comp, [captions[j] for j in rows], cfg.clip_skip, cfg.max_token_length)
-    with torch.set_grad_enabled(train_te and torch.is_grad_enabled()), acc.autocast():
-        return memo(captions, encode, acc.device) if memo else encode(range(len(captions)))
-
-# %% ../nbs/06_train.ipynb #d0a0657a
-def batch_loss(cfg, comp, objective, acc, batch, train_te: bool, dtype, num_processes: int = 1, memos: Memos = Memos()) -> torch.Tensor:
-    "This process's part of the loss of one (global) batch, weighted so that the processes' parts average to the batch mean."
-    fam = comp.family
-    latents = batch_latents(comp, batch, acc.device, memos.images).to(acc.device, dtype)
-    cond = batch_conditioning(cfg, comp, acc, batch, train_te, dtype, memos.texts)
-    offset, n = batch["rows"]
-    with acc.autocast():
-        mask = batch["alpha_masks"].unsqueeze(1).to(acc.device) if "alpha_masks" in batch else None
-        per_sample = rows_loss(objective, lambda noisy, t: fam.predict(comp, noisy, t, cond), latents, offset, n, mask)
-    return (per_sample * batch["loss_weights"].to(per_sample.device)).sum() * num_processes / n
-
-# %% ../nbs/06_train.ipynb #d03a4adb
-def _step(cfg, comp, network, trainable: list, objective, optimizer, scheduler, acc, batch, train_te, dtype, memos: Memos) -> torch.Tensor:
-    "One forward/backward pass (an optimizer step when gradients are synchronised); `trainable`: the LoRA's trained parameters."
-    with acc.accumulate(network):
-        loss = batch_loss(cfg, comp, objective, acc, batch, train_te, dtype, acc.num_processes, memos)
-        total = acc.reduce(loss.detach(), "mean") if acc.num_processes > 1 else loss.detach()   # the same on every process
-        if not torch.isfinite(total):
-            if cfg.on_nan_loss != "skip": raise FloatingPointError("non-finite loss")
-            acc.print(f"warning: the loss is {total.item()}; skipping this batch (--on_nan_loss skip)")
-            optimizer.zero_grad(set_to_none=True)
-            return total
-        acc.backward(loss)
-        if acc.sync_gradients:
-            average_gradients(trainable, acc)
-            if cfg.max_grad_norm: acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
-    return total
-
-# %% ../nbs/06_train.ipynb #d4f6ed54
-def validation_timesteps(cfg) -> list[int]:
-    "sd-scripts' 4 validation timesteps, evenly inside [--min_timestep, --max_timestep]."
-    lo, hi = cfg.min_timestep or 0, 1000 if cfg.max_timestep is None else cfg.max_timestep
-    return [int(t) for t in np.linspace(lo, hi, 6, dtype=int)[1:-1]]
-
-# %% ../nbs/06_train.ipynb #cfe6d26b
-class Validation:
-    "The validation loss of a run: when it is due, and its value."
-    def __init__(self, cfg, datasets, acc, objective: str, train_te: bool, dtype, memos: Memos = Memos()):
-        self.cfg, self.acc, self.train_te, self.dtype, self.memos = cfg, acc, train_te, dtype, memos
-        self.loaders = [_loader(cfg, d) for d in datasets] if acc.is_main_process else []
-        self.num_images = sum(d.plan.images.num_train_images for d in datasets)
-        self.objectives = [OBJECTIVES[objective](dataclasses.replace(cfg, min_timestep=t, max_timestep=t))   # one per fixed timestep
-                           for t in validation_timesteps(cfg)] if self.loaders else []
-
-    def due_at_step(self, step: int) -> bool:
-        return bool(self.loaders and self.cfg.validate_every_n_steps and step % self.cfg.validate_every_n_steps == 0)
-
-    def due_at_epoch(self, epoch: int) -> bool:
-        return bool(self.loaders and (not self.cfg.validate_every_n_epochs or epoch % self.cfg.validate_every_n_epochs == 0))
-
-    @torch.no_grad()
-    def loss(self, state) -> float:
-        "The mean loss over the validation batches and timesteps, with the validation seed."
-        cfg, comp, acc = self.cfg, state.comp, self.acc
-        batches = itertools.islice(_batches(self.loaders, 0), cfg.max_validation_steps)
-        state.network.eval()
-        try:
-            with torch.random.fork_rng(devices=[acc.device.index or 0] if acc.device.type == "cuda" else []):
-                torch.manual_seed(cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
-                with averaged_weights(state): losses = [batch_loss(cfg, comp, o, acc, b, self.train_te, self.dtype, 1, self.memos).item() for b in batches for o in self.objectives]
-        finally: state.network.train()
-        return sum(losses) / len(losses)
-
-    def run(self, state, kind: str, bar):
-        "Validate now; log, record and show the result (`kind`: step or epoch)."
-        value = self.loss(state)
-        state.validation.append((state.step, state.epoch, kind, value))
-        _log(self.acc, {f"loss/validation/{kind}_average": value, f"loss/validation/{kind}_divergence": value - state.avg_loss},
-             state.step if kind == "step" else state.epoch)
-        bar.set_postfix(loss=f"{state.loss:.4f}", avr_loss=f"{state.avg_loss:.4f}", val_loss=f"{value:.4f}")
-
-# %% ../nbs/06_train.ipynb #1d2bfe61
-_LR_NAMES = {"lora_te": "textencoder", "lora_unet": "unet", "oft_unet": "unet"}
-
-def _lr_name(group: dict, i: int) -> str:
-    "sd-scripts' log name of group `i`'s lr: textencoder / unet / unet_block{n} (else group{i}), ' plus' for a LoRA+ group."
-    prefix, _, plus = (group.get("name") or "").partition(" ")
-    prefix, block, n = prefix.partition("_block")
-    return _LR_NAMES.get(prefix, f"group{i}") + block + n + (f" {plus}" if plus else "")
-
-# %% ../nbs/06_train.ipynb #cc49ca9b
-def _log(acc, logs: dict, step: int):
-    "Send `logs` to the trackers; a failing tracker is reported and training goes on."
-    try: acc.log(logs, step=step)
-    except Exception as e: print(f"warning: logging failed at step {step} ({type(e).__name__}: {e}); training continues")
-
-# %% ../nbs/06_train.ipynb #63632e91
-def _after_step(state: TrainState, loss, scheduler, bar, callbacks, metadata):
-    "Bookkeeping after an optimizer step: averages, logs, progress, periodic saves, callbacks."
-    cfg = state.cfg
-    norms = state.network.apply_max_norm_regularization(cfg.scale_weight_norms) if cfg.scale_weight_norms else None
-    state.step += 1
-    state.loss = loss.item()
-    window = ([h[2] for h in state.history] + [state.loss])[-state.steps_per_epoch:]
-    state.avg_loss = sum(window) / len(window)          # moving average over one epoch, as sd-scripts shows it
-    lrs = scheduler.get_last_lr()
-    groups = getattr(getattr(scheduler, "scheduler", scheduler), "optimizer", None)   # accelerate wraps the scheduler
-    groups = groups.param_groups if groups is not None else []
-    state.lrs = {_lr_name(g, i): lr for i, (g, lr) in enumerate(zip(groups, lrs))} or {"unet": lrs[0]}
-    state.history.append((state.step, state.epoch, state.loss, state.avg_loss, lrs[0]))
-    bar.update(1); bar.set_postfix(loss=f"{state.loss:.4f}", avr_loss=f"{state.avg_loss:.4f}")
-    logs = {"loss/current": state.loss, "loss/average": state.avg_loss, **{f"lr/{k}": v for k, v in state.lrs.items()}}
-    if norms: logs.update(zip(("max_norm/keys_scaled", "norm/avg_key_norm", "max_norm/max_key_norm"), norms))
-    _log(state.accelerator, logs, state.step)
-    if cfg.save_every_n_steps and state.step % cfg.save_every_n_steps == 0 and state.step < state.max_steps:
-        _save_point(state, metadata, callbacks, step=state.step)
-    _emit(callbacks, "on_step_end", state)
-
-# %% ../nbs/06_train.ipynb #7c5f9c05
-def _save(state: TrainState, path: Path, metadata: dict, callbacks) -> Path:
-    "Save the LoRA (main process only) with the metadata of this point of training."
-    acc = state.accelerator
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        md = {**metadata, "ss_training_finished_at": str(time.time()), "ss_steps": str(state.step), "ss_epoch": str(state.epoch)}
-        try:
-            with averaged_weights(state): save_lora(state.network.state_dict(), path, md, SAVE_DTYPES[state.cfg.save_precision])
-        except OSError as e:
-            if e.errno != errno.ENOSPC: raise
-            kept = ", ".join(str(p) for p in state.saved) or "none yet"
-            raise TrainingStopped(f"the disk is full while writing {path}; nothing was overwritten (earlier files: {kept}). "
-                                  "Free space and continue from the last file with --network_weights") from None
-        state.saved.append(path)
-        _emit(callbacks, "on_save", state, path)
-    return path
+    def on_save(self, state, path): write_loss_log(state)
+    def on_train_end(self, state): write_loss_log(state)
+
+# %% ../nbs/06_train.ipynb #293d94cd
+def count_steps(batches_per_epoch: int, cfg: TrainConfig, num_processes: int = 1) -> tuple[int, int]:
+    "(max_train_steps, num_epochs) as sd-scripts computes them."
+    per_epoch = math.ceil(batches_per_epoch / num_processes / cfg.gradient_accumulation_steps)
+    steps = cfg.max_train_epochs * per_epoch if cfg.max_train_epochs else cfg.max_train_steps
+    return steps, math.ceil(steps / per_epoch)
+
+# %% ../nbs/06_train.ipynb #61f968ec
+def initial_step(cfg: TrainConfig, per_epoch: int, resumed_step: int = 0) -> int:
+    "sd-scripts' initial step: `--initial_step`, else from `--initial_epoch`, else the resumed state's step."
+    if cfg.initial_step is not None: return cfg.initial_step
+    if cfg.initial_epoch is not None: return (cfg.initial_epoch - 1) * per_epoch
+    return resumed_step
+
+def starting_point(cfg: TrainConfig, per_epoch: int, resumed_step: int = 0) -> tuple[int, int, int]:
+    "(step counter, first epoch counted from 0, steps of that epoch to skip) for `--initial_step/--initial_epoch` or a resume."
+    initial = initial_step(cfg, per_epoch, resumed_step)
+    if (cfg.initial_step is not None or cfg.initial_epoch is not None) and not cfg.skip_until_initial_step:
+        return 0, initial // per_epoch, 0
+    return initial, *divmod(initial, per_epoch)

@@ -159,7 +159,7 @@ def test_cli_defaults_match_sd_scripts_parser():
     for k, v in S.SD_SCRIPTS_CLI_DEFAULTS.items():
         if k == "train_batch_size" or k in real:
             assert real[k] == (list(v) if isinstance(v, tuple) else v), k
-    for o in S.OPTIONS.values():
+    for o in S.DATASET_OPTIONS.values():
         if o.cli:
             assert o.cli in real, o.name
             assert real[o.cli] == o.default, o.name

@@ -9,7 +9,8 @@ import torch
 import lora_kit.train
 from lora_kit.config import make_config
 from lora_kit.toyworld import write_folder
-from lora_kit.train import Callback, Memos, train
+from lora_kit.runtime.memos import Memos, frozen_memos
+from lora_kit.train import Callback, train
 
 torch.set_num_threads(1)
 
@@ -99,6 +100,6 @@ def test_keys_survive_data_loader_workers(data, monkeypatch):
 
 
 def test_cached_latents_and_text_leave_nothing_to_keep(data):
-    memos = lora_kit.train.frozen_memos(_cfg(data, "x", "tiny-sd1", "--cache_latents", "--cache_text_encoder_outputs",
+    memos = frozen_memos(_cfg(data, "x", "tiny-sd1", "--cache_latents", "--cache_text_encoder_outputs",
                                              "--network_train_unet_only"), [], False)
     assert memos == Memos()

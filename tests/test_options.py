@@ -9,7 +9,8 @@ import torch
 from lora_kit.config import ConfigError, make_config
 from lora_kit.lora import load_lora
 from lora_kit.toyworld import write_folder
-from lora_kit.train import machine_problems, train
+from lora_kit.runtime.checks import machine_problems
+from lora_kit.train import train
 
 torch.set_num_threads(1)
 
@@ -252,7 +253,7 @@ def test_sd_scripts_noise_and_loss_options_train_and_are_recorded(data, tmp_path
 
 def test_sd3_refuses_the_ddpm_noise_and_loss_options(tmp_path):
     from lora_kit.config import ConfigError
-    from lora_kit.train import check_all
+    from lora_kit.runtime.checks import check_all
     write_folder(tmp_path / "img" / "1_sks", n=1, seed=0)
     argv = lambda model, module: ["--pretrained_model_name_or_path", model, "--network_module", module, "--train_data_dir",
                                   str(tmp_path / "img"), "--resolution", "64", "--output_dir", str(tmp_path / "out"),

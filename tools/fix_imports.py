@@ -23,6 +23,7 @@ def definitions(pkg: Path) -> dict:
                 for t in (n.targets if isinstance(n, ast.Assign) else [n.target]):
                     names += [e.id for e in ast.walk(t) if isinstance(e, ast.Name)]
             for x in names: out.setdefault(x, mod)
+            out.setdefault(("in", mod), set()).update(names)
     return out
 
 def rewrite(line: str, olds: set, defs: dict, relative_base: str|None) -> str:
@@ -30,10 +31,11 @@ def rewrite(line: str, olds: set, defs: dict, relative_base: str|None) -> str:
     if not m or m[3] not in olds: return line
     indent, names = m[1], [n.strip() for n in m[4].strip("()").split(",") if n.strip()]
     groups = {}
+    old = f"lora_kit.{m[3]}"
     for n in names:
         base = n.split(" as ")[0].strip()
         if base not in defs: raise SystemExit(f"cannot place {base!r} (in: {line.strip()})")
-        groups.setdefault(defs[base], []).append(n)
+        groups.setdefault(old if base in defs.get(("in", old), ()) else defs[base], []).append(n)
     nl = "\n" if line.endswith("\n") else ""
     out = []
     for mod, ns in sorted(groups.items()):

@@ -10,8 +10,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 # %% auto #0
 __all__ = ['GENERAL', 'DATASET', 'SUBSET', 'DB', 'FT', 'CN', 'KIND_LABEL', 'INTERPOLATIONS', 'BOOL', 'INT', 'FLOAT', 'STR',
-           'DICT', 'OPTIONS', 'CLI_ONLY', 'CLI_ALIASES', 'SUBSET_PARAMS', 'DATASET_PARAMS', 'SD_SCRIPTS_CLI_DEFAULTS',
-           'Option', 'option_table', 'dataset_kind', 'validate_user_config']
+           'DICT', 'DATASET_OPTIONS', 'CLI_ONLY', 'CLI_ALIASES', 'SUBSET_PARAMS', 'DATASET_PARAMS',
+           'SD_SCRIPTS_CLI_DEFAULTS', 'Option', 'option_table', 'dataset_kind', 'validate_user_config']
 
 # %% ../../nbs/compat/dataset_schema.ipynb #f4d56957
 GENERAL, DATASET, SUBSET = "general", "dataset", "subset"
@@ -102,7 +102,7 @@ def _opt(name, check, levels=_ALL_LEVELS, kinds=(DB, FT, CN), default=None, cli=
 # %% ../../nbs/compat/dataset_schema.ipynb #81ddf60e
 # The schema (config_util.ConfigSanitizer: SUBSET_ASCENDABLE, DO_SUBSET_ASCENDABLE, DB_/FT_/CN_ SUBSET_* and
 # DATASET_ASCENDABLE). "ascendable" keys may also be written in a parent table and are inherited downwards.
-OPTIONS: dict[str, Option] = {o.name: o for o in [
+DATASET_OPTIONS: dict[str, Option] = {o.name: o for o in [
     # --- dataset options (general / dataset): fixed per dataset, shared by its subsets
     _opt("batch_size", INT, _DS_LEVELS, default=1, cli="train_batch_size", help="images per batch (--train_batch_size)"),
     _opt("resolution", _resolution, _DS_LEVELS, default=None, help="training size; 512 or [width, height]"),
@@ -178,7 +178,7 @@ _BASE_DATASET = ["resolution", "network_multiplier", "debug_dataset", "validatio
 
 # %% ../../nbs/compat/dataset_schema.ipynb #592a6903
 DATASET_PARAMS = {DB: _BASE_DATASET + ["prior_loss_weight"], FT: list(_BASE_DATASET), CN: list(_BASE_DATASET)}
-# Dataclass defaults that differ from OPTIONS[...].default. NB sd-scripts' BaseSubsetParams has
+# Dataclass defaults that differ from DATASET_OPTIONS[...].default. NB sd-scripts' BaseSubsetParams has
 # caption_separator = (",",) and keep_tokens_separator = (None,) (tuples, a typo) - never reached under
 # train_network.py because argparse always supplies "," and "": we use the sane values.
 _SUBSET_CLASS_DEFAULTS = {"validation_seed": 0}
@@ -205,7 +205,7 @@ def option_table() -> list[dict]:
     rows = [dict(key=o.name, type=o.expected, default=o.default, general=GENERAL in o.levels, dataset=DATASET in o.levels,
                  subset=SUBSET in o.levels, kinds=sorted(o.kinds), cli=f"--{o.cli}" if o.cli else None,
                  required=("DreamBooth/controlnet" if o.name == "image_dir" else ("yes" if o.required else "")))
-            for o in OPTIONS.values()]
+            for o in DATASET_OPTIONS.values()]
     rows += [dict(key=k, type="(command line only)", default=v, general=False, dataset=False, subset=False, kinds=[],
                   cli=f"--{k}", required="") for k, v in CLI_ONLY.items()]
     return rows
@@ -233,8 +233,8 @@ def dataset_kind(subsets: Sequence[Mapping], masked_loss: bool = False) -> Optio
 # %% ../../nbs/compat/dataset_schema.ipynb #ccab19e0
 def _allowed(level: str, kind: Optional[str]) -> set[str]:
     if level == GENERAL:
-        return {o.name for o in OPTIONS.values() if GENERAL in o.levels}
-    return {o.name for o in OPTIONS.values() if level in o.levels and (kind is None or kind in o.kinds)}
+        return {o.name for o in DATASET_OPTIONS.values() if GENERAL in o.levels}
+    return {o.name for o in DATASET_OPTIONS.values() if level in o.levels and (kind is None or kind in o.kinds)}
 
 # %% ../../nbs/compat/dataset_schema.ipynb #6e350f71
 def _closest(key: str, candidates: Iterable[str]) -> Optional[str]:
@@ -248,7 +248,7 @@ def _key_problem(key: str, loc: str, level: str, kind: Optional[str], dataset_lo
         return f"{loc}: `{key}` cannot be set in the dataset config; sd-scripts only takes it from the command line (--{key})"
     if key in CLI_ALIASES:
         return f"{loc}: unknown key `{key}`: in the dataset config it is called `{CLI_ALIASES[key]}`"
-    o = OPTIONS.get(key)
+    o = DATASET_OPTIONS.get(key)
     if o is not None:
         if level not in o.levels:
             if o.levels == _SUB_ONLY:
@@ -261,12 +261,12 @@ def _key_problem(key: str, loc: str, level: str, kind: Optional[str], dataset_lo
                 f"is {KIND_LABEL[kind]}")
     if key in ("subsets", "datasets", "general"):
         return f"{loc}: `{key}` is a table name and cannot appear here (layout: [general], [[datasets]], [[datasets.subsets]])"
-    near = _closest(key, _allowed(level, kind)) or _closest(key, list(OPTIONS) + list(CLI_ONLY))
+    near = _closest(key, _allowed(level, kind)) or _closest(key, list(DATASET_OPTIONS) + list(CLI_ONLY))
     return f"{loc}: unknown key `{key}`" + (f"; did you mean `{near}`?" if near else "")
 
 # %% ../../nbs/compat/dataset_schema.ipynb #759b1cc9
 def _check_value(key: str, value: Any, loc: str, strict: bool, problems: list, warnings: list) -> Any:
-    o = OPTIONS[key]
+    o = DATASET_OPTIONS[key]
     if not strict and o.check is FLOAT and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not strict and o.check is _float_pair and isinstance(value, (list, tuple)) and len(value) == 2 and all(
@@ -358,6 +358,6 @@ def validate_user_config(user_config: Mapping, *, masked_loss: bool = False, str
 def _default_for(key: str, subset: bool) -> Any:
     if subset and key in _SUBSET_CLASS_DEFAULTS:
         return _SUBSET_CLASS_DEFAULTS[key]
-    if key in OPTIONS:
-        return OPTIONS[key].default
+    if key in DATASET_OPTIONS:
+        return DATASET_OPTIONS[key].default
     return CLI_ONLY.get(key)
