@@ -67,15 +67,15 @@ def demo_argv(out: Path, steps: int = 400, model: str = "toy-sd1") -> list[str]:
 # %% ../nbs/09_cli.ipynb #247647d1
 def write_demo_data(out: Path):
     "The concept images (`data/10_sks`: 10 repeats) and the sample prompts file of the demo."
-    from lora_kit.toymodel import CONCEPT_PROMPTS
-    from lora_kit.toyworld import write_folder
+    from lora_kit.toy.model import CONCEPT_PROMPTS
+    from lora_kit.toy.world import write_folder
     write_folder(out/"data"/"10_sks", n=16, seed=0)
     (out/"prompts.txt").write_text("".join(f"{p} --w 64 --h 64 --s 20 --l 5 --d {i}\n" for i, p in enumerate(CONCEPT_PROMPTS)))
 
 # %% ../nbs/09_cli.ipynb #00cf8f7e
 def demo(argv: list[str]) -> int:
     "Train the built-in demo LoRA on the toy model, then compare the concept rate without and with it."
-    from lora_kit.toymodel import concept_rate, image_grid, load_toy
+    from lora_kit.toy.model import concept_rate, image_grid, load_toy
     p = argparse.ArgumentParser(prog="lora-kit demo", description="teach the pretrained toy model a new concept with a LoRA")
     p.add_argument("--output_dir", default="output/demo"); p.add_argument("--max_train_steps", type=int, default=400)
     a = p.parse_args(argv)
@@ -95,7 +95,7 @@ def demo(argv: list[str]) -> int:
 # %% ../nbs/09_cli.ipynb #468fc3f2
 def check_toy(argv: list[str]) -> int:
     "`lora-kit check_toy [--model toy-sd1] [--lora L]`: prompt following and concept rate of a toy model."
-    from lora_kit.toymodel import load_toy, print_report
+    from lora_kit.toy.model import load_toy, print_report
     p = argparse.ArgumentParser(prog="lora-kit check_toy", description="measure what a toy-world model draws")
     p.add_argument("--model", default="toy-sd1"); p.add_argument("--lora", default=None)
     p.add_argument("--prompts", type=int, default=24); p.add_argument("--per_prompt", type=int, default=4)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import toymodel as tm
-from lora_kit import toyworld as tw
+from lora_kit.toy import world as tw
 
 
 def random_blob(rng: random.Random, res: int = tw.RESOLUTION, supersample: int = 4) -> Image.Image:
