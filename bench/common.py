@@ -148,7 +148,7 @@ def bench_components(model: str, seed: int = 0):
 
 def write_dataset(root: Path, n: int, res: int, repeats: int = 10) -> Path:
     "`n` toy-world images with captions at `res` px in `root/<repeats>_sks` (sd-scripts' folder layout); returns `root`."
-    from lora_kit.toyworld import write_folder
+    from lora_kit.toy.world import write_folder
     sub = Path(root)/f"{repeats}_sks"
     if len(list(sub.glob("*.png"))) != n: write_folder(sub, n=n, seed=0, res=res)
     return Path(root)

@@ -13,7 +13,7 @@ from lora_kit.runtime.caches import cache_latents
 from lora_kit.cli import demo_argv
 from lora_kit.config import make_config
 from lora_kit.family import load_components
-from lora_kit.toyworld import write_folder
+from lora_kit.toy.world import write_folder
 
 
 def loader_rate(ds, workers: int, epochs: int = 1) -> float:

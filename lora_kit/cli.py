@@ -102,8 +102,8 @@ def demo_argv(out: Path, steps: int = 400, model: str = "toy-sd1") -> list[str]:
 # %% ../nbs/09_cli.ipynb #247647d1
 def write_demo_data(out: Path):
     "The concept images (`data/10_sks`: 10 repeats) and the sample prompts file of the demo."
-    from lora_kit.toymodel import CONCEPT_PROMPTS
-    from lora_kit.toyworld import write_folder
+    from lora_kit.toy.model import CONCEPT_PROMPTS
+    from lora_kit.toy.world import write_folder
     write_folder(out/"data"/"10_sks", n=16, seed=0)
     (out/"prompts.txt").write_text("".join(f"{p} --w 64 --h 64 --s 20 --l 5 --d {i}\n" for i, p in enumerate(CONCEPT_PROMPTS)))
 
@@ -114,7 +114,7 @@ def demo(argv: list[str]) -> int:
     p.add_argument("--output_dir", default="output/demo", help="where the data, LoRA, samples and logs go (default: %(default)s)")
     p.add_argument("--max_train_steps", type=int, default=400, help="training steps (default: %(default)s)")
     a = p.parse_args(argv)
-    from lora_kit.toymodel import concept_rate, image_grid, load_toy
+    from lora_kit.toy.model import concept_rate, image_grid, load_toy
     out, t0 = Path(a.output_dir), time.time()
     write_demo_data(out)
     args = demo_argv(out, a.max_train_steps)
@@ -137,7 +137,7 @@ def check_toy(argv: list[str]) -> int:
     p.add_argument("--prompts", type=int, default=24, help="prompts to draw (default: %(default)s)")
     p.add_argument("--per_prompt", type=int, default=4, help="images per prompt (default: %(default)s)")
     a = p.parse_args(argv)
-    from lora_kit.toymodel import load_toy, print_report
+    from lora_kit.toy.model import load_toy, print_report
     print_report(load_toy(a.model, a.lora), a.prompts, a.per_prompt)
     return 0
 

@@ -17,9 +17,9 @@ from .checkpoint import atomic_path
 # %% auto #0
 __all__ = ['NUM_BLOCKS', 'LR_WEIGHT_PRESETS', 'BLOCK_ARGS', 'LORAPLUS_ARGS', 'NETWORK_ARGS', 'SAVE_DTYPES', 'PEFT_PREFIXES',
            'LoRAModule', 'MappedLoRAModule', 'SplitLoRAModule', 'MappedTargets', 'block_index', 'block_ints',
-           'block_floats', 'lr_weights', 'mid_lr_weight', 'block_lr_weight', 'block_dims', 'parse_network_args',
-           'lora_name', 'LoRANetwork', 'model_hashes', 'save_lora', 'load_lora', 'dims_from_state', 'load_into',
-           'count_peft_layers', 'peft_paths', 'to_peft', 'from_peft', 'merge_lora']
+           'block_floats', 'lr_weights', 'mid_lr_weight', 'block_lr_weight', 'block_dims', 'parse_bool',
+           'parse_network_args', 'lora_name', 'LoRANetwork', 'model_hashes', 'save_lora', 'load_lora',
+           'dims_from_state', 'load_into', 'count_peft_layers', 'peft_paths', 'to_peft', 'from_peft', 'merge_lora']
 
 # %% ../nbs/03_lora.ipynb #a5e2f16d
 class LoRAModule(nn.Module):
@@ -245,6 +245,12 @@ def block_dims(targets: list, args: dict, dim: int, alpha: float, conv_dim: int|
     return dims, alphas
 
 # %% ../nbs/03_lora.ipynb #eceeb875
+def parse_bool(s: str) -> bool:
+    "A True/False `network_args` value (any case), such as OFT's `enable_conv` or SD3's `train_t5xxl`."
+    if s.lower() not in ("true", "false"): raise ValueError
+    return s.lower() == "true"
+parse_bool.__name__ = "True/False"   # the name parse_network_args' error message gives the expected value
+
 LORAPLUS_ARGS = {"loraplus_lr_ratio": float, "loraplus_unet_lr_ratio": float, "loraplus_text_encoder_lr_ratio": float}
 NETWORK_ARGS = {"conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float, **LORAPLUS_ARGS, **BLOCK_ARGS}
 

@@ -13,7 +13,7 @@ from torch import nn
 from .config import ConfigError, fp8_flag
 from .family import family_for
 from .lora import (BLOCK_ARGS, LORAPLUS_ARGS, NETWORK_ARGS, LoRAModule, LoRANetwork, block_dims, block_lr_weight,
-                           dims_from_state, load_into, load_lora, parse_network_args)
+                           dims_from_state, load_into, load_lora, parse_bool, parse_network_args)
 
 # %% auto #0
 __all__ = ['LORA_FA_ARGS', 'DYLORA_ARGS', 'OFT_ARGS', 'OFT_TARGETS', 'BUILTIN_ARGS', 'LoRAFAModule', 'DyLoRAModule', 'OFTModule',
@@ -125,14 +125,8 @@ class OFTModule(nn.Module):
         if isinstance(org, nn.Conv2d): return F.conv2d(x, w, org.bias, org.stride, org.padding, org.dilation, org.groups)
         return F.linear(x, w, org.bias)
 
-# %% ../nbs/03b_networks.ipynb #74d52f44
-def _bool(v: str) -> bool:
-    if v.lower() not in ("true", "false"): raise ValueError
-    return v.lower() == "true"
-_bool.__name__ = "True/False"
-
 # %% ../nbs/03b_networks.ipynb #672a0140
-OFT_ARGS = {"enable_all_linear": _bool, "enable_conv": _bool}
+OFT_ARGS = {"enable_all_linear": parse_bool, "enable_conv": parse_bool}
 OFT_TARGETS = {"attention": ("Attention",), "all_linear": ("Transformer2DModel",), "conv": ("ResnetBlock2D", "Downsample2D", "Upsample2D")}
 
 # %% ../nbs/03b_networks.ipynb #64445df4

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_kit.config import make_config
-from lora_kit.toyworld import write_folder
+from lora_kit.toy.world import write_folder
 from lora_kit.train import train
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from lora_kit.lora import load_lora
-from lora_kit.toyworld import write_folder
+from lora_kit.toy.world import write_folder
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)

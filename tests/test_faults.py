@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_kit.lora import load_lora, save_lora
-from lora_kit.toyworld import write_folder
+from lora_kit.toy.world import write_folder
 
 TRAIN = ["--pretrained_model_name_or_path", "tiny-sd1", "--caption_extension", ".txt", "--resolution", "64",
          "--network_module", "networks.lora", "--network_dim", "4", "--max_data_loader_n_workers", "0", "--seed", "1"]

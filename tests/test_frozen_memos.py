@@ -8,7 +8,7 @@ import torch
 
 import lora_kit.train
 from lora_kit.config import make_config
-from lora_kit.toyworld import write_folder
+from lora_kit.toy.world import write_folder
 from lora_kit.runtime.memos import Memos, frozen_memos
 from lora_kit.train import Callback, train
 

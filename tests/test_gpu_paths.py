@@ -10,7 +10,7 @@ from PIL import Image
 from lora_kit.config import ConfigError, make_config
 from lora_kit.lora import load_lora
 from lora_kit.sample import SampleCallback
-from lora_kit.toyworld import write_folder
+from lora_kit.toy.world import write_folder
 from lora_kit.train import Callback, train
 
 torch.set_num_threads(1)

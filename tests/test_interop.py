@@ -10,7 +10,7 @@ from lora_kit.config import TrainConfig
 from lora_kit.lora import LoRANetwork, dims_from_state, load_into, load_lora, save_lora
 from lora_kit.families.sd import save_model, tiny_components
 from lora_kit.family import load_components
-from lora_kit.toyworld import write_folder
+from lora_kit.toy.world import write_folder
 from lora_kit.train import build_network
 
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import torch
 
 from lora_kit.config import make_config
 from lora_kit.lora import load_lora
-from lora_kit.toyworld import write_folder
+from lora_kit.toy.world import write_folder
 from lora_kit.train import Callback, train
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import torch
 
 from lora_kit.config import ConfigError, make_config
 from lora_kit.lora import load_lora
-from lora_kit.toyworld import write_folder
+from lora_kit.toy.world import write_folder
 from lora_kit.runtime.checks import machine_problems
 from lora_kit.train import train
 

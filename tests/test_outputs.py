@@ -4,7 +4,7 @@ import json, os, stat, subprocess, sys
 import pytest
 
 from lora_kit.lora import load_lora
-from lora_kit.toyworld import write_folder
+from lora_kit.toy.world import write_folder
 
 
 @pytest.fixture(scope="module")

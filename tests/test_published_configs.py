@@ -8,7 +8,7 @@ from lora_kit.cli import main
 from lora_kit.config import ConfigError, ignored_config_keys, make_config
 from lora_kit.compat.dataset_config import DatasetError
 from lora_kit.data import load_datasets
-from lora_kit.toyworld import write_folder
+from lora_kit.toy.world import write_folder
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_kit.toyworld import write_folder
+from lora_kit.toy.world import write_folder
 
 # docs/sd3_train_network.md, section 4, unchanged but for the paths (AdamW8bit: bitsandbytes steps on the CPU too).
 GUIDE = """--pretrained_model_name_or_path={model} --clip_l={clip_l} --clip_g={clip_g} --t5xxl={t5xxl}

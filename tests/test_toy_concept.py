@@ -10,7 +10,7 @@ import torch
 from lora_kit.cli import demo_argv, write_demo_data
 from lora_kit.config import make_config
 from lora_kit.families.sd import BUILTIN_FOLDERS
-from lora_kit.toymodel import concept_rate, load_toy
+from lora_kit.toy.model import concept_rate, load_toy
 from lora_kit.train import train
 
 MODEL = BUILTIN_FOLDERS["toy-sd1"]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_kit.toyworld import write_folder
+from lora_kit.toy.world import write_folder
 
 ARGS = ["--pretrained_model_name_or_path", "tiny-sd1", "--caption_extension", ".txt", "--resolution", "64",
         "--train_batch_size", "4", "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "8",

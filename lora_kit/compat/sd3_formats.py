@@ -13,13 +13,13 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import save_file
 
 from ..family import Components
-from ..lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_network_args
+from ..lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_bool, parse_network_args
 
 # %% auto #0
 __all__ = ['SD3_NETWORK_ARGS', 'TE_PREFIXES', 'SAI_PREFIXES', 'QK_NORMS', 'mmdit_layers', 'mmdit_lora_table', 'parse_emb_dims',
-           'parse_blocks', 'parse_bool', 'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces',
-           'kohya_to_diffusers', 'apply_kohya_lora', 'save_diffusers_lora', 'convert_lora_command', 'mmdit_to_sai',
-           'sd3_single_file_state', 'save_sd3_single_file']
+           'parse_blocks', 'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces', 'kohya_to_diffusers',
+           'apply_kohya_lora', 'save_diffusers_lora', 'convert_lora_command', 'mmdit_to_sai', 'sd3_single_file_state',
+           'save_sd3_single_file']
 
 # %% ../../nbs/compat/sd3_formats.ipynb #0ea45f40
 def _kohya(path: str, prefix: str = "lora_unet") -> str: return f"{prefix}.{path}".replace(".", "_")
@@ -82,11 +82,7 @@ def parse_blocks(s: str) -> str:
     if s not in ("all", "none", "") and not all(p.strip().replace("-", "", 1).isdigit() for p in s.split(",")): raise ValueError
     return s
 
-def parse_bool(s: str) -> bool:
-    if s.lower() not in ("true", "false"): raise ValueError
-    return s.lower() == "true"
-
-parse_emb_dims.__name__, parse_blocks.__name__, parse_bool.__name__ = "list of 6 dims", "block selection", "True/False"
+parse_emb_dims.__name__, parse_blocks.__name__ = "list of 6 dims", "block selection"
 
 SD3_NETWORK_ARGS = {**{k: int for k in ("context_attn_dim", "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim")},
                     "emb_dims": parse_emb_dims, "train_block_indices": parse_blocks, "train_t5xxl": parse_bool,

@@ -301,7 +301,7 @@ def config_dir_for(family: str, shapes: dict) -> Path:
 # %% ../../nbs/families/sd.ipynb #95997a39
 def is_builtin(name: str) -> bool: return name in ("tiny-sd1", "tiny-sd2", "tiny-sd2-v")
 
-# Pretrained built-in models shipped as diffusers folders (see `toymodel`): loaded like any user folder.
+# Pretrained built-in models shipped as diffusers folders (see `toy.model`): loaded like any user folder.
 BUILTIN_FOLDERS = {"toy-sd1": ASSETS/"toy-sd1"}
 BUILTIN_NAMES = "toy-sd1, tiny-sd1, tiny-sd2, tiny-sd2-v"
 

@@ -28,7 +28,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import toymodel as tm
-from lora_kit import toyworld as tw
+from lora_kit.checkpoint import atomic_path
+from lora_kit.families.sd import SD_VARIANTS
+from lora_kit.loss import min_snr_weight
+from lora_kit.toy import world as tw
 
 
 def random_blob(rng: random.Random, res: int = tw.RESOLUTION, supersample: int = 4) -> Image.Image:
@@ -127,16 +130,16 @@ def encode_pool(vae, x: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, t
     return torch.cat(means), torch.cat(stds)
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    "Token ids padded to 77 exactly as StableDiffusionPipeline does (pad = <|endoftext|>)."
-    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+tokenize = SD_VARIANTS["sd1"].tokenize  # token ids padded to 77, as the trainer and StableDiffusionPipeline do
 
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
-    "Min-SNR-gamma loss weight for epsilon prediction: min(SNR, gamma) / SNR (Hang et al. 2023)."
+    """Min-SNR-gamma loss weight for epsilon prediction (`lora_kit.loss.min_snr_weight`, Hang et al. 2023).
+
+    SNR is ac / (1 - ac) here: `loss.snr_table` computes (sqrt(ac) / sqrt(1 - ac))**2 as sd-scripts does, which
+    differs in the last bits (up to 2e-4), and the shipped model was trained with this form."""
     ac = alphas_cumprod[t]
-    snr = ac / (1 - ac)
-    return torch.clamp(snr, max=gamma) / snr
+    return min_snr_weight(ac / (1 - ac), gamma)
 
 
 class EMA:
@@ -225,8 +228,8 @@ def train_diffusion(unet, text_encoder, tokenizer, lat_mean: torch.Tensor, lat_s
             st = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict(),
                   "ema": ema.shadow, "ema_n": ema.n, "gen": gen.get_state(), "rng": rng.getstate(),
                   "step": step + 1, "run": run, "cpu_s": cpu_before + time.process_time() - cpu0}
-            torch.save(st, str(state_path) + ".tmp")
-            Path(str(state_path) + ".tmp").replace(state_path)  # atomic: a kill never leaves half a file
+            with atomic_path(state_path) as tmp:  # a kill never leaves half a file
+                torch.save(st, tmp)
     ema.copy_to()
     unet.eval(), text_encoder.eval()
     return cpu_before + time.process_time() - cpu0

@@ -1,5 +1,5 @@
 """Tests of the pretraining script (not part of CI: `pytest tools/toy`). The toy world, its checker and the shipped
-model are tested in nbs/01b_toyworld.ipynb, nbs/07b_toymodel.ipynb and tests/test_toy_concept.py."""
+model are tested in nbs/toy/world.ipynb, nbs/toy/model.ipynb and tests/test_toy_concept.py."""
 from __future__ import annotations
 
 import random

@@ -4,21 +4,22 @@
 |---------------|---------------------------------------|-------------------------------------------------------|
 | vae           | diffusers.AutoencoderKL               | 3 blocks (16, 32, 64) -> factor 4, 4 latent channels: 64 px -> 16x16 latents |
 | text_encoder  | transformers.CLIPTextModel            | hidden 64, 2 layers, 2 heads, real vocab 49408, 77 positions |
-| tokenizer     | transformers.CLIPTokenizer            | the real CLIP BPE files (lora_kit/assets/clip_tokenizer) |
+| tokenizer     | transformers.CLIPTokenizer            | the real CLIP BPE files (lora_kit.config.ASSETS / clip_tokenizer) |
 | unet          | diffusers.UNet2DConditionModel        | (32, 64, 64), 1 layer/block, attention at 8x8/4x4/mid, cross-attn dim 64, sample_size 16 |
-| scheduler     | diffusers.PNDMScheduler (SD 1.5 config: scaled_linear 0.00085..0.012, 1000 steps, epsilon) |
+| scheduler     | diffusers.PNDMScheduler (SD 1.5 config = lora_kit.families.sd.SCHEDULER: scaled_linear 0.00085..0.012, 1000 steps, epsilon) |
 
 Public API: vae_config(), text_config(), unet_config(), scheduler_config(), build_vae(), build_text_encoder(),
 build_unet(), load_tokenizer(), TOKENIZER_DIR.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-TOKENIZER_DIR = Path("/work/main/lora_kit/assets/clip_tokenizer")
+from lora_kit.config import ASSETS
+from lora_kit.families.sd import SCHEDULER
+
+TOKENIZER_DIR = ASSETS / "clip_tokenizer"  # the package's bundled CLIP vocabulary
 LATENT_SIZE = 16  # 64 px / VAE factor 4
 
 
@@ -52,10 +53,9 @@ def unet_config() -> dict:
 
 
 def scheduler_config() -> dict:
-    "The noise schedule of SD 1.5 (scheduler/scheduler_config.json), used for training (DDPM) and sampling (PNDM)."
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False,
-                skip_prk_steps=True)
+    """The noise schedule of SD 1.5 (scheduler/scheduler_config.json), used for training (DDPM) and sampling (PNDM):
+    the package's SD schedule (`families.sd.SCHEDULER`) with epsilon prediction and SD 1.5's PNDM settings."""
+    return dict(SCHEDULER, prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True)
 
 
 def build_vae() -> AutoencoderKL:
