@@ -56,8 +56,9 @@ def write_sd35m(path: Path, blocks: int, folder: bool = False):
     import torch
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from lora_kit.family import Components
-    from lora_kit.families.sd3 import CLIP_G, CLIP_L, SD3_VAE, TINY_T5, SD3Family, clip_encoder, clip_tokenizers, flow_scheduler
-                              save_sd3_single_file, t5_encoder, tiny_t5_tokenizer)
+    from lora_kit.compat.sd3_formats import save_sd3_single_file
+    from lora_kit.families.sd3 import (CLIP_G, CLIP_L, SD3_VAE, TINY_T5, SD3Family, clip_encoder, clip_tokenizers, flow_scheduler,
+                                       t5_encoder, tiny_t5_tokenizer)
     with torch.device("meta"):
         models = [SD3Transformer2DModel(**SD35_MEDIUM, num_layers=blocks, dual_attention_layers=tuple(range(blocks - 1))),
                   AutoencoderKL(**SD3_VAE), clip_encoder(CLIP_L, "l"), clip_encoder(CLIP_G, "g"), t5_encoder(TINY_T5, len(tiny_t5_tokenizer()))]

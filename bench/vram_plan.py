@@ -196,9 +196,8 @@ def sd3_single_file(path: Path, cfg):
     or tiny, as the file (or its --clip_l/--clip_g/--t5xxl/--vae file) says."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from lora_kit.compat.sd3_formats import SAI_PREFIXES
-    from lora_kit.families.sd import TINY_VAE
-    from lora_kit.families.sd3 import CLIP_G, CLIP_L, SD3_VAE, T5XXL, TINY_CLIP_G, TINY_CLIP_L, TINY_T5
-                              _shapes_match, clip_encoder, mmdit_config, t5_encoder)
+    from lora_kit.families.sd3 import (CLIP_G, CLIP_L, SD3_VAE, T5XXL, TINY_CLIP_G, TINY_CLIP_L, TINY_T5, TINY_VAE,
+                                       _shapes_match, clip_encoder, mmdit_config, t5_encoder)
     def fitting(which: str, build, candidates: list):
         shapes = _header(getattr(cfg, which) or path, SAI_PREFIXES[which])
         return next((m for m in map(build, candidates) if _shapes_match(m, shapes)), build(candidates[0]))

@@ -29,6 +29,7 @@ def definitions(pkg: Path) -> dict:
 def rewrite(line: str, olds: set, defs: dict, relative_base: str|None) -> str:
     m = re.match(r"^(\s*)from (lora_kit|\.)\.?([\w.]+) import (.+?)(\s*#.*)?$", line.rstrip("\n"))
     if not m or m[3] not in olds: return line
+    if m[4].startswith("(") and not m[4].rstrip().endswith(")"): raise SystemExit(f"a multi-line import: edit it by hand ({line.strip()})")
     indent, names = m[1], [n.strip() for n in m[4].strip("()").split(",") if n.strip()]
     groups = {}
     old = f"lora_kit.{m[3]}"
