@@ -1,5 +1,7 @@
 """Published sd-scripts configurations run as written, with only paths and step counts changed: kohya_ss GUI presets'
 bucket settings, a Colab trainer's --config_file with keys sd-scripts ignores, and commands with abbreviated flags."""
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -169,3 +171,51 @@ cache_latents = true
     out = capsys.readouterr().out
     assert all(f"warning: {w}" in out for w in warnings)
     assert (tmp_path / "out" / "colab.safetensors").is_file()
+
+
+# Issue 27: everyday inputs sd-scripts trains on (with a warning) and lora_kit refused.
+def sks_folder(root):
+    "A `train/10_sks` folder of two captioned toy images under `root`; returns `root/train`."
+    write_folder(root / "train" / "10_sks", n=2, seed=0)
+    return root / "train"
+
+
+def train_cli(tmp_path, *args, script="train_network", model="tiny-sd1"):
+    return main([script, "--pretrained_model_name_or_path", model, "--resolution", "64", "--caption_extension", ".txt",
+                 "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1", "--max_data_loader_n_workers", "0", *args])
+
+
+def test_subset_without_images_is_ignored_with_a_warning(tmp_path, capsys):
+    # a dataset TOML whose first subset is the parent folder: sd-scripts prints "ignore subset with image_dir=...: no
+    # images found" and trains on the second
+    train = sks_folder(tmp_path)
+    cfg = toml(tmp_path / "ds.toml", f'[general]\ncaption_extension = ".txt"\nresolution = 64\n[[datasets]]\n'
+               f'[[datasets.subsets]]\nimage_dir = "{train}"\n[[datasets.subsets]]\nimage_dir = "{train / "10_sks"}"\n')
+    assert train_cli(tmp_path, "--dataset_config", str(cfg), "--network_module", "networks.lora") == 0
+    out = capsys.readouterr().out
+    assert f"warning: {train}: no images" in out and "this subset is ignored" in out
+    assert (tmp_path / "out" / "last.safetensors").is_file()
+
+
+def test_image_without_caption_trains_with_an_empty_caption(tmp_path, capsys):
+    train = sks_folder(tmp_path)
+    (train / "10_sks" / "001.txt").unlink()
+    cfg = toml(tmp_path / "ds.toml", f'[general]\ncaption_extension = ".txt"\nresolution = 64\n[[datasets]]\n'
+               f'[[datasets.subsets]]\nimage_dir = "{train / "10_sks"}"\n')
+    datasets, _, warnings = load_datasets(make_config(["--pretrained_model_name_or_path", "tiny-sd1", "--network_module", "networks.lora", "--dataset_config", str(cfg)]))
+    captions = {os.path.basename(it.path): it.caption for it in datasets[0].plan.images.items}
+    assert captions["001.png"] == "" and captions["000.png"]
+    assert [w for w in warnings if "001.png" in w and "EMPTY caption" in w and "1 image(s) have no .txt caption file" in w]
+    assert train_cli(tmp_path, "--dataset_config", str(cfg), "--network_module", "networks.lora") == 0
+    assert "warning: " in capsys.readouterr().out and (tmp_path / "out" / "last.safetensors").is_file()
+
+
+def test_unsafe_ckpt_is_one_line_before_loading(tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "x": print}, bad)
+    for flags in (["--pretrained_model_name_or_path", str(bad)], ["--vae", str(bad)]):
+        assert main(["train_network", "--pretrained_model_name_or_path", "tiny-sd1", *flags, "--train_data_dir", str(sks_folder(tmp_path)), "--resolution", "64",
+                     "--output_dir", str(tmp_path / "out"), "--network_module", "networks.lora"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"{bad} could not be read safely: it references builtins.print" in err
+        assert "convert it to .safetensors where you trust the file" in err and len(err.strip().splitlines()) == 2

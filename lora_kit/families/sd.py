@@ -346,7 +346,9 @@ def check_vae_path(vae: str|None) -> list[str]:
     p = Path(vae)
     if p.is_dir(): return [] if (p/"config.json").exists() or (p/"vae"/"config.json").exists() else [f"--vae: {p} has no config.json (nor vae/config.json)"]
     if not p.is_file(): return [f"--vae: file {p} does not exist"]
-    if (kind := detect_family(read_shapes(p))) not in ("vae", "sd1", "sd2", "diffusers-part"):
+    try: kind = detect_family(read_shapes(p))
+    except ValueError as e: return [f"--vae: {e}"]          # e.g. an unsafe pickle (`UnsafeCheckpointError`)
+    if kind not in ("vae", "sd1", "sd2", "diffusers-part"):
         return [f"--vae: {p} is {FILE_KINDS.get(kind, FILE_KINDS['unknown'])[0]}, not a VAE"]
     return []
 
