@@ -25,7 +25,7 @@ from .runtime.caches import cache_latents, cache_text_encoder_outputs, cache_tex
 from .lora import LoRANetwork, SAVE_DTYPES, atomic_path, load_lora, merge_lora, save_lora
 from .networks import build_network, network_problems
 from .loss import OBJECTIVES, ddpm_only_problems
-from .family import check_model, family_for, image_moments, load_components
+from .family import check_model, family_for, image_moments, load_components, model_warnings
 from .runtime.weights import store_in_fp8, weight_dtype
 from .optim import optim_problems, optimizer_from_config, scheduler_from_config
 
@@ -835,7 +835,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
         return TrainState(cfg)
     val_datasets = load_datasets(cfg, "validation")[0]
     acc = _accelerator(cfg)
-    for w in ignored_config_keys(cfg.config_file) + warnings: acc.print("warning:", w)
+    for w in ignored_config_keys(cfg.config_file) + model_warnings(cfg) + warnings: acc.print("warning:", w)
     for n in option_notes(cfg): acc.print("note:", n)
     acc.print(summary)
     if cfg.seed is None: cfg.seed = broadcast_object_list([random.randint(0, 2**32 - 1)])[0]   # one seed for all processes
