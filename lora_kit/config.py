@@ -328,6 +328,10 @@ def ignored_config_keys(path: str|Path|None) -> list[str]:
             for where, key, _ in _config_entries(path) if key not in OPTIONS]
 
 # %% ../nbs/00_config.ipynb #c81a7bc4
+_WHY_POSITIVE = {"save_every_n_epochs": " (sd-scripts divides by it and stops with ZeroDivisionError after the first epoch): "
+                 "leave it out to save only at the end, or use 1 to save every epoch",
+                 "save_every_n_steps": " (sd-scripts divides by it and stops with ZeroDivisionError): leave it out to save "
+                 "only at the end"}
 _POSITIVE = "network_dim train_batch_size gradient_accumulation_steps max_train_steps max_train_epochs save_every_n_epochs " \
             "save_every_n_steps sample_every_n_steps sample_every_n_epochs clip_skip save_last_n_epochs save_last_n_steps " \
             "save_last_n_epochs_state save_last_n_steps_state initial_epoch multires_noise_iterations".split()
@@ -339,7 +343,7 @@ def _range_problems(c) -> list[str]:
     out = []
     for n in _POSITIVE:
         v = getattr(c, n)
-        if v is not None and v < 1: out.append(f"--{n} must be at least 1, got {v}")
+        if v is not None and v < 1: out.append(f"--{n} must be at least 1, got {v}" + _WHY_POSITIVE.get(n, ""))
     for n in _NONNEGATIVE:
         v = getattr(c, n)
         if v is not None and v < 0: out.append(f"--{n} must not be negative, got {v}")

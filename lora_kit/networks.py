@@ -216,7 +216,7 @@ def network_problems(cfg, fam=None) -> list[str]:
     if not name: return []
     if fam.only_own_networks and name not in ("networks.lora", *fam.network_modules):
         return [f"--network_module {name} does not support {fam.title} models; lora_kit trains {fam.title} with {fam.network_modules[0]}"]
-    if not is_builtin_network(name, fam): return _external_problems(name) + _external_fp8_problems(cfg)
+    if not is_builtin_network(name, fam): return _external_problems(name) + _external_fp8_problems(cfg) + _lycoris_problems(cfg)
     try: nargs = parse_network_args(cfg.network_args, network_args_table(name, fam.network_args))
     except ValueError as e: return [str(e)]
     dim, out = cfg.network_dim or 4, []
@@ -235,6 +235,14 @@ def _external_fp8_problems(cfg) -> list[str]:
     return [f"{fp8_flag(cfg)} with --network_module {cfg.network_module}: its modules may compute "
             f"with the base weights outside autocast, which float8 cannot (LyCORIS stops with \"not implemented for 'Float8_e4m3fn'\"); "
             f"use {', '.join(BUILTIN_ARGS)}, or drop --fp8_base"]
+
+def _lycoris_problems(cfg) -> list[str]:
+    "LyCORIS algorithms its sd-scripts wrapper (`lycoris.kohya`) cannot build: iA3 (kohya_ss' iA3 presets) fails in sd-scripts too."
+    if cfg.network_module != "lycoris.kohya": return []
+    algo = dict(a.split("=", 1) for a in cfg.network_args or [] if "=" in a).get("algo", "").strip().lower()
+    if algo != "ia3": return []
+    return ["--network_args algo=ia3: LyCORIS' sd-scripts wrapper (lycoris.kohya) cannot build an iA3 network (sd-scripts stops too, "
+            "in create_network); use algo=lora, locon, loha or lokr with lycoris.kohya"]
 
 def _external_problems(name: str) -> list[str]:
     hint = (f"; lora_kit implements {', '.join(BUILTIN_ARGS)} and uses any other installed module with sd-scripts' create_network "
@@ -274,7 +282,14 @@ def _lora_network(cfg, comp, nargs: dict) -> LoRANetwork:
                LoRANetwork(targets, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha, **kw))
     net.block_lr_weight = block_lr_weight(nargs)
     net.set_loraplus_lr_ratio(nargs)
+    if nargs.get("verbose"): print_module_dims(net)
     return net
+
+def print_module_dims(net: LoRANetwork):
+    "`network_args verbose=True` (networks.lora_sd3): each denoiser LoRA module's name, dim and alpha, as sd-scripts logs them."
+    unet = {n: m for n, m in net.loras.items() if n.startswith("lora_unet")}
+    print(f"create LoRA for the denoiser: {len(unet)} modules.")
+    for n, m in unet.items(): print(f"\t{n:50} {m.lora_dim}, {float(m.alpha)}")
 
 def _conv_names(comp) -> set:
     "kohya names of the 3×3 convs LoCon may target."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_sample.ipynb #7dd833ec
 from __future__ import annotations
-import json, re, tomllib
+import json, re, sys, tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +16,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from .lora import atomic_path
 from .runtime.placement import text_encoder_names
-from .train import Callback, TrainState
+from .train import Callback, TrainingStopped, TrainState
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SamplePrompt', 'parse_prompt_line', 'read_prompts', 'sample_scheduler', 'prompt_conditioning',
@@ -86,11 +86,8 @@ _EMBED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds
 
 def prompt_conditioning(comp, pipe, p: SamplePrompt, clip_skip: int|None = None, autocast=nullcontext) -> dict:
     "The pipeline's embeddings for `p` (keyword arguments of its call), computed by its text encoders, kept on the CPU."
-    more = comp.family.prompt_arguments(pipe)      # e.g. the second and third text encoders' prompts
     with torch.no_grad(), autocast():
-        out = pipe.encode_prompt(prompt=p.prompt, **more, negative_prompt=p.negative_prompt or None, device=pipe.text_encoder.device,
-                                 num_images_per_prompt=1, do_classifier_free_guidance=p.scale > 1,
-                                 clip_skip=clip_skip - 1 if clip_skip and clip_skip > 1 else None)
+        out = comp.family.encode_prompt(comp, pipe, p.prompt, p.negative_prompt, p.scale > 1, clip_skip)
     return {name: e.cpu() for name, e in zip(_EMBED_NAMES, out) if e is not None}   # (some pipelines have no pooled embeddings)
 
 # %% ../nbs/07_sample.ipynb #2148ded3
@@ -133,6 +130,7 @@ class SampleCallback(Callback):
         self.prompts = read_prompts(cfg.sample_prompts, w, h) if cfg.sample_prompts else []
         self.conditioning: list[dict]|None = None      # the prompts' embeddings, when the text encoders do not train
         self.images: list[tuple[int, Path]] = []      # (step, path) of every image written
+        self.failed: list[int] = []                    # steps whose sampling failed
 
     @property
     def uses_models(self) -> set[str]:
@@ -140,12 +138,18 @@ class SampleCallback(Callback):
         return {"vae"} if self.conditioning is not None else {"vae", "text_encoders"}
 
     def encode_prompts(self, state: TrainState):
-        "Compute the prompts' embeddings once, with the text encoders on the device meanwhile (only if no text encoder trains)."
+        """Encode the prompts at the start, with the text encoders on the device meanwhile: kept when no text encoder trains,
+        else a trial; a prompt that cannot be encoded stops the run here (`TrainingStopped`), before the first step."""
         comp = state.comp
-        if not self.prompts or state.network.modules_with("lora_te") or None in comp.text_encoders: return
+        if not self.prompts or None in comp.text_encoders: return
         pipe = comp.family.pipeline(comp)
-        with state.placement.also(text_encoder_names(comp)):
-            self.conditioning = [prompt_conditioning(state.comp, pipe, p, state.cfg.clip_skip, state.accelerator.autocast) for p in self.prompts]
+        try:
+            with state.placement.also(text_encoder_names(comp)):
+                cond = [prompt_conditioning(state.comp, pipe, p, state.cfg.clip_skip, state.accelerator.autocast) for p in self.prompts]
+        except Exception as e:
+            raise TrainingStopped(f"sampling cannot work, stopped before the first step: --sample_prompts {state.cfg.sample_prompts}: encoding "
+                                  f"the prompts failed ({type(e).__name__}: {e}); fix the prompt file or remove --sample_prompts") from e
+        if not state.network.modules_with("lora_te"): self.conditioning = cond
 
     def sample(self, state: TrainState, tag: str):
         if not self.prompts or not state.accelerator.is_main_process: return
@@ -157,7 +161,10 @@ class SampleCallback(Callback):
             with state.placement.also(needs):
                 imgs = generate(comp, self.prompts, cfg.sample_sampler, cfg.seed or 0, cfg.clip_skip, state.accelerator.autocast, self.conditioning)
         except Exception as e:
-            print(f"warning: sampling at step {state.step} failed ({type(e).__name__}: {e}); training continues"); return
+            self.failed.append(state.step)
+            print(f"error: sampling at step {state.step} failed ({type(e).__name__}: {e}): no sample images for this point; "
+                  "training goes on and saves the LoRA as usual", file=sys.stderr)
+            return
         finally: state.network.train(was)
         folder = Path(cfg.output_dir)/"sample"
         ts = datetime.now().strftime("%Y%m%d%H%M%S")
@@ -175,4 +182,7 @@ class SampleCallback(Callback):
     def on_epoch_end(self, state):
         n = state.cfg.sample_every_n_epochs
         if n and state.epoch % n == 0: self.sample(state, f"e{state.epoch:06d}")
-    def on_train_end(self, state): self.sample(state, f"{state.step:06d}")
+    def on_train_end(self, state):
+        self.sample(state, f"{state.step:06d}")
+        if self.failed: print(f"error: sampling failed at {len(self.failed)} sample point(s) (steps {', '.join(map(str, self.failed[:10]))}"
+                              f"{' ...' if len(self.failed) > 10 else ''}); see the errors above", file=sys.stderr)

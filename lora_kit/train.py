@@ -20,7 +20,7 @@ from .data import debug_batches, load_datasets
 from .lora import LoRANetwork, SAVE_DTYPES, save_lora
 from .networks import build_network
 from .loss import OBJECTIVES
-from .family import image_moments, load_components
+from .family import image_moments, load_components, model_warnings
 from .runtime.weights import weight_dtype
 from .optim import is_schedule_free, optimizer_from_config, optimizer_type, scheduler_from_config
 from .compat.metadata import training_metadata
@@ -49,7 +49,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
         return TrainState(cfg)
     val_datasets = load_datasets(cfg, "validation")[0]
     acc = make_accelerator(cfg)
-    for w in ignored_config_keys(cfg.config_file) + warnings: acc.print("warning:", w)
+    for w in ignored_config_keys(cfg.config_file) + model_warnings(cfg) + warnings: acc.print("warning:", w)
     for n in option_notes(cfg): acc.print("note:", n)
     acc.print(summary)
     if cfg.seed is None: cfg.seed = broadcast_object_list([random.randint(0, 2**32 - 1)])[0]   # one seed for all processes

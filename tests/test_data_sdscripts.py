@@ -669,13 +669,14 @@ def test_scan_dataset_reports_everything(tmp_path):
     assert f"{t}/ok/c.jpg: cannot read image" in text
     assert f"{t}/ok/d.png: cannot read image" in text
     assert f"caption file is empty: {t}/ok/e.txt" in text
-    assert f"{t}/empty: no images" in text
+    assert f"warning: {t}/empty: no images" in text and "this subset is ignored" in text   # sd-scripts: "ignore subset ..."
     assert f"{t}/missing: image folder not found" in text
     assert f"{t}/upper: no images" in text and "unexpected case, e.g. x.Png" in text
     assert any(p.startswith("warning:") and f"{t}/ok/b.png" in p and "smallest bucket" in p for p in problems)
     assert any(f"{t}/tiny/t.png" in p and "bucket_no_upscale" in p and not p.startswith("warning") for p in problems)
-    # images without caption file and without class_tokens: an error naming them and the fix (sd-scripts: empty caption)
-    assert any(p.startswith(f"{t}/ok: ") and "no .txt caption file and the subset has no class_tokens" in p and "b.png" in p for p in problems)
+    # images without caption file and without class_tokens: a warning naming them and the fix (they train with an empty
+    # caption, as in sd-scripts)
+    assert any(p.startswith(f"warning: {t}/ok: ") and "EMPTY caption" in p and "no .txt caption file and the subset has no class_tokens" in p and "b.png" in p for p in problems)
     # without bucketing lora_kit scales small images up (sd-scripts stops): a warning
     assert any(p.startswith(f"warning: {t}/ok/b.png: 100x80 is smaller than resolution 512x512 and bucketing is off") for p in problems)
     assert not any("No data found" in p for p in problems)

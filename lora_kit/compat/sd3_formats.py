@@ -17,9 +17,9 @@ from ..lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_b
 
 # %% auto #0
 __all__ = ['SD3_NETWORK_ARGS', 'TE_PREFIXES', 'SAI_PREFIXES', 'QK_NORMS', 'mmdit_layers', 'mmdit_lora_table', 'parse_emb_dims',
-           'parse_blocks', 'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces', 'kohya_to_diffusers',
-           'apply_kohya_lora', 'save_diffusers_lora', 'convert_lora_command', 'mmdit_to_sai', 'sd3_single_file_state',
-           'save_sd3_single_file']
+           'parse_blocks', 'parse_verbose', 'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces',
+           'kohya_to_diffusers', 'apply_kohya_lora', 'save_diffusers_lora', 'convert_lora_command', 'mmdit_to_sai',
+           'sd3_single_file_state', 'save_sd3_single_file']
 
 # %% ../../nbs/compat/sd3_formats.ipynb #0ea45f40
 def _kohya(path: str, prefix: str = "lora_unet") -> str: return f"{prefix}.{path}".replace(".", "_")
@@ -82,12 +82,16 @@ def parse_blocks(s: str) -> str:
     if s not in ("all", "none", "") and not all(p.strip().replace("-", "", 1).isdigit() for p in s.split(",")): raise ValueError
     return s
 
+def parse_verbose(s: str) -> bool:
+    "network_args `verbose`: lora_sd3.py turns it on for exactly 'True' and off for any other value (never an error)."
+    return s == "True"
+
 parse_emb_dims.__name__, parse_blocks.__name__ = "list of 6 dims", "block selection"
 
 SD3_NETWORK_ARGS = {**{k: int for k in ("context_attn_dim", "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim")},
                     "emb_dims": parse_emb_dims, "train_block_indices": parse_blocks, "train_t5xxl": parse_bool,
                     "conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float, "split_qkv": parse_bool,
-                    **LORAPLUS_ARGS}
+                    "verbose": parse_verbose, **LORAPLUS_ARGS}
 
 # %% ../../nbs/compat/sd3_formats.ipynb #a5095278
 def block_selected(selection: str|None, index: int) -> bool:

@@ -36,7 +36,7 @@ __all__ = ['VAE_SCALE_FACTOR', 'VAE_SHIFT_FACTOR', 'TINY_CLIP_L', 'TINY_CLIP_G',
            'sd3_context', 'SD3Family', 'sd3_text_disk_cache', 'scaled_sincos_table', 'crop_table', 'ResolutionPosEmbed',
            'latent_sizes', 'use_resolution_pos_embed', 'is_sd3_file', 'claims_sd3', 'read_weights', 'load_sd3',
            'diffusers_weights', 'folder_mmdit', 'load_sd3_folder', 'file_components', 'missing_components',
-           'mmdit_config', 'sd3_mmdit', 'sd3_vae', 't5_tokenizer_for', 'load_sd3_file', 'check_sd3']
+           'mmdit_config', 'sd3_mmdit', 'sd3_vae', 't5_tokenizer_for', 'load_sd3_file', 'sd3_warnings', 'check_sd3']
 
 # %% ../../nbs/families/sd3.ipynb #d4628e7b
 VAE_SCALE_FACTOR, VAE_SHIFT_FACTOR = 1.5305, 0.0609   # sd-scripts library/sd3_models.py SDVAE
@@ -190,6 +190,7 @@ class SD3Family(Family):
 
     def claims(self, name: str) -> bool: return claims_sd3(name)
     def check(self, cfg: TrainConfig) -> list[str]: return check_sd3(cfg)
+    def warnings(self, cfg: TrainConfig) -> list[str]: return sd3_warnings(cfg)
     def load(self, cfg: TrainConfig) -> Components: return load_sd3(cfg)
 
     def with_options(self, cfg: TrainConfig) -> "SD3Family":
@@ -526,10 +527,16 @@ def _trains_t5(cfg: TrainConfig) -> bool:
     try: return parse_network_args(cfg.network_args, SD3_NETWORK_ARGS).get("train_t5xxl", False)
     except ValueError: return False     # reported by the network-args check
 
+def sd3_warnings(cfg: TrainConfig) -> list[str]:
+    "Options SD3 ignores with a warning, as sd3_train_network.py does (it still records them in the metadata)."
+    if not cfg.clip_skip: return []
+    return [f"--clip_skip {cfg.clip_skip} does nothing for SD3 (its text encoders' layers are fixed): training goes on without it, as in "
+            f"sd-scripts, which warns 'clip_skip will be unexpected' and still writes ss_clip_skip={cfg.clip_skip}; remove it"]
+
 def check_sd3(cfg: TrainConfig) -> list[str]:
     "Problems with an SD3 configuration, before anything is loaded."
     out = [f"--{n} is for SD 1.x/2.x models; SD3 has {why}: remove it" for n, why in
-           (("v2", "no v2 variant"), ("v_parameterization", "a rectified-flow objective"), ("clip_skip", "fixed text-encoder layers"),
+           (("v2", "no v2 variant"), ("v_parameterization", "a rectified-flow objective"),
             ("weighted_captions", "no caption weights in sd-scripts (sd3_train_network.py fails on them)"))
            if getattr(cfg, n)]
     name = cfg.pretrained_model_name_or_path

@@ -88,11 +88,11 @@ def mask_problems(image_paths: list[str], conditioning_data_dir: str, same_size:
 def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_sizes: bool = True) -> list[str]:
     """Every input problem at once, each with its path, before any model is loaded.
 
-    Errors: missing image_dir, image_dir without images, unreadable/corrupt image (decode=True fully decodes each
+    Errors: missing image_dir, unreadable/corrupt image (decode=True fully decodes each
     image; False only checks headers), empty/non-UTF-8 caption file, missing/invalid metadata file, image sizes that
     crash sd-scripts (see _size_problem), no image at all. Lines starting with "warning:" are not fatal: images
-    without caption file (one line per subset), images below the smallest bucket (sd-scripts silently upscales),
-    subsets skipped by sd-scripts (num_repeats < 1, duplicates)."""
+    without caption file (one line per subset; they train with class_tokens or an empty caption), images below the smallest bucket (sd-scripts silently upscales),
+    subsets skipped by sd-scripts (num_repeats < 1, duplicates, no images)."""
     problems: list[str] = []
     total = 0
     for ds in datasets:
@@ -141,7 +141,8 @@ def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_
                     others = [n for n in os.listdir(sub.image_dir) if os.path.splitext(n)[1].lower() in
                               {e.lower() for e in IMAGE_EXTENSIONS}]
                     hint = f" ({len(others)} file(s) have an extension in unexpected case, e.g. {others[0]})" if others else ""
-                    problems.append(f"{sub.image_dir}: no images (.png .jpg .jpeg .webp .bmp) in this folder ({where}){hint}")
+                    problems.append(f"warning: {sub.image_dir}: no images (.png .jpg .jpeg .webp .bmp) in this folder ({where}){hint}; "
+                                    f"this subset is ignored, as sd-scripts ignores it ('ignore subset with image_dir=...: no images found')")
                     continue
                 missing = []
                 for p in paths:
@@ -150,11 +151,12 @@ def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_
                             missing.append(p)
                     except C.CaptionFileError as e:
                         problems.append(str(e))
-                if missing and sub.class_tokens is None:
-                    problems.append(f"{sub.image_dir}: {len(missing)} image(s) have no {sub.caption_extension} caption file and the "
+                if missing and sub.class_tokens is None:     # sd-scripts trains them with an empty caption and a warning
+                    problems.append(f"warning: {sub.image_dir}: {len(missing)} image(s) have no {sub.caption_extension} caption file and the "
                                     f"subset has no class_tokens ({where}): " + ", ".join(os.path.basename(m) for m in missing[:5])
                                     + (f" ... and {len(missing) - 5} more" if len(missing) > 5 else "")
-                                    + ". Set caption_extension (e.g. '.txt') or class_tokens.")
+                                    + "; they train with an EMPTY caption, as in sd-scripts. If that is not intended, set "
+                                    "caption_extension (e.g. '.txt') or class_tokens.")
                 elif missing:
                     fallback = f"class_tokens {sub.class_tokens!r}" if sub.class_tokens is not None else "an EMPTY caption"
                     problems.append(f"warning: {sub.image_dir}: {len(missing)} image(s) have no {sub.caption_extension} "
