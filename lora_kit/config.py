@@ -146,7 +146,7 @@ LORA_KIT_OPTIONS.append(Opt("num_cpu_threads_per_process", "int", None, "CPU thr
                             "default: OMP_NUM_THREADS, else the cores other processes leave free)", group="advanced",
                             supported=True, scripts=("lora_kit",)))
 
-# %% ../nbs/00_config.ipynb #9a2ae19b
+# %% ../nbs/00_config.ipynb #179d5a1e
 LORA_KIT_OPTIONS.append(Opt("attention", "str", None, "the denoiser's attention: sdpa (PyTorch's scaled-dot-product attention; "
                             "lora_kit's default unless --xformers) or vanilla (sd-scripts' default without --sdpa, --xformers "
                             "or --mem_eff_attn: the same result, slower and in more memory)", ["sdpa", "vanilla"],

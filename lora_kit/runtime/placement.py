@@ -18,7 +18,7 @@ __all__ = ['attention', 'prepare_models', 'merge_base_weights', 'store_fp8', 'cl
            'Placement', 'training_models', 'BlockSwap', 'block_swap', 'compile_models', 'free_cached_text_encoders',
            'release_cached_models', 'models_used', 'busy_cores', 'free_cores', 'cpu_threads']
 
-# %% ../../nbs/runtime/placement.ipynb #94ba0346
+# %% ../../nbs/runtime/placement.ipynb #ecfc1065
 def attention(cfg) -> tuple[str, str|None]:
     "The denoiser's attention for `cfg` ('sdpa', 'vanilla' or 'xformers') and a note when `--xformers` cannot be had."
     if cfg.xformers:
