@@ -112,7 +112,7 @@ def cache_latents(ds: TrainDataset, encode: Callable[[torch.Tensor], torch.Tenso
     for i in todo: by_bucket.setdefault(ds.plan.plan.bucket_of[i], []).append(i)
     chunks = part_of([c for idx in by_bucket.values() for c in batched(idx, batch_size)], part)
     loader = torch.utils.data.DataLoader(_ChunkPixels(ds, chunks), batch_size=None, num_workers=min(workers, len(chunks)),
-                                         pin_memory=torch.cuda.is_available())
+                                         pin_memory=torch.cuda.is_available(), generator=torch.Generator())   # leaves the global RNG alone
     with tqdm(total=sum(map(len, chunks)), desc="caching latents", disable=not progress or not chunks) as bar:
         for chunk, pixels in zip(chunks, loader):
             with seeded_rng(chunk[0]):      # the VAE samples its latents: the same for an image whichever process encodes it
