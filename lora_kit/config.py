@@ -143,8 +143,14 @@ LORA_KIT_OPTIONS = [
 
 # %% ../nbs/00_config.ipynb #86bb3dc2
 LORA_KIT_OPTIONS.append(Opt("num_cpu_threads_per_process", "int", None, "CPU threads for training (accelerate launch's flag; "
-                            "default: OMP_NUM_THREADS, else the cores the load average leaves free)", group="advanced",
+                            "default: OMP_NUM_THREADS, else the cores other processes leave free)", group="advanced",
                             supported=True, scripts=("lora_kit",)))
+
+# %% ../nbs/00_config.ipynb #179d5a1e
+LORA_KIT_OPTIONS.append(Opt("attention", "str", None, "the denoiser's attention: sdpa (PyTorch's scaled-dot-product attention; "
+                            "lora_kit's default unless --xformers) or vanilla (sd-scripts' default without --sdpa, --xformers "
+                            "or --mem_eff_attn: the same result, slower and in more memory)", ["sdpa", "vanilla"],
+                            group="advanced", supported=True, scripts=("lora_kit",)))
 
 # %% ../nbs/00_config.ipynb #b4af6494
 def load_options() -> dict[str, Opt]:

@@ -25,7 +25,7 @@ from .runtime.weights import weight_dtype
 from .optim import is_schedule_free, optimizer_from_config, optimizer_type, scheduler_from_config
 from .compat.metadata import training_metadata
 from .runtime.checks import check_all, start_problem
-from .runtime.distributed import allow_fp16_gradients, any_signalled, average_gradients, batch_loader, loader_batches
+from .runtime.distributed import allow_fp16_gradients, any_signalled, average_gradients, batch_loader, close_loaders, loader_batches
 from .runtime.distributed import make_accelerator, rows_loss, stop_signals
 from .runtime.logs import init_trackers, learning_rates, log_to_trackers, setup_logging, write_loss_log
 from .runtime.memos import Memos, cache_outputs, frozen_memos
@@ -92,7 +92,9 @@ def _loop(state: TrainState):
         path = _save_stopped(state)
         raise TrainingStopped(f"the loss became NaN/inf at step {state.step + 1} (epoch {state.epoch}); the LoRA before that step "
                               f"is saved in {path}. Try a lower --learning_rate, --max_grad_norm 1.0 or --mixed_precision bf16") from None
-    finally: run.bar.close()
+    finally:
+        run.bar.close()
+        close_loaders([*run.loaders, *run.validation.loaders])   # kept workers end with the run
 
 # %% ../nbs/06_train.ipynb #d03a4adb
 def _step(state: TrainState, batch: dict) -> torch.Tensor:

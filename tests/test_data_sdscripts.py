@@ -329,7 +329,7 @@ def test_resize_image_exact_methods(m):
     w, h = m["size"]
     nw, nh = m["new_size"]
     img = _img(w, h, m["kind"], seed=w + h, channels=m["channels"])
-    if m["interpolation"] == "area" and (nw > w or nh > h):
+    if m["interpolation"] == "area" and (nw > w or nh > h) and B._cv2() is None:
         pytest.skip("area upscale needs cv2 (falls back to PIL)")
     assert_digest(B.resize_image(img, nw, nh, m["interpolation"]), m)
 
@@ -347,6 +347,20 @@ def test_area_down_is_mean_preserving_and_bounded(w, h, fx, fy, ch):
     assert out.shape[:2] == (nh, nw)
     assert out.min() >= img.min() and out.max() <= img.max()
     assert abs(out.astype(float).mean() - img.astype(float).mean()) < 8
+
+
+@settings(max_examples=150, deadline=None)
+@given(w=st.integers(1, 160), h=st.integers(1, 160), fx=st.floats(0.02, 1.0), fy=st.floats(0.02, 1.0), ch=st.sampled_from([1, 3, 4]),
+       kind=st.sampled_from(["noise", "smooth"]))
+def test_area_shrink_is_opencv_inter_area(w, h, fx, fy, ch, kind):
+    """The default shrink is cv2.resize(INTER_AREA) itself (what sd-scripts calls), and the numpy port used without cv2 equals it."""
+    cv2 = pytest.importorskip("cv2")
+    nw, nh = max(1, int(w * fx)), max(1, int(h * fy))
+    img = _img(w, h, "noise" if min(w, h) < 2 else kind, seed=w * h, channels=max(ch, 3))
+    img = img[:, :, 0] if ch == 1 else img[:, :, :ch]
+    want = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(B.resize_image(img, nw, nh), want)
+    assert np.array_equal(B.resize_area_down(img, nw, nh), want)
 
 
 def test_constant_image_stays_constant():

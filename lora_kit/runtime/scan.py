@@ -10,6 +10,7 @@ import os
 from typing import Optional, Sequence
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .. import buckets as B, captions as C
 from ..compat.dataset_schema import CN, FT
@@ -17,7 +18,7 @@ from ..compat.dataset_config import DatasetSpec, normalize_caption_extension
 from ..compat.registration import IMAGE_EXTENSIONS, get_image_size, glob_images, read_metadata
 
 # %% auto #0
-__all__ = ['mask_image_path', 'mask_problems', 'scan_dataset']
+__all__ = ['SCAN_BAR_MIN', 'mask_image_path', 'mask_problems', 'scan_dataset']
 
 # %% ../../nbs/runtime/scan.ipynb #a63829fb
 def _check_image(path: str, decode: bool) -> Optional[str]:
@@ -25,6 +26,7 @@ def _check_image(path: str, decode: bool) -> Optional[str]:
         with Image.open(path) as im:
             size = im.size
             if decode:
+                if im.format == "JPEG": im.draft(im.mode, (size[0] // 8, size[1] // 8))   # every byte is still decoded, 1/8 of the pixels made
                 im.load()
             else:
                 im.verify()
@@ -85,6 +87,8 @@ def mask_problems(image_paths: list[str], conditioning_data_dir: str, same_size:
     return out
 
 # %% ../../nbs/runtime/scan.ipynb #b95838bd
+SCAN_BAR_MIN = 500    # folders with this many images get a progress bar while they are checked
+
 def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_sizes: bool = True) -> list[str]:
     """Every input problem at once, each with its path, before any model is loaded.
 
@@ -165,7 +169,7 @@ def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_
                 if ds.kind == CN and sub.conditioning_data_dir and not os.path.isdir(sub.conditioning_data_dir):
                     problems.append(f"{sub.conditioning_data_dir}: conditioning_data_dir not found ({where})")
                 elif ds.kind == CN: problems += mask_problems(paths, sub.conditioning_data_dir, ds.enable_bucket, where)
-            for p in paths:
+            for p in tqdm(paths, desc=f"checking images ({where})", disable=len(paths) < SCAN_BAR_MIN, leave=False):
                 err = _check_image(p, decode)
                 if err:
                     problems.append(err)
