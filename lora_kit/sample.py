@@ -156,11 +156,12 @@ class SampleCallback(Callback):
         needs = {"vae"} | (set() if self.conditioning else text_encoder_names(comp))
         was, folder, t0, n = state.network.training, Path(cfg.output_dir)/"sample", time.time(), len(self.prompts)
         state.network.eval()
-        show = tqdm(total=n, leave=False, bar_format="{desc} [{elapsed}]", disable=not (state.run and state.run.progress))
+        line = lambda i: f"sampling prompt {i + 1}/{n} at step {state.step} → {folder}"
+        show = tqdm(total=n, desc=line(0), leave=False, bar_format="{desc} [{elapsed}]", disable=not (state.run and state.run.progress))
         try:
             with state.placement.also(needs):
                 imgs = generate(comp, self.prompts, cfg.sample_sampler, cfg.seed or 0, cfg.clip_skip, state.accelerator.autocast, self.conditioning,
-                                on_prompt=lambda i: show.set_description_str(f"sampling prompt {i + 1}/{n} at step {state.step} → {folder}"))
+                                on_prompt=lambda i: show.set_description_str(line(i)))
         except Exception as e:
             print(f"warning: sampling at step {state.step} failed ({type(e).__name__}: {e}); training continues"); return
         finally: state.network.train(was); show.close()
