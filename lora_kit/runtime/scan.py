@@ -10,6 +10,7 @@ import os
 from typing import Optional, Sequence
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .. import buckets as B, captions as C
 from ..compat.dataset_schema import CN, FT
@@ -163,7 +164,8 @@ def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_
                 if ds.kind == CN and sub.conditioning_data_dir and not os.path.isdir(sub.conditioning_data_dir):
                     problems.append(f"{sub.conditioning_data_dir}: conditioning_data_dir not found ({where})")
                 elif ds.kind == CN: problems += mask_problems(paths, sub.conditioning_data_dir, ds.enable_bucket, where)
-            for p in paths:
+            shown = decode and len(paths) >= 200          # decoding takes seconds for a few hundred photos: say so
+            for p in tqdm(paths, desc=f"checking the images in {sub.image_dir}", leave=False, disable=not shown):
                 err = _check_image(p, decode)
                 if err:
                     problems.append(err)
