@@ -213,7 +213,7 @@ def merge(argv: list[str]) -> int:
     print(f"wrote {a.output}"); return 0
 
 # %% ../nbs/09_cli.ipynb #34df659f
-PLANNER = Path(__file__).resolve().parent.parent/"bench"/"vram_plan.py"   # in the source tree, beside the package
+PLANNER = Path(sys.modules["lora_kit"].__file__).resolve().parent.parent/"bench"/"vram_plan.py"   # in the source tree, beside the package
 
 def plan(argv: list[str]) -> int:
     "`lora-kit plan [<script>] <training flags>`: the planned device memory of each phase of that training run."
