@@ -92,3 +92,13 @@ def test_import_and_help_need_no_notebook_package():
         r = subprocess.run([sys.executable, "-c", f"import sys\n{code}\n"
                             f"print(sorted(m for m in {NOTEBOOK_ONLY!r} if m in sys.modules))"], capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.splitlines()[-1] == "[]", (code, r.stdout[-500:], r.stderr[-2000:])
+
+
+def test_plan_prints_each_phase():
+    "`lora-kit plan <training flags>`: the planned device memory, phase by phase, nothing loaded."
+    r = subprocess.run([sys.executable, "-m", "lora_kit.cli", "plan", "--pretrained_model_name_or_path", "tiny-sd1", "--resolution", "64",
+                        "--network_dim", "4"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    phases = {l.split()[0] for l in r.stdout.splitlines() if l.split()}
+    assert {"loading", "caching", "training", "sampling", "peak", "LoRA"} <= phases, r.stdout
+    assert "warn" not in r.stderr.lower(), r.stderr[-2000:]
