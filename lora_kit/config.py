@@ -406,7 +406,7 @@ def parse_resolution(v) -> tuple[int, int]:
 # %% ../nbs/00_config.ipynb #b2267a2f
 def _combination_problems(c) -> list[str]:
     out = []
-    if not c.pretrained_model_name_or_path: out.append("--pretrained_model_name_or_path is required (a diffusers folder, a .safetensors/.ckpt file, a cached hub id, or tiny-sd1 for the built-in demo model)")
+    if not c.pretrained_model_name_or_path: out.append("--pretrained_model_name_or_path is required (a diffusers folder, a .safetensors/.ckpt file, a cached hub id, or toy-sd1 for the built-in demo model)")
     if not c.network_module: out.append("--network_module is required: use networks.lora")
     if c.network_module and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", c.network_module):
         out.append(f"--network_module {c.network_module!r} is not a module name; use one of {', '.join(NETWORK_MODULES)} (or another installed module with create_network)")

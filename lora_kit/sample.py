@@ -4,13 +4,14 @@
 
 # %% ../nbs/07_sample.ipynb #7dd833ec
 from __future__ import annotations
-import json, re, sys, tomllib
+import json, re, sys, time, tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 import diffusers
 from diffusers.image_processor import VaeImageProcessor
 
@@ -100,14 +101,15 @@ def decode_latents(vae, latents: torch.Tensor):
 
 # %% ../nbs/07_sample.ipynb #8a75e4b3
 def generate(comp, prompts: list[SamplePrompt], sampler: str = "ddim", default_seed: int = 0, clip_skip: int|None = None,
-             autocast=nullcontext, conditioning: list[dict]|None = None) -> list:
-    "PIL images for `prompts` with the model as it is now (LoRA applied), under `autocast`; `conditioning`: cached embeddings."
+             autocast=nullcontext, conditioning: list[dict]|None = None, on_prompt=None) -> list:
+    "PIL images for `prompts` with the model as it is now (LoRA applied), under `autocast`; `conditioning`: cached embeddings; `on_prompt(i)` before each."
     pipe = comp.family.pipeline(comp)
     if comp.family.sample_sampler: pipe.scheduler = sample_scheduler(sampler, comp.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     device = comp.denoiser.device
     out = []
     for i, p in enumerate(prompts):
+        if on_prompt: on_prompt(i)
         cond = conditioning[i] if conditioning else prompt_conditioning(comp, pipe, p, clip_skip, autocast)
         g = torch.Generator(device="cpu").manual_seed(p.seed if p.seed is not None else default_seed + i)
         with torch.no_grad(), autocast():
@@ -131,6 +133,7 @@ class SampleCallback(Callback):
         self.conditioning: list[dict]|None = None      # the prompts' embeddings, when the text encoders do not train
         self.images: list[tuple[int, Path]] = []      # (step, path) of every image written
         self.failed: list[int] = []                    # steps whose sampling failed
+        self.seconds: float|None = None                # how long the last sampling took
 
     @property
     def uses_models(self) -> set[str]:
@@ -155,23 +158,38 @@ class SampleCallback(Callback):
         if not self.prompts or not state.accelerator.is_main_process: return
         comp, cfg = state.comp, state.cfg
         needs = {"vae"} | (set() if self.conditioning else text_encoder_names(comp))
-        was = state.network.training
+        was, folder, t0, n = state.network.training, Path(cfg.output_dir)/"sample", time.time(), len(self.prompts)
         state.network.eval()
+        line = lambda i: f"sampling prompt {i + 1}/{n} at step {state.step} → {folder}"
+        show = tqdm(total=n, desc=line(0), leave=False, bar_format="{desc} [{elapsed}]", disable=not (state.run and state.run.progress))
         try:
             with state.placement.also(needs):
-                imgs = generate(comp, self.prompts, cfg.sample_sampler, cfg.seed or 0, cfg.clip_skip, state.accelerator.autocast, self.conditioning)
+                imgs = generate(comp, self.prompts, cfg.sample_sampler, cfg.seed or 0, cfg.clip_skip, state.accelerator.autocast, self.conditioning,
+                                on_prompt=lambda i: show.set_description_str(line(i)))
         except Exception as e:
             self.failed.append(state.step)
             print(f"error: sampling at step {state.step} failed ({type(e).__name__}: {e}): no sample images for this point; "
                   "training goes on and saves the LoRA as usual", file=sys.stderr)
             return
-        finally: state.network.train(was)
-        folder = Path(cfg.output_dir)/"sample"
+        finally: state.network.train(was); show.close()
         ts = datetime.now().strftime("%Y%m%d%H%M%S")
         for i, img in enumerate(imgs):
             path = folder/sample_filename(cfg.output_name, tag, i, ts, self.prompts[i].seed)
             with atomic_path(path) as tmp: img.save(tmp, format="PNG")
             self.images.append((state.step, path))
+        self.seconds = time.time() - t0
+        if state.run and state.run.progress:
+            tqdm.write(f"sampled {n} prompt{'s' * (n > 1)} at step {state.step} in {self.seconds:.1f} s → {folder}", file=sys.stderr)
+        if state.run and state.run.bar is not None and hasattr(state.run.bar, "pause"): state.run.bar.pause(self.seconds)
+
+    def seconds_to_come(self, state: TrainState) -> float:
+        "The time the samplings still ahead will take, at the last one's time (0 before the first)."
+        if not self.prompts or self.seconds is None: return 0.0
+        cfg = state.cfg
+        if n := cfg.sample_every_n_epochs: events = sum(e % n == 0 for e in range(max(state.epoch, 1), state.num_epochs + 1))
+        elif n := cfg.sample_every_n_steps: events = max(0, (state.max_steps - 1) // n - state.step // n)
+        else: events = 0
+        return (events + 1) * self.seconds            # and the sampling at the end of training
 
     def on_train_start(self, state):
         if state.accelerator.is_main_process: self.encode_prompts(state)
