@@ -283,3 +283,27 @@ def test_lycoris_lokr_on_sd35_trains_with_sd_scripts_names(tmp_path):
                  "t_embedder_mlp_0", "x_embedder_proj"):
         assert f"lora_unet_{name}.lokr_w1" in keys
     assert not [k for k in keys if "transformer_blocks" in k or k.startswith("lora_te")]
+
+
+def test_wildcards_with_cached_text_encoder_outputs_train_with_a_warning(tmp_path, capsys):
+    # sd-scripts' cache check (is_text_encoder_output_cacheable) ignores enable_wildcard, and its cache encodes each
+    # image's caption as written: strategy_sd3.py cache_batch_outputs `captions = [info.caption for info in infos]`
+    train = sks_folder(tmp_path)
+    raw = "a {red|blue} sks\nsks on {grass|sand}"
+    for txt in (train / "10_sks").glob("*.txt"): txt.write_text(raw + "\n\n")
+    args = ["--train_data_dir", str(train), "--network_module", "networks.lora_sd3", "--network_train_unet_only",
+            "--enable_wildcard", "--cache_text_encoder_outputs"]
+    assert train_cli(tmp_path, *args, script="sd3_train_network", model="tiny-sd3") == 0
+    out = capsys.readouterr().out
+    assert len([l for l in out.splitlines() if "enable_wildcard with --cache_text_encoder_outputs: as in sd-scripts" in l]) == 1
+    from lora_kit.families.sd3 import tiny_sd3_components
+    from lora_kit.runtime.caches import cache_text_encoder_outputs
+    datasets, _, _ = load_datasets(make_config(["--pretrained_model_name_or_path", "tiny-sd3", "--resolution", "64", "--caption_extension", ".txt", *args]))
+    comp = tiny_sd3_components("tiny-sd3")
+    ds = datasets[0]
+    cache_text_encoder_outputs(ds, lambda caps: comp.family.encode_text(comp, caps), progress=False)
+    assert set(ds.text_cond) == {raw}
+    with torch.no_grad(): expected = comp.family.encode_text(comp, [raw])
+    item = ds[(0, 1, 0)]
+    assert "{" not in item["caption"]                         # the step's caption still picks (for a trained CLIP)
+    for k, v in expected.items(): assert torch.allclose(item["text_cond"][k], v[0])
