@@ -155,6 +155,12 @@ class TrainDataset(torch.utils.data.Dataset):
         return C.process_caption(self.plan.images.items[i].caption, self.subset(i), rng, epoch=epoch, step=self.step.value,
                                  max_train_steps=self.max_train_steps)
 
+    def cache_caption(self, i: int) -> str:
+        "The caption whose text-encoder outputs `--cache_text_encoder_outputs` keeps for item i (`captions.cached_caption` with wildcards)."
+        sub = self.subset(i)
+        if sub.enable_wildcard: return C.cached_caption(self.plan.images.items[i].caption, sub)
+        return self.caption(i, random.Random(0), 1)
+
     def __getitem__(self, key) -> dict:
         "`key` is an item index or (index, epoch, slot) as the sampler yields it."
         i, epoch, slot = key if isinstance(key, tuple) else (key, 0, key)
@@ -172,7 +178,7 @@ class TrainDataset(torch.utils.data.Dataset):
             out["alpha_mask"] = torch.from_numpy((self.image(i, None, flipped) if img is None else img)[:, :, 3].copy()).float() / 255
         elif sub.conditioning_data_dir: out["alpha_mask"] = conditioning_mask(self, i, flipped)
         out["caption"] = self.caption(i, rng, epoch)
-        if self.text_cond: out["text_cond"] = self.text_cond[out["caption"]]
+        if self.text_cond: out["text_cond"] = self.text_cond[self.cache_caption(i) if sub.enable_wildcard else out["caption"]]
         return out
 
     def bucket_counts(self) -> dict:
@@ -267,9 +273,12 @@ def option_problems(cfg: TrainConfig, specs: list) -> list[str]:
                         "(the augmentation would be frozen in the cache); turn one of them off")
     if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
         flag = "--cache_text_encoder_outputs" + ("_to_disk" if cfg.cache_text_encoder_outputs_to_disk else "")
-        if not all(text_cacheable(s) for s in subs):
+        if not all(text_cacheable(s) or s.enable_wildcard and text_cacheable(dataclasses.replace(s, enable_wildcard=False)) for s in subs):
             problems.append(f"{flag} cannot be used when captions change per step (shuffle_caption, "
-                            "caption_dropout_rate, caption_dropout_every_n_epochs, caption_tag_dropout_rate, token_warmup_step, enable_wildcard)")
+                            "caption_dropout_rate, caption_dropout_every_n_epochs, caption_tag_dropout_rate, token_warmup_step)")
+        if any(s.enable_wildcard for s in subs):
+            problems.append(f"warning: enable_wildcard with {flag}: as in sd-scripts, the cache encodes each caption as written (every "
+                            "line, {{a|b}} not resolved), so no wildcard is picked during the run; train without the cache to pick them per step")
     return problems
 
 # %% ../nbs/01_data.ipynb #f7b4e1ac

@@ -55,6 +55,7 @@ class Family:
     network_args = None            # its LoRA's `--network_args` table (None: `lora.NETWORK_ARGS`)
     network_modules: tuple = ()    # `--network_module` names of its own LoRA flavour (they take `network_args`)
     only_own_networks = False      # refuse the generic network modules (networks.lora_fa, dylora, oft, LyCORIS)
+    external_networks = False      # with only_own_networks: still take importable modules (LyCORIS), through network_models
     sample_sampler = True          # `--sample_sampler` chooses the sampling scheduler
     default_resolution = 512       # `modelspec.resolution` without `--resolution`
     latents_suffix = "_sd"         # latent cache files `<stem>_WxH<suffix>.npz`, as sd-scripts names them
@@ -85,6 +86,9 @@ class Family:
     # the LoRA and memory
     def lora_targets(self, comp: Components, train_unet: bool = True, train_text_encoder: bool = True, conv: bool = False,
                      network_args: dict|None = None) -> list: raise NotImplementedError
+    def network_models(self, comp: Components) -> tuple:
+        "(text encoder or list of them, denoiser) as sd-scripts passes them to another module's `create_network` (same module paths)."
+        return comp.text_encoders[0], comp.denoiser
     def swap_blocks(self, comp: Components) -> list[nn.ModuleList]: return []
 
     # sampling and saving

@@ -266,3 +266,44 @@ def test_configs_both_refuse_have_a_cause_and_a_fix(tmp_path):
                                 "(sd-scripts stops too, in create_network); use algo=lora, locon, loha or lokr with lycoris.kohya"]
     with pytest.raises(ConfigError, match="ZeroDivisionError .*leave it out to save only at the end"):
         make_config([*base, "--network_module", "networks.lora", "--save_every_n_epochs", "0"])
+
+
+def test_lycoris_lokr_on_sd35_trains_with_sd_scripts_names(tmp_path):
+    # The published SD3.5 LoKr command (sd3_train_network.py --network_module lycoris.kohya): LyCORIS builds on sd-scripts'
+    # MMDiT, so the file names sd-scripts' layers (joint_blocks…qkv), which ComfyUI and Forge load
+    assert train_cli(tmp_path, "--train_data_dir", str(sks_folder(tmp_path)), "--network_module", "lycoris.kohya",
+                     "--network_args", "algo=lokr", "preset=full", "factor=8", "--network_dim", "10000", "--network_alpha", "1",
+                     "--network_train_unet_only", "--learning_rate", "1e-3", script="sd3_train_network", model="tiny-sd35m") == 0
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "out" / "last.safetensors"), "pt") as f:
+        keys, md = set(f.keys()), f.metadata()
+        w2 = f.get_tensor("lora_unet_joint_blocks_0_x_block_attn_qkv.lokr_w2")
+    assert md["ss_network_module"] == "lycoris.kohya" and w2.abs().sum() > 0          # trained (LoKr starts with w2 = 0)
+    for name in ("joint_blocks_0_x_block_attn_qkv", "joint_blocks_0_x_block_attn2_qkv", "joint_blocks_1_context_block_adaLN_modulation_1",
+                 "t_embedder_mlp_0", "x_embedder_proj"):
+        assert f"lora_unet_{name}.lokr_w1" in keys
+    assert not [k for k in keys if "transformer_blocks" in k or k.startswith("lora_te")]
+
+
+def test_wildcards_with_cached_text_encoder_outputs_train_with_a_warning(tmp_path, capsys):
+    # sd-scripts' cache check (is_text_encoder_output_cacheable) ignores enable_wildcard, and its cache encodes each
+    # image's caption as written: strategy_sd3.py cache_batch_outputs `captions = [info.caption for info in infos]`
+    train = sks_folder(tmp_path)
+    raw = "a {red|blue} sks\nsks on {grass|sand}"
+    for txt in (train / "10_sks").glob("*.txt"): txt.write_text(raw + "\n\n")
+    args = ["--train_data_dir", str(train), "--network_module", "networks.lora_sd3", "--network_train_unet_only",
+            "--enable_wildcard", "--cache_text_encoder_outputs"]
+    assert train_cli(tmp_path, *args, script="sd3_train_network", model="tiny-sd3") == 0
+    out = capsys.readouterr().out
+    assert len([l for l in out.splitlines() if "enable_wildcard with --cache_text_encoder_outputs: as in sd-scripts" in l]) == 1
+    from lora_kit.families.sd3 import tiny_sd3_components
+    from lora_kit.runtime.caches import cache_text_encoder_outputs
+    datasets, _, _ = load_datasets(make_config(["--pretrained_model_name_or_path", "tiny-sd3", "--resolution", "64", "--caption_extension", ".txt", *args]))
+    comp = tiny_sd3_components("tiny-sd3")
+    ds = datasets[0]
+    cache_text_encoder_outputs(ds, lambda caps: comp.family.encode_text(comp, caps), progress=False)
+    assert set(ds.text_cond) == {raw}
+    with torch.no_grad(): expected = comp.family.encode_text(comp, [raw])
+    item = ds[(0, 1, 0)]
+    assert "{" not in item["caption"]                         # the step's caption still picks (for a trained CLIP)
+    for k, v in expected.items(): assert torch.allclose(item["text_cond"][k], v[0])

@@ -26,7 +26,7 @@ from ..checkpoint import cast_floating, load_state_dict, take_weights
 from ..family import Components, Family, image_moments
 from ..runtime.weights import FP8, assign_weights, fp8_weight_names, weight_dtype
 from ..runtime.caches import TextDiskCache, weights_fingerprint
-from ..compat.sd3_formats import SAI_PREFIXES, SD3_NETWORK_ARGS, TE_PREFIXES, sd3_lora_targets
+from ..compat.sd3_formats import SAI_PREFIXES, SD3_NETWORK_ARGS, TE_PREFIXES, mmdit_view, sd3_lora_targets
 
 # %% auto #0
 __all__ = ['VAE_SCALE_FACTOR', 'VAE_SHIFT_FACTOR', 'TINY_CLIP_L', 'TINY_CLIP_G', 'TINY_T5', 'TINY_MMDIT', 'TINY_VAE', 'TINY_SD3',
@@ -175,6 +175,7 @@ class SD3Family(Family):
     network_args = SD3_NETWORK_ARGS
     network_modules = ("networks.lora_sd3",)   # and networks.lora, which means the same for SD3
     only_own_networks = True
+    external_networks = True       # LyCORIS & co. get sd-scripts' MMDiT (`network_models`)
     sample_sampler = False         # SD3 always samples with its flow-matching Euler scheduler
     default_resolution = 1024
     cache_only_encoders = (2,)     # T5-XXL: with a partial cache (CLIP trained) its outputs come from the cache
@@ -241,6 +242,10 @@ class SD3Family(Family):
         if self.scaled_pos_embed or self.pos_emb_random_crop_rate:
             if self.model_type != "5-medium": print(f"note: sd-scripts made --enable_scaled_pos_embed/--pos_emb_random_crop_rate for SD3.5 Medium; this is a {self.model_type} model")
             use_resolution_pos_embed(comp.denoiser, resolutions if self.scaled_pos_embed else (), self.pos_emb_random_crop_rate)
+
+    def network_models(self, comp: Components) -> tuple:
+        "What sd3_train_network.py hands another `--network_module`: `[CLIP-L, CLIP-G, T5]` and its MMDiT (`mmdit_view`)."
+        return list(comp.text_encoders), mmdit_view(comp.denoiser)
 
     def swap_blocks(self, comp: Components) -> list:
         "`--blocks_to_swap`: the MMDiT's joint blocks."

@@ -143,7 +143,7 @@ def cache_text_encoder_outputs(ds: TrainDataset, encode: Callable[[list], dict],
                                part: tuple[int, int] = (0, 1)) -> int:
     "Encode each distinct caption of `ds` once (`part` as in `cache_latents`); `encode(captions)` returns a dict of batch-first tensors."
     from tqdm.auto import tqdm
-    captions = sorted({ds.caption(i, random.Random(0), 1) for i in range(len(ds))})
+    captions = sorted({ds.cache_caption(i) for i in range(len(ds))})
     chunks = part_of(batched(captions, batch_size), part)
     for chunk in tqdm(chunks, desc="caching text encoder outputs", disable=not progress):
         cond = encode(chunk)
@@ -188,7 +188,7 @@ def cache_text_encoder_outputs_to_disk(ds: TrainDataset, disk: TextDiskCache, ba
     from tqdm.auto import tqdm
     todo: dict = {}                      # caption -> files to write
     for i, item in enumerate(ds.plan.images.items):
-        cap, path = ds.caption(i, random.Random(0), 1), os.path.splitext(item.path)[0] + disk.suffix
+        cap, path = ds.cache_caption(i), os.path.splitext(item.path)[0] + disk.suffix
         z = _read_npz(path)
         if all(k in z for k in disk.keys) and (skip_check or z.get("lora_kit_key") == text_cache_key(cap, disk.te_id, disk.settings)):
             ds.text_cond.setdefault(cap, disk.to_cond(z))
