@@ -16,7 +16,7 @@ from .sd3_formats import block_selected, parse_blocks
 
 # %% auto #0
 __all__ = ['FLUX_TYPE_DIMS', 'FLUX_NETWORK_ARGS', 'IN_FILTERS', 'flux_layers', 'kohya_name', 'flux_lora_table', 'parse_in_dims',
-           'parse_train_blocks', 'parse_reg_dims', 'lora_flux_dim', 'flux_lora_targets', 'kohya_pieces',
+           'parse_train_blocks', 'parse_reg_dims', 'lora_flux_dim', 'te_linears', 'flux_lora_targets', 'kohya_pieces',
            'kohya_to_diffusers', 'apply_kohya_lora', 'save_diffusers_lora', 'convert_lora_command', 'flux_depths',
            'bfl_to_diffusers', 'diffusers_to_bfl']
 
@@ -118,15 +118,26 @@ def lora_flux_dim(name: str, args: dict) -> int|None:
     if dim != 0 and sel is not None and not block_selected(sel, int(name.split("_")[4])): return 0
     return dim
 
-# %% ../../nbs/compat/flux_formats.ipynb #7869dad0
+# %% ../../nbs/compat/flux_formats.ipynb #28342f11
+_TE_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP", "T5Attention", "T5DenseGatedActDense")
+
+def te_linears(te: nn.Module, prefix: str) -> dict:
+    """{kohya name: module path in `te`} of the text-encoder Linears sd-scripts targets. CLIP-L is named as transformers 4
+    names it (`text_model.encoder.…`, the names in every kohya file), whatever this transformers calls it."""
+    root = "" if hasattr(te, "text_model") or not type(te).__name__.startswith("CLIP") else "text_model."
+    return {kohya_name(root + f"{name}.{child}", prefix): f"{name}.{child}" for name, mod in te.named_modules()
+            if type(mod).__name__ in _TE_CLASSES for child, layer in mod.named_modules() if isinstance(layer, nn.Linear)}
+
+def _reg_dim(name: str, args: dict) -> int|None:
+    return next((d for reg, d in (args.get("network_reg_dims") or {}).items() if re.search(reg, name)), None)
+
 def flux_lora_targets(comp: Components, train_unet: bool = True, train_text_encoder: bool = True, args: dict|None = None) -> list[MappedTargets]:
     "The `MappedTargets` of CLIP-L (`lora_te1`), T5-XXL (`lora_te3`) and the DiT, with sd-scripts' default ranks for this `args`."
     args, out = args or {}, []
-    te_classes = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP", "T5Attention", "T5DenseGatedActDense")
     for prefix, te, on in (("lora_te1", comp.text_encoders[0], True), ("lora_te3", comp.text_encoders[1], args.get("train_t5xxl", False))):
-        parts = {kohya_name(f"{name}.{child}", prefix): [(layer, None)] for name, mod in te.named_modules()
-                 if type(mod).__name__ in te_classes for child, layer in mod.named_modules() if isinstance(layer, nn.Linear)}
-        out.append(MappedTargets(prefix, parts, {n: (None, None) for n in parts} if train_text_encoder and on else {}))
+        parts = {n: [(te.get_submodule(p), None)] for n, p in te_linears(te, prefix).items()}
+        dims = {n: (_reg_dim(n, args), None) for n in parts} if train_text_encoder and on else {}
+        out.append(MappedTargets(prefix, parts, {n: d for n, d in dims.items() if d[0] != 0}))
     tr, cfg = comp.denoiser, comp.denoiser.config
     parts, dims, split = {}, {}, set()
     for name, paths, kind in flux_lora_table(cfg.num_layers, cfg.num_single_layers, cfg.guidance_embeds):
@@ -151,9 +162,8 @@ def kohya_pieces(state: dict, comp_or_pipe) -> list[tuple[str, str, torch.Tensor
     tr = getattr(comp_or_pipe, "denoiser", None) or comp_or_pipe.transformer
     c = tr.config
     table = {n: (paths, kind) for n, paths, kind in flux_lora_table(c.num_layers, c.num_single_layers, c.guidance_embeds)}
-    te_paths = {kohya_name(path, prefix): (comp_name, path)
-                for prefix, comp_name, te in zip(("lora_te1", "lora_te3"), ("text_encoder", "text_encoder_2"), _flux_text_encoders(comp_or_pipe))
-                if te is not None for path, m in te.named_modules() if isinstance(m, nn.Linear)}
+    te_paths = {n: (comp_name, p) for prefix, comp_name, te in zip(("lora_te1", "lora_te3"), ("text_encoder", "text_encoder_2"), _flux_text_encoders(comp_or_pipe))
+                if te is not None for n, p in te_linears(te, prefix).items()}
     out = []
     for name in sorted({k.split(".")[0] for k in state}):
         down, up = state[f"{name}.lora_down.weight"].float(), state[f"{name}.lora_up.weight"].float()

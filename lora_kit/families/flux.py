@@ -291,8 +291,9 @@ def clip_l_from(sd: dict, source: str, dtype: torch.dtype = torch.float32) -> CL
     for cand in (CLIP_L_TEXT, TINY_CLIP_L):
         with torch.device("meta"): model = clip_l_encoder(cand)
         own = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-        if all(k in sd and sd[k].shape == v.shape for k, v in own.items()):
-            return assign_weights(model, {k: cast_floating(sd[k], dtype) for k in own})
+        src = sd if any(k.startswith("text_model.") for k in own) else _strip(sd, "text_model.")   # transformers 5 drops the prefix files have
+        if all(k in src and src[k].shape == v.shape for k, v in own.items()):
+            return assign_weights(model, {k: cast_floating(src[k], dtype) for k in own})
     raise ValueError(f"{source}: not a CLIP-L text encoder (transformers' CLIPTextModel keys text_model.*)")
 
 def t5_from(sd: dict, source: str, dtype: torch.dtype = torch.float32, keep_fp8: bool = False) -> T5EncoderModel:
@@ -355,7 +356,8 @@ def save_flux_files(folder: str|Path, comp: Components) -> dict:
     from lora_kit.lora import atomic_path
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     parts = {"dit": diffusers_to_bfl(comp.denoiser), "ae": vae_to_ldm(comp.vae.state_dict()),
-             "clip_l": {k: v for k, v in comp.text_encoders[0].state_dict().items() if not k.endswith("position_ids")},
+             "clip_l": {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in comp.text_encoders[0].state_dict().items()
+                        if not k.endswith("position_ids")},
              "t5xxl": {k: v for k, v in comp.text_encoders[1].state_dict().items() if k != "encoder.embed_tokens.weight"}}
     out = {}
     for k, sd in parts.items():
