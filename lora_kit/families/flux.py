@@ -365,7 +365,7 @@ def save_flux_files(folder: str|Path, comp: Components) -> dict:
         out[k] = folder/f"{k}.safetensors"
     return out
 
-# %% ../../nbs/families/flux.ipynb #672b34ac
+# %% ../../nbs/families/flux.ipynb #76ac947c
 FLUX_FILES = {"ae": "the AE (ae.safetensors)", "clip_l": "the CLIP-L text encoder (clip_l.safetensors)", "t5xxl": "the T5-XXL text encoder (t5xxl_fp16.safetensors)"}
 _IGNORED = [n for n in DDPM_ONLY if not n.startswith("ip_noise_gamma")]
 
@@ -406,6 +406,8 @@ def check_flux(cfg: TrainConfig) -> list[str]:
     if cfg.model_prediction_type not in MODEL_PREDICTION_TYPES: out.append(f"--model_prediction_type must be one of {', '.join(MODEL_PREDICTION_TYPES)}")
     if cfg.weighting_scheme not in WEIGHTING_SCHEMES: out.append(f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}")
     if cfg.discrete_flow_shift <= 0: out.append("--discrete_flow_shift must be positive")
+    if cfg.sample_prompts: out.append("--sample_prompts: lora_kit does not sample FLUX.1 during training yet; remove it and sample the "
+                                      "saved LoRA with diffusers' FluxPipeline (lora-kit convert_flux_lora writes its diffusers copy)")
     caching = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
     if caching and not cfg.network_train_unet_only and _trains_t5(cfg):
         out.append("--network_args train_t5xxl=True with --cache_text_encoder_outputs: a trained T5 cannot be cached (sd-scripts "
