@@ -350,6 +350,9 @@ class FluxFlowObjective:
 
     def __init__(self, cfg):
         self.opts = FluxOptions.from_config(cfg)
+        if self.opts.model_prediction_type == "sigma_scaled" and not self.sd_scripts_target:
+            print("note: --model_prediction_type sigma_scaled (sd-scripts' default) estimates the clean latents; lora_kit compares it "
+                  "with them, sd-scripts with noise - latents (see loss.flux_target). sd-scripts' FLUX guide uses raw")
 
     def __call__(self, predict, latents: torch.Tensor, generator=None, mask: torch.Tensor|None = None) -> torch.Tensor:
         return flux_flow_loss(predict, latents, self.opts, generator, mask, self.sd_scripts_target)
