@@ -149,7 +149,8 @@ class FluxFamily(Family):
 
     @property
     def t5_len(self) -> int:
-        "T5's token count: `--t5xxl_max_token_length`, else 256 (schnell) / 512 (dev)."
+        """T5's token count: `--t5xxl_max_token_length`, else 256 (schnell) / 512 (dev). The option table shares SD3's default
+        256, so 256 also means "not given": a dev model asked for 256 gets 512; every other length is taken as given."""
         n = self.t5xxl_max_token_length
         return n if n not in (None, 256) else 256 if self.variant == "schnell" else 512
 
@@ -408,6 +409,9 @@ def check_flux(cfg: TrainConfig) -> list[str]:
     if cfg.discrete_flow_shift <= 0: out.append("--discrete_flow_shift must be positive")
     if cfg.sample_prompts: out.append("--sample_prompts: lora_kit does not sample FLUX.1 during training yet; remove it and sample the "
                                       "saved LoRA with diffusers' FluxPipeline (lora-kit convert_flux_lora writes its diffusers copy)")
+    if len(set(cfg.text_encoder_lr or [])) > 1:
+        out.append(f"--text_encoder_lr {' '.join(map(str, cfg.text_encoder_lr))}: lora_kit trains CLIP-L and T5 with one learning rate "
+                   "(sd-scripts: one each); give one value")
     caching = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
     if caching and not cfg.network_train_unet_only and _trains_t5(cfg):
         out.append("--network_args train_t5xxl=True with --cache_text_encoder_outputs: a trained T5 cannot be cached (sd-scripts "
