@@ -110,3 +110,28 @@ def test_refuses_what_sd_scripts_ignores(tmp_path):
                         "--network_module", "networks.lora_flux",
                         "--min_snr_gamma", "5"], capture_output=True, text=True)
     assert r.returncode != 0 and "--noise_offset" in r.stderr + r.stdout and "--min_snr_gamma" in r.stderr + r.stdout
+
+
+def test_full_size_lora_read_by_diffusers_as_lora_kit_maps_it():
+    "A FLUX.1-dev-sized kohya LoRA (rank 2, all 304 modules): diffusers' own kohya reader consumes every key, and each of its"
+    "494 diffusers layers gets the update lora_kit's mapping gives (B·A, alpha folded in)."
+    from types import SimpleNamespace
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from lora_kit.compat.flux_formats import flux_lora_table, kohya_pieces, lora_flux_dim
+    with torch.device("meta"): tr = FluxTransformer2DModel(guidance_embeds=True)
+    g, sd = torch.Generator().manual_seed(0), {}
+    for name, paths, _ in flux_lora_table(19, 38, True):
+        if lora_flux_dim(name, {}) == 0: continue
+        layers = [tr.get_submodule(p) for p in paths]
+        sd[f"{name}.lora_down.weight"] = torch.randn(2, layers[0].in_features, generator=g)
+        sd[f"{name}.lora_up.weight"] = torch.randn(sum(m.out_features for m in layers), 2, generator=g)
+        sd[f"{name}.alpha"] = torch.tensor(1.0)
+    assert len(sd) == 3 * 304
+    theirs = FluxPipeline.lora_state_dict(dict(sd))
+    theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+    ours = {p: (A, B) for _, p, A, B in kohya_pieces(sd, SimpleNamespace(transformer=tr, text_encoder=None, text_encoder_2=None))}
+    assert len(ours) == 494 and len(theirs) == 2 * 494
+    for p, (A, B) in ours.items():
+        if not p.startswith(("transformer_blocks.0.", "single_transformer_blocks.37.")): continue   # products are slow on 2 cores
+        a, b = theirs[f"transformer.{p}.lora_A.weight"].float(), theirs[f"transformer.{p}.lora_B.weight"].float()
+        torch.testing.assert_close(b @ a, B @ A, rtol=1e-4, atol=1e-4)
