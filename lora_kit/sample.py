@@ -32,10 +32,11 @@ class SamplePrompt:
     sample_steps: int = 30
     scale: float = 7.5
     seed: int|None = None
+    guidance: float|None = None     # `--g`: FLUX.1-dev's embedded guidance (None: the family's)
 
 # %% ../nbs/07_sample.ipynb #2170a9ab
 _OPTS = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "s": ("sample_steps", int),
-         "l": ("scale", float), "d": ("seed", int)}
+         "l": ("scale", float), "d": ("seed", int), "g": ("guidance", float)}
 
 # %% ../nbs/07_sample.ipynb #287d2203
 def parse_prompt_line(line: str, width: int = 512, height: int = 512) -> SamplePrompt:
@@ -86,6 +87,8 @@ _EMBED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds
 
 def prompt_conditioning(comp, pipe, p: SamplePrompt, clip_skip: int|None = None, autocast=nullcontext) -> dict:
     "The pipeline's embeddings for `p` (keyword arguments of its call), computed by its text encoders, kept on the CPU."
+    own = getattr(comp.family, "prompt_conditioning", None)     # a family whose pipeline encodes prompts its own way (FLUX)
+    if own is not None: return own(comp, pipe, p, clip_skip, autocast)
     more = comp.family.prompt_arguments(pipe)      # e.g. the second and third text encoders' prompts
     with torch.no_grad(), autocast():
         out = pipe.encode_prompt(prompt=p.prompt, **more, negative_prompt=p.negative_prompt or None, device=pipe.text_encoder.device,
@@ -114,8 +117,10 @@ def generate(comp, prompts: list[SamplePrompt], sampler: str = "ddim", default_s
         cond = conditioning[i] if conditioning else prompt_conditioning(comp, pipe, p, clip_skip, autocast)
         g = torch.Generator(device="cpu").manual_seed(p.seed if p.seed is not None else default_seed + i)
         with torch.no_grad(), autocast():
-            latents = pipe(**{k: v.to(device) for k, v in cond.items()}, width=p.width, height=p.height, num_inference_steps=p.sample_steps,
-                           guidance_scale=p.scale, generator=g, output_type="latent").images
+            own = getattr(comp.family, "pipeline_latents", None)
+            if own is not None: latents = own(pipe, {k: v.to(device) for k, v in cond.items()}, p, g)   # FLUX: packed, own guidance
+            else: latents = pipe(**{k: v.to(device) for k, v in cond.items()}, width=p.width, height=p.height, num_inference_steps=p.sample_steps,
+                                 guidance_scale=p.scale, generator=g, output_type="latent").images
         out.append(decode_latents(comp.vae, latents))
     return out
 
