@@ -90,9 +90,12 @@ def test_diffusers_copy_loads_with_same_output(trained):
 
 
 def test_builtin_schnell_single_blocks_split_qkv(tmp_path):
-    "`--pretrained_model_name_or_path tiny-flux-schnell`, network_args as lora_flux reads them: single blocks only, split q/k/v/mlp."
+    "`--pretrained_model_name_or_path tiny-flux-schnell`, network_args as lora_flux reads them: single blocks only, split q/k/v/mlp; samples."
+    from PIL import Image
     from lora_kit.lora import load_lora
-    run_cli("flux_train_network", "--pretrained_model_name_or_path", "tiny-flux-schnell", "--dataset_config", str(dataset(tmp_path)),
+    (tmp_path / "prompts.txt").write_text("a red cube --w 64 --h 72 --s 2 --d 3\nsks --n blurry --l 2.5 --w 64 --h 64 --s 2\n")
+    run_cli("flux_train_network", "--pretrained_model_name_or_path", "tiny-flux-schnell", "--sample_prompts", str(tmp_path / "prompts.txt"),
+            "--sample_every_n_steps", "2", "--dataset_config", str(dataset(tmp_path)),
             "--output_dir", str(tmp_path / "out"), "--output_name", "s", "--network_module", "networks.lora_flux", "--network_dim", "4",
             "--network_args", "train_blocks=single", "split_qkv=True", "--network_train_unet_only", "--max_train_steps", "2",
             "--learning_rate", "1e-3", "--timestep_sampling", "sigmoid", "--sigmoid_scale", "1.5", "--apply_t5_attn_mask")
@@ -102,6 +105,8 @@ def test_builtin_schnell_single_blocks_split_qkv(tmp_path):
     up = state["lora_unet_single_blocks_0_linear1.lora_up.weight"]
     assert up.shape == (3 * 32 + 128, 4 * 4) and up[:32, 4:].abs().sum() == 0     # block-diagonal: q, k, v, mlp parts
     assert md["modelspec.architecture"] == "flux-1-schnell/lora" and md["ss_apply_t5_attn_mask"] == "True"
+    samples = sorted((tmp_path / "out" / "sample").glob("s_000002_*.png"))      # through FluxPipeline, sizes floored to 16
+    assert len(samples) == 2 and all(Image.open(f).size == (64, 64) for f in samples)
 
 
 def test_refuses_what_sd_scripts_ignores(tmp_path):

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/families/flux.ipynb #b7c2a428
 from __future__ import annotations
+import contextlib
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,27 @@ class FluxFamily(Family):
         "T5 gets the same prompt as CLIP-L; its length as in training; dev's embedded guidance."
         return {"prompt_2": None, "max_sequence_length": self.t5_len, "guidance_scale": self.guidance_scale}
 
+    def prompt_conditioning(self, comp: Components, pipe: FluxPipeline, p, clip_skip: int|None = None, autocast=contextlib.nullcontext) -> dict:
+        """`--sample_prompts`: FluxPipeline's embeddings of prompt `p` (T5 as long as in training), kept on the CPU; the negative
+        prompt's too when `--n` is given with `--l` > 1 (true CFG)."""
+        enc = lambda text: pipe.encode_prompt(prompt=text, prompt_2=None, device=pipe.text_encoder.device, max_sequence_length=self.t5_len)
+        with torch.no_grad(), autocast():
+            pe, pooled, _ = enc(p.prompt)
+            out = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
+            if p.negative_prompt and p.scale > 1:
+                ne, npooled, _ = enc(p.negative_prompt)
+                out.update(negative_prompt_embeds=ne, negative_pooled_prompt_embeds=npooled)
+        return {k: v.cpu() for k, v in out.items()}
+
+    def pipeline_latents(self, pipe: FluxPipeline, cond: dict, p, generator) -> torch.Tensor:
+        """Unpacked final latents for prompt `p`: embedded guidance `--g` (sd-scripts' default 3.5; dev only), true CFG `--l` with a
+        negative prompt, `--s` steps, sizes floored to multiples of 16 as sd-scripts does."""
+        h, w = (max(64, x - x % 16) for x in (p.height, p.width))
+        latents = pipe(**cond, height=h, width=w, num_inference_steps=p.sample_steps, generator=generator, output_type="latent",
+                       guidance_scale=3.5 if p.guidance is None else p.guidance, true_cfg_scale=p.scale if "negative_prompt_embeds" in cond else 1.0,
+                       max_sequence_length=self.t5_len).images
+        return unpack_latents(latents, h // 16, w // 16)
+
     def metadata(self, cfg) -> dict:
         "The FLUX keys sd-scripts adds (`FluxNetworkTrainer.update_metadata`)."
         return {"ss_model_type": cfg.model_type, "ss_apply_t5_attn_mask": cfg.apply_t5_attn_mask, "ss_weighting_scheme": cfg.weighting_scheme,
@@ -407,8 +429,6 @@ def check_flux(cfg: TrainConfig) -> list[str]:
     if cfg.model_prediction_type not in MODEL_PREDICTION_TYPES: out.append(f"--model_prediction_type must be one of {', '.join(MODEL_PREDICTION_TYPES)}")
     if cfg.weighting_scheme not in WEIGHTING_SCHEMES: out.append(f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}")
     if cfg.discrete_flow_shift <= 0: out.append("--discrete_flow_shift must be positive")
-    if cfg.sample_prompts: out.append("--sample_prompts: lora_kit does not sample FLUX.1 during training yet; remove it and sample the "
-                                      "saved LoRA with diffusers' FluxPipeline (lora-kit convert_flux_lora writes its diffusers copy)")
     if len(set(cfg.text_encoder_lr or [])) > 1:
         out.append(f"--text_encoder_lr {' '.join(map(str, cfg.text_encoder_lr))}: lora_kit trains CLIP-L and T5 with one learning rate "
                    "(sd-scripts: one each); give one value")
