@@ -92,11 +92,19 @@ def parse_reg_dims(s: str) -> dict:
 
 parse_in_dims.__name__, parse_train_blocks.__name__, parse_reg_dims.__name__ = "list of 5 dims [img,time,vector,guidance,txt]", "all|single|double", "regex=dim list"
 
+def _not_implemented(what: str):
+    "A `network_args` reader that refuses every value: sd-scripts reads the key, lora_kit does not implement it yet."
+    def refuse(v: str): raise ValueError
+    refuse.__name__ = f"setting: lora_kit does not implement {what} yet; remove it"
+    return refuse
+
 FLUX_TYPE_DIMS = ("img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "img_mod_dim", "txt_mod_dim", "single_dim", "single_mod_dim")
 FLUX_NETWORK_ARGS = {**{k: int for k in FLUX_TYPE_DIMS}, "in_dims": parse_in_dims, "train_blocks": parse_train_blocks,
                      "train_double_block_indices": parse_blocks, "train_single_block_indices": parse_blocks,
                      "network_reg_dims": parse_reg_dims, "split_qkv": parse_bool, "train_t5xxl": parse_bool, "verbose": parse_bool,
-                     "conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float, **LORAPLUS_ARGS}
+                     "conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float, **LORAPLUS_ARGS,
+                     "network_reg_lrs": _not_implemented("per-module learning rates (network_reg_lrs)"),
+                     "ggpo_sigma": _not_implemented("LoRA-GGPO"), "ggpo_beta": _not_implemented("LoRA-GGPO")}
 
 # %% ../../nbs/compat/flux_formats.ipynb #0790b3c5
 _TYPE_IDS = (("img_attn",), ("txt_attn",), ("img_mlp",), ("txt_mlp",), ("img_mod",), ("txt_mod",), ("single_blocks", "linear"), ("modulation",))
