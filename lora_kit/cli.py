@@ -218,10 +218,10 @@ PLANNER = Path(sys.modules["lora_kit"].__file__).resolve().parent.parent/"bench"
 def plan(argv: list[str]) -> int:
     "`lora-kit plan [<script>] <training flags>`: the planned device memory of each phase of that training run."
     if not argv or "-h" in argv or "--help" in argv:
-        print("usage: lora-kit plan [train_network|sd3_train_network] <its flags>\n\n" + textwrap.fill(
+        print("usage: lora-kit plan [<training script>] <its flags>\n\n" + textwrap.fill(
             "The device memory the training run with these flags will need, phase by phase, computed on PyTorch's meta "
-            "device without loading a model. --pretrained_model_name_or_path takes a model or a shape name: sd15, sd21, "
-            "sd3-medium, sd35-medium, sd35-large. Example: lora-kit plan --pretrained_model_name_or_path sd15 --resolution 512 "
+            "device without loading a model. --pretrained_model_name_or_path takes a model or one of the planner's shape names "
+            "(bench/vram_plan.py), e.g. sd15. Example: lora-kit plan --pretrained_model_name_or_path sd15 --resolution 512 "
             "--mixed_precision bf16 --network_dim 16 --gradient_checkpointing --cache_latents", 100)); return 0 if argv else 2
     script = ALIASES.get(argv[0], argv[0]) if not argv[0].startswith("-") else "train_network"
     args = argv[1:] if not argv[0].startswith("-") else argv
@@ -263,11 +263,12 @@ def overview(width: int|None = None) -> str:
     "What `lora-kit --help` prints: one line per command, and where a newcomer starts."
     width = width or min(shutil.get_terminal_size((100, 24)).columns, 100)
     col = max(map(len, COMMANDS)) + 4
-    scripts = " or ".join(f"{n}.py" for n, (fn, _) in COMMANDS.items() if isinstance(fn, functools.partial))
+    names = sorted((n for n, (fn, _) in COMMANDS.items() if isinstance(fn, functools.partial)), key=lambda n: (n != "train_network", n))
+    scripts = ", ".join(f"{n}.py" for n in names[:-1]) + f" or {names[-1]}.py" if len(names) > 1 else f"{names[0]}.py"
     out = ["usage: lora-kit <command> [options]", "", textwrap.fill(
         "LoRA training for Stable Diffusion with kohya-ss sd-scripts' command lines: put `lora-kit` in front of a "
         f"{scripts} command. New here? Run `lora-kit demo`: it trains a LoRA on the "
-        "built-in toy model in minutes on a CPU and shows what it learned.", width), "", "commands:"]
+        "built-in toy model in minutes on a CPU and shows what it learned.", width, break_on_hyphens=False), "", "commands:"]
     out += [textwrap.fill(line, width, initial_indent=f"  {name:<{col - 2}}", subsequent_indent=" " * col)
             for name, (_, line) in COMMANDS.items()]
     return "\n".join(out + ["", textwrap.fill("`lora-kit <command> --help` lists a command's options; `lora-kit --version` "

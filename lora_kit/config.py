@@ -108,6 +108,10 @@ ddp_static_graph ddp_timeout
 # %% ../nbs/00_config.ipynb #98fb7c8d
 SUPPORTED |= {"torch_compile", "dynamo_backend"}
 
+# %% ../nbs/00_config.ipynb #f1a8c0de
+SUPPORTED |= set("ae guidance_scale timestep_sampling sigmoid_scale model_prediction_type discrete_flow_shift "
+                 "model_type split_mode".split())   # a family's own script options (its family checks the values)
+
 # %% ../nbs/00_config.ipynb #b9b40145
 SUPPORTED |= {"fp8_base", "fp8_base_unet"}
 

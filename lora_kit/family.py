@@ -98,9 +98,17 @@ class Family:
         "Sampling embeddings (prompt, negative, pooled, negative pooled) from the pipeline's `encode_prompt`; families that use `clip_skip` override this."
         return pipe.encode_prompt(prompt=prompt, **self.prompt_arguments(pipe), negative_prompt=negative_prompt or None,
                                   device=pipe.text_encoder.device, num_images_per_prompt=1, do_classifier_free_guidance=guidance)
+    def prompt_conditioning(self, comp: Components, pipe, p, clip_skip: int|None = None, autocast=None) -> dict|None:
+        "The pipeline-call keyword arguments of sample prompt `p`, for a family whose pipeline encodes prompts its own way (None: `encode_prompt`'s)."
+        return None
+    def pipeline_latents(self, pipe, cond: dict, p, generator) -> torch.Tensor|None:
+        "The final latents of sample prompt `p` for a family whose pipeline samples its own way (None: the pipeline's usual call)."
+        return None
     def metadata(self, cfg: TrainConfig) -> dict: return {}
     base_model_version = "?"
     modelspec_architecture = "?"
+    modelspec_implementation: str|None = None    # `modelspec.implementation` when it is not sd-scripts' default
+    modelspec_prediction_type = ""               # "": from `v_prediction`; None: not written (as sd-scripts for some families)
 
 # %% ../nbs/02_family.ipynb #7bf724d1
 @functools.cache

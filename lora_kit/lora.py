@@ -246,7 +246,7 @@ def block_dims(targets: list, args: dict, dim: int, alpha: float, conv_dim: int|
 
 # %% ../nbs/03_lora.ipynb #eceeb875
 def parse_bool(s: str) -> bool:
-    "A True/False `network_args` value (any case), such as OFT's `enable_conv` or SD3's `train_t5xxl`."
+    "A True/False `network_args` value (any case), such as OFT's `enable_conv` or a family's `train_t5xxl`."
     if s.lower() not in ("true", "false"): raise ValueError
     return s.lower() == "true"
 parse_bool.__name__ = "True/False"   # the name parse_network_args' error message gives the expected value

@@ -8,14 +8,16 @@ import torch
 import torch.nn.functional as F
 import dataclasses, math, warnings
 from dataclasses import dataclass
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from .config import OPTIONS
 
 # %% auto #0
-__all__ = ['HUBER_SCHEDULES', 'LOSS_TYPES', 'OBJECTIVES', 'DDPM_ONLY', 'WEIGHTING_SCHEMES', 'training_scheduler', 'DDPMOptions',
-           'pyramid_noise', 'sample_noise', 'perturbed', 'sample_timesteps', 'diffusion_target', 'huber_threshold',
-           'apply_mask', 'per_sample_loss', 'snr_table', 'min_snr_weight', 'snr_weighted', 'sd_loss', 'DDPMObjective',
-           'ddpm_only_problems', 'sample_u', 'shift_u', 'loss_weight', 'flow_loss', 'FlowObjective']
+__all__ = ['HUBER_SCHEDULES', 'LOSS_TYPES', 'OBJECTIVES', 'DDPM_ONLY', 'WEIGHTING_SCHEMES', 'TIMESTEP_SAMPLINGS',
+           'MODEL_PREDICTION_TYPES', 'training_scheduler', 'DDPMOptions', 'pyramid_noise', 'sample_noise', 'perturbed',
+           'sample_timesteps', 'diffusion_target', 'huber_threshold', 'apply_mask', 'per_sample_loss', 'snr_table',
+           'min_snr_weight', 'snr_weighted', 'sd_loss', 'DDPMObjective', 'ddpm_only_problems', 'sample_u', 'shift_u',
+           'loss_weight', 'flow_loss', 'FlowObjective', 'flux_shift_mu', 'FluxOptions', 'flux_sigmas',
+           'apply_prediction_type', 'flux_target', 'flux_noisy', 'flux_flow_loss', 'FluxFlowObjective']
 
 # %% ../nbs/04_loss.ipynb #5dd6db88
 def training_scheduler(v_prediction: bool = False, zero_terminal_snr: bool = False) -> DDPMScheduler:
@@ -256,3 +258,103 @@ class FlowObjective:
         return flow_loss(predict, latents, generator=generator, mask=mask, **self.kw)
 
 OBJECTIVES["flow"] = FlowObjective
+
+# %% ../nbs/04_loss.ipynb #0159b8ee
+TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
+
+def flux_shift_mu(tokens: int) -> float:
+    "μ of FLUX's resolution-dependent shift: linear in the image tokens, 0.5 at 256 and 1.15 at 4096."
+    return 0.5 + (1.15 - 0.5) / (4096 - 256) * (tokens - 256)
+
+@dataclass
+class FluxOptions:
+    "sd-scripts' FLUX timestep and prediction options (flux_train_network.py's defaults)."
+    timestep_sampling: str = "sigma"
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.0
+    model_prediction_type: str = "sigma_scaled"
+    weighting_scheme: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    ip_noise_gamma: float|None = None
+    ip_noise_gamma_random_strength: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> FluxOptions:
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+# %% ../nbs/04_loss.ipynb #3cc773f0
+def flux_sigmas(n: int, latent_hw: tuple, opts: FluxOptions = FluxOptions(), generator=None, device=None) -> tuple:
+    "(timesteps, σ) of `n` images with latents of size `latent_hw`, drawn as sd-scripts draws them for `opts.timestep_sampling`."
+    s = opts.timestep_sampling
+    if s in ("uniform", "sigmoid"):
+        sig = torch.sigmoid(opts.sigmoid_scale * torch.randn(n, generator=generator, device=device)) if s == "sigmoid" \
+            else torch.rand(n, generator=generator, device=device)
+    elif s in ("shift", "flux_shift"):
+        sig = torch.sigmoid(torch.randn(n, generator=generator, device=device) * opts.sigmoid_scale)
+        k = opts.discrete_flow_shift if s == "shift" else math.exp(flux_shift_mu((latent_hw[0] // 2) * (latent_hw[1] // 2)))
+        sig = shift_u(sig, k)
+    elif s == "sigma":
+        u = sample_u(opts.weighting_scheme, n, opts.logit_mean, opts.logit_std, opts.mode_scale, generator)   # on the CPU, as sd-scripts
+        grid = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=opts.discrete_flow_shift)
+        idx = (u * 1000).long()
+        return grid.timesteps[idx].to(device), grid.sigmas[idx].to(device)
+    else: raise ValueError(f"--timestep_sampling {s!r} must be one of {', '.join(TIMESTEP_SAMPLINGS)}")
+    return sig * 1000, sig
+
+# %% ../nbs/04_loss.ipynb #e062b99b
+def apply_prediction_type(kind: str, pred: torch.Tensor, noisy: torch.Tensor, sigmas: torch.Tensor, weighting_scheme: str = "uniform") -> tuple:
+    "(what the loss compares, weight or None) for `--model_prediction_type` (sd-scripts' `apply_model_prediction_type`)."
+    if kind == "raw": return pred, None
+    if kind == "additive": return pred + noisy, None
+    if kind == "sigma_scaled": return pred * (-sigmas) + noisy, loss_weight(weighting_scheme, sigmas)
+    raise ValueError(f"--model_prediction_type {kind!r} must be one of {', '.join(MODEL_PREDICTION_TYPES)}")
+
+# %% ../nbs/04_loss.ipynb #1228be16
+def flux_target(kind: str, latents: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor, sd_scripts_target: bool = False) -> torch.Tensor:
+    "What `--model_prediction_type` `kind` is compared with: ε − x₀ (sd-scripts, every type), else the quantity the type estimates."
+    v = noise - latents
+    if sd_scripts_target or kind == "raw": return v
+    return latents if kind == "sigma_scaled" else noisy + v
+
+# %% ../nbs/04_loss.ipynb #d960d2a2
+def flux_noisy(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, opts: FluxOptions = FluxOptions(), generator=None) -> torch.Tensor:
+    "x_t = (1 − σ)·x₀ + σ·(ε + γ·ξ); γ = `--ip_noise_gamma` (times a uniform draw with `--ip_noise_gamma_random_strength`)."
+    s = sigmas.view(-1, *[1] * (latents.dim() - 1))
+    if not opts.ip_noise_gamma: return (1.0 - s) * latents + s * noise
+    xi = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
+    gamma = torch.rand(1, generator=generator, dtype=latents.dtype, device=latents.device) * opts.ip_noise_gamma \
+        if opts.ip_noise_gamma_random_strength else opts.ip_noise_gamma
+    return (1.0 - s) * latents + s * (noise + gamma * xi)
+
+# %% ../nbs/04_loss.ipynb #104dd9e0
+def flux_flow_loss(predict, latents: torch.Tensor, opts: FluxOptions = FluxOptions(), generator=None, mask: torch.Tensor|None = None,
+                   sd_scripts_target: bool = False) -> torch.Tensor:
+    """Per-image FLUX loss on unpacked latents (B, C, H, W); `predict(noisy, timesteps)` is the model call (timesteps 0…1000).
+    Draw order as sd-scripts: noise, σ, then ξ of `--ip_noise_gamma`."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
+    timesteps, sigmas = flux_sigmas(latents.shape[0], latents.shape[-2:], opts, generator, latents.device)
+    noisy = flux_noisy(latents, noise, sigmas, opts, generator).to(latents.dtype)
+    s = sigmas.view(-1, *[1] * (latents.dim() - 1))
+    out, weight = apply_prediction_type(opts.model_prediction_type, predict(noisy, timesteps.to(latents.dtype)), noisy, s, opts.weighting_scheme)
+    loss = F.mse_loss(out.float(), flux_target(opts.model_prediction_type, latents, noise, noisy, sd_scripts_target).float(), reduction="none")
+    if weight is not None: loss = loss * weight
+    return apply_mask(loss, mask).mean(dim=list(range(1, loss.dim())))
+
+# %% ../nbs/04_loss.ipynb #a6e96e34
+class FluxFlowObjective:
+    "FLUX.1's objective from `--timestep_sampling`, `--sigmoid_scale`, `--discrete_flow_shift`, `--model_prediction_type`, `--weighting_scheme` …"
+    sd_scripts_target = False      # True: compare every prediction type with ε − x₀, as sd-scripts does
+
+    def __init__(self, cfg):
+        self.opts = FluxOptions.from_config(cfg)
+        if self.opts.model_prediction_type == "sigma_scaled" and not self.sd_scripts_target:
+            print("note: --model_prediction_type sigma_scaled (sd-scripts' default) estimates the clean latents; lora_kit compares it "
+                  "with them, sd-scripts with noise - latents (see loss.flux_target). sd-scripts' FLUX guide uses raw")
+
+    def __call__(self, predict, latents: torch.Tensor, generator=None, mask: torch.Tensor|None = None) -> torch.Tensor:
+        return flux_flow_loss(predict, latents, self.opts, generator, mask, self.sd_scripts_target)
+
+OBJECTIVES["flux_flow"] = FluxFlowObjective

@@ -33,10 +33,11 @@ class SamplePrompt:
     sample_steps: int = 30
     scale: float = 7.5
     seed: int|None = None
+    guidance: float|None = None     # `--g`: a guidance-distilled model's embedded guidance (None: the family's)
 
 # %% ../nbs/07_sample.ipynb #2170a9ab
 _OPTS = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "s": ("sample_steps", int),
-         "l": ("scale", float), "d": ("seed", int)}
+         "l": ("scale", float), "d": ("seed", int), "g": ("guidance", float)}
 
 # %% ../nbs/07_sample.ipynb #287d2203
 def parse_prompt_line(line: str, width: int = 512, height: int = 512) -> SamplePrompt:
@@ -87,6 +88,8 @@ _EMBED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds
 
 def prompt_conditioning(comp, pipe, p: SamplePrompt, clip_skip: int|None = None, autocast=nullcontext) -> dict:
     "The pipeline's embeddings for `p` (keyword arguments of its call), computed by its text encoders, kept on the CPU."
+    own = comp.family.prompt_conditioning(comp, pipe, p, clip_skip, autocast)   # a family whose pipeline encodes prompts its own way
+    if own is not None: return own
     with torch.no_grad(), autocast():
         out = comp.family.encode_prompt(comp, pipe, p.prompt, p.negative_prompt, p.scale > 1, clip_skip)
     return {name: e.cpu() for name, e in zip(_EMBED_NAMES, out) if e is not None}   # (some pipelines have no pooled embeddings)
@@ -113,8 +116,9 @@ def generate(comp, prompts: list[SamplePrompt], sampler: str = "ddim", default_s
         cond = conditioning[i] if conditioning else prompt_conditioning(comp, pipe, p, clip_skip, autocast)
         g = torch.Generator(device="cpu").manual_seed(p.seed if p.seed is not None else default_seed + i)
         with torch.no_grad(), autocast():
-            latents = pipe(**{k: v.to(device) for k, v in cond.items()}, width=p.width, height=p.height, num_inference_steps=p.sample_steps,
-                           guidance_scale=p.scale, generator=g, output_type="latent").images
+            latents = comp.family.pipeline_latents(pipe, {k: v.to(device) for k, v in cond.items()}, p, g)   # a family that samples its own way
+            if latents is None: latents = pipe(**{k: v.to(device) for k, v in cond.items()}, width=p.width, height=p.height, num_inference_steps=p.sample_steps,
+                                 guidance_scale=p.scale, generator=g, output_type="latent").images
         out.append(decode_latents(comp.vae, latents))
     return out
 
