@@ -32,7 +32,7 @@ VAE_SCALE_FACTOR = 0.13025                     # sdxl_model_util.VAE_SCALE_FACTO
 TINY_TE1 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=12, num_attention_heads=4, hidden_act="quick_gelu", pad_token_id=49407)
 TINY_TE2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, hidden_act="gelu", projection_dim=64, pad_token_id=0)
 TIME_DIM = 256                                 # sinusoids per size number (SDXL's addition_time_embed_dim)
-TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128),
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1, 2),
                  attention_head_dim=(2, 4, 4), cross_attention_dim=TINY_TE1["hidden_size"] + TINY_TE2["hidden_size"], use_linear_projection=True,
