@@ -121,14 +121,16 @@ def test_comfyui_key_map_takes_every_key(trained):
 
 
 def test_v_prediction_and_caches(tmp_path):
-    "--v_parameterization --zero_terminal_snr (v-pred SDXL, no --v2); latents cached as <stem>_WxH_sdxl.npz, text outputs as sd-scripts' _te_outputs.npz."
+    """--v_parameterization --zero_terminal_snr (v-pred SDXL, no --v2) with --weighted_captions and --max_token_length 150; latents
+    cached as <stem>_WxH_sdxl.npz, text outputs as sd-scripts' _te_outputs.npz (152 tokens)."""
     import numpy as np
     from lora_kit.config import make_config
     from lora_kit.lora import load_lora
     from lora_kit.train import train
     write_folder(tmp_path / "img" / "1_sks", n=2, seed=0)
     args = [*COMMON, "--train_data_dir", str(tmp_path / "img"), "--output_name", "v", "--max_train_steps", "2", "--network_train_unet_only",
-            "--v_parameterization", "--zero_terminal_snr", "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk"]
+            "--v_parameterization", "--zero_terminal_snr", "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk",
+            "--weighted_captions", "--max_token_length", "150"]
     train(make_config([*args, "--output_dir", str(tmp_path / "a")], script="sdxl_train_network"), progress=False)
     _, md = load_lora(tmp_path / "a" / "v.safetensors")
     assert md["modelspec.prediction_type"] == "v" and md["ss_zero_terminal_snr"] == "True"
@@ -138,7 +140,7 @@ def test_v_prediction_and_caches(tmp_path):
     te = sorted(folder.glob("*_te_outputs.npz"))
     assert [p.name for p in te] == [i.stem + "_te_outputs.npz" for i in images]
     with np.load(te[0]) as z:
-        assert z["hidden_state1"].shape == (77, 32) and z["hidden_state2"].shape == (77, 64) and z["pool2"].shape == (64,)
+        assert z["hidden_state1"].shape == (152, 32) and z["hidden_state2"].shape == (152, 64) and z["pool2"].shape == (64,)
         assert z["hidden_state1"].dtype == np.float32
     rows = list(csv.DictReader(open(tmp_path / "a" / "v_loss.csv")))
     assert len(rows) == 2 and all(np.isfinite(float(r["loss"])) for r in rows)
@@ -161,3 +163,14 @@ def test_block_weights_and_other_networks(tmp_path):
         assert set(net.loras) == tiny_names(GOLDEN["default"]), module
     oft = build_network(mk("--network_module", "networks.oft", "--network_dim", "2"), tiny_sdxl_components())
     assert "oft_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in oft.loras
+
+
+def test_changing_captions_refused_with_text_cache(tmp_path):
+    "--cache_text_encoder_outputs with captions that change per step (shuffle_caption, ...) is refused before loading, as sd-scripts asserts."
+    from lora_kit.config import make_config
+    from lora_kit.data import DatasetError, load_datasets
+    write_folder(tmp_path / "img" / "1_sks", n=2, seed=0)
+    cfg = make_config([*COMMON, "--train_data_dir", str(tmp_path / "img"), "--output_dir", str(tmp_path / "o"), "--network_train_unet_only",
+                       "--cache_text_encoder_outputs", "--shuffle_caption"], script="sdxl_train_network")
+    with pytest.raises(DatasetError, match="--cache_text_encoder_outputs cannot be used when captions change per step"):
+        load_datasets(cfg)
