@@ -12,20 +12,20 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..captions import apply_token_weights, get_input_ids, get_weighted_input_ids
-from ..config import ASSETS, TrainConfig
+from ..config import TrainConfig
 from ..family import Components, Family
 from ..lora import SDXL_BLOCKS
 from ..runtime.caches import TextDiskCache, weights_fingerprint
 from ..compat.sdxl_formats import sdxl_lora_targets
 
 # %% auto #0
-__all__ = ['VAE_SCALE_FACTOR', 'TINY_TE1', 'TINY_TE2', 'TIME_DIM', 'TINY_UNET', 'TINY_VAE', 'SCHEDULER', 'TINY_NAMES',
-           'SIZE_KEYS', 'SDXL_TE_ARRAYS', 'SDXL_NETWORK_MODULES', 'clip_config', 'tokenizers', 'training_scheduler',
-           'tiny_models', 'pool_first_eos', 'encode_sdxl', 'size_time_ids', 'size_embeddings', 'SDXLFamily',
-           'tiny_sdxl_components', 'sdxl_text_disk_cache', 'claims_sdxl', 'check_sdxl', 'load_sdxl']
+__all__ = ['VAE_SCALE_FACTOR', 'TINY_TE1', 'TINY_TE2', 'TIME_DIM', 'TINY_UNET', 'TINY_VAE', 'TINY_NAMES', 'SIZE_KEYS',
+           'SDXL_TE_ARRAYS', 'SDXL_NETWORK_MODULES', 'clip_config', 'tokenizers', 'training_scheduler', 'tiny_models',
+           'pool_first_eos', 'encode_sdxl', 'size_time_ids', 'size_embeddings', 'SDXLFamily', 'tiny_sdxl_components',
+           'sdxl_text_disk_cache', 'claims_sdxl', 'check_sdxl', 'load_sdxl']
 
 # %% ../../nbs/families/sdxl.ipynb #f74b1edc
 VAE_SCALE_FACTOR = 0.13025                     # sdxl_model_util.VAE_SCALE_FACTOR
@@ -41,7 +41,6 @@ TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=16,
                 sample_size=64, scaling_factor=VAE_SCALE_FACTOR)
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
 TINY_NAMES = ("tiny-sdxl",)
 
 # %% ../../nbs/families/sdxl.ipynb #df08025a
@@ -56,16 +55,14 @@ def clip_config(cfg: dict) -> CLIPTextConfig:
     return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, layer_norm_eps=1e-5, **cfg)
 
 def tokenizers() -> list:
-    "[CLIP-L tokenizer, bigG tokenizer] (77 tokens; bigG pads with '!', id 0): the SDXL loader's bundled ones, else the bundled CLIP vocabulary."
-    try: from lora_kit.compat.sdxl_files import sdxl_tokenizers
-    except ImportError: sdxl_tokenizers = None
-    if sdxl_tokenizers is not None: return list(sdxl_tokenizers())
-    path = ASSETS/"clip_tokenizer"
-    return [CLIPTokenizer.from_pretrained(path, model_max_length=77), CLIPTokenizer.from_pretrained(path, model_max_length=77, pad_token="!")]
+    "[CLIP-L tokenizer, bigG tokenizer] (77 tokens; bigG pads with '!', id 0): the SDXL loader's bundled ones."
+    from lora_kit.compat.sdxl_files import sdxl_tokenizers
+    return list(sdxl_tokenizers())
 
 def training_scheduler(v_prediction: bool = False) -> DDPMScheduler:
-    "SDXL's DDPM schedule; its prediction type is the sampling pipeline's (the loss builds its own from the flags)."
-    return DDPMScheduler(**SCHEDULER, prediction_type="v_prediction" if v_prediction else "epsilon")
+    "SDXL's DDPM schedule (the SDXL loader's); its prediction type is the sampling pipeline's (the loss builds its own from the flags)."
+    from lora_kit.compat.sdxl_files import training_scheduler as schedule
+    return DDPMScheduler.from_config(schedule().config, prediction_type="v_prediction" if v_prediction else "epsilon")
 
 def tiny_models(seed: int = 0) -> tuple:
     "(UNet, VAE, [CLIP-L, bigG]) of the tiny SDXL model, seeded random weights."
@@ -97,11 +94,11 @@ def pool_first_eos(te2: CLIPTextModelWithProjection, last_hidden: torch.Tensor, 
 
 def encode_sdxl(text_encoders: list, tokenizers: list, captions: list[str], max_token_length: int|None = None,
                 weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "(CLIP-L hidden_states[11], bigG hidden_states[-2], bigG pooled) of `captions`, as sd-scripts encodes them."
+    "(CLIP-L and bigG penultimate hidden states, bigG pooled) of `captions`, as sd-scripts encodes them."
     (te1, te2), (tok1, tok2) = text_encoders, tokenizers
     (ids1, w1), (ids2, w2) = (_ids(t, captions, max_token_length, weighted) for t in (tok1, tok2))
     b, n = ids1.shape[:2]
-    h1 = te1(ids1.reshape(-1, 77).to(te1.device), output_hidden_states=True).hidden_states[11]
+    h1 = te1(ids1.reshape(-1, 77).to(te1.device), output_hidden_states=True).hidden_states[-2]   # sd-scripts' [11] of CLIP-L's 13
     out2 = te2(ids2.reshape(-1, 77).to(te2.device), output_hidden_states=True)
     pooled = pool_first_eos(te2, out2.last_hidden_state, ids2.reshape(-1, 77), tok2.eos_token_id)[::n]
     h1, h2 = _reassemble(h1, b, n), _reassemble(out2.hidden_states[-2], b, n)
@@ -217,32 +214,26 @@ def sdxl_text_disk_cache(fam: SDXLFamily, comp: Components, max_token_length: in
 
 # %% ../../nbs/families/sdxl.ipynb #876922f0
 def _file_kind(path: str) -> str|None:
-    "The SDXL loader's `sdxl_file_kind` (base, refiner, inpaint or None); None while that loader is not installed."
-    try: from lora_kit.compat.sdxl_files import sdxl_file_kind
-    except ImportError: return None
+    "The SDXL loader's `sdxl_file_kind`: base, refiner, inpaint, or None (not SDXL, or unreadable)."
+    from lora_kit.compat.sdxl_files import sdxl_file_kind
     try: return sdxl_file_kind(path)
     except (OSError, ValueError): return None
 
-def _is_sdxl_folder(p: Path) -> bool:
-    import json
-    cfg = p/"unet"/"config.json"
-    if not (cfg.is_file() and (p/"text_encoder_2").is_dir()): return False
-    try: return json.loads(cfg.read_text()).get("addition_embed_type") == "text_time"
-    except ValueError: return False
-
 def claims_sdxl(name: str|None) -> bool:
-    "Is `--pretrained_model_name_or_path` an SDXL model (built-in, diffusers SDXL folder, or a file the SDXL loader recognises)?"
+    "Is `--pretrained_model_name_or_path` an SDXL model (built-in, diffusers SDXL folder or cached hub id, or a file the SDXL loader recognises)?"
+    from lora_kit.compat.sdxl_files import is_sdxl_folder
+    from lora_kit.family import HUB_ID, ModelNotFoundError, resolve_hub_id
     if not name: return False
     if name in TINY_NAMES: return True
     p = Path(name).expanduser()
-    if p.is_dir(): return _is_sdxl_folder(p)
-    return p.is_file() and _file_kind(str(p)) is not None
+    if p.is_dir(): return is_sdxl_folder(p)
+    if p.is_file(): return _file_kind(str(p)) is not None
+    if HUB_ID.match(name) and not p.suffix:
+        try: return is_sdxl_folder(resolve_hub_id(name))
+        except ModelNotFoundError: return False
+    return False
 
 # %% ../../nbs/families/sdxl.ipynb #283f9669
-_REFUSED_KINDS = {"refiner": "an SDXL refiner (only the bigG text encoder, conditioned on an aesthetic score; sd-scripts "
-                             "cannot load it either): train the LoRA on the SDXL base model",
-                  "inpaint": "an SDXL inpainting model (9 input channels): LoRA training needs a text-to-image SDXL base model"}
-
 def _dataset_reso_steps(cfg: TrainConfig) -> list[int]:
     "The bucket_reso_steps of every dataset `cfg` describes (just the flag's if the datasets cannot be read yet: reported elsewhere)."
     from lora_kit.compat.dataset_config import dataset_specs
@@ -254,10 +245,9 @@ SDXL_NETWORK_MODULES = ("networks.lora", "networks.lora_fa", "networks.dylora", 
 
 def check_sdxl(cfg: TrainConfig) -> list[str]:
     "Problems with an SDXL configuration, before anything is loaded (sd-scripts' `verify_sdxl_training_args` and `assert_extra_args`)."
-    out = []
+    from lora_kit.compat.sdxl_files import check_sdxl_model
     name = cfg.pretrained_model_name_or_path
-    if name and Path(name).is_file() and (kind := _file_kind(name)) in _REFUSED_KINDS:
-        out.append(f"--pretrained_model_name_or_path {name} is {_REFUSED_KINDS[kind]}")
+    out = [] if name in TINY_NAMES else check_sdxl_model(name, cfg.vae)     # refiner, inpainting, not SDXL, missing parts
     if cfg.v2: out.append("--v2 is for SD 2.x models; SDXL has no v2 variant (sd-scripts refuses it too): remove it")
     if (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) and not cfg.network_train_unet_only:
         out.append("--cache_text_encoder_outputs needs frozen text encoders (sd-scripts refuses to train a text encoder from its "
@@ -275,11 +265,8 @@ def load_sdxl(cfg: TrainConfig) -> Components:
     name = cfg.pretrained_model_name_or_path
     if cfg.clip_skip: warnings.warn(f"--clip_skip {cfg.clip_skip} does not apply to SDXL (sd-scripts ignores it too); it is only written to the metadata")
     if name in TINY_NAMES: return tiny_sdxl_components(name, cfg=cfg)
-    try: from lora_kit.compat.sdxl_files import load_sdxl_file, load_sdxl_folder
-    except ImportError: raise ValueError(f"--pretrained_model_name_or_path {name}: loading SDXL files needs lora_kit.compat.sdxl_files, "
-                                         "which this installation lacks") from None
-    parts = (load_sdxl_folder if Path(name).is_dir() else load_sdxl_file)(name, cfg)
+    from lora_kit.compat.sdxl_files import load_sdxl as load_files
+    parts = load_files(cfg)
     fam = SDXLFamily().with_options(cfg)
-    sched = parts.get("scheduler") or training_scheduler(fam.v_prediction)
-    if fam.v_prediction: sched = DDPMScheduler.from_config(sched.config, prediction_type="v_prediction")
+    sched = DDPMScheduler.from_config(parts["scheduler"].config, prediction_type="v_prediction" if fam.v_prediction else "epsilon")
     return Components(fam, parts["denoiser"], parts["vae"], list(parts["text_encoders"]), list(parts["tokenizers"]), sched, source=str(name))
