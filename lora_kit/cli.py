@@ -266,7 +266,7 @@ def overview(width: int|None = None) -> str:
     scripts = " or ".join(f"{n}.py" for n, (fn, _) in COMMANDS.items() if isinstance(fn, functools.partial))
     out = ["usage: lora-kit <command> [options]", "", textwrap.fill(
         "LoRA training for Stable Diffusion with kohya-ss sd-scripts' command lines: put `lora-kit` in front of a "
-        f"{scripts} command. New here? Run `lora-kit demo`: it trains a LoRA on the "
+        f"{scripts} command.", width, break_on_hyphens=False), textwrap.fill("New here? Run `lora-kit demo`: it trains a LoRA on the "
         "built-in toy model in minutes on a CPU and shows what it learned.", width), "", "commands:"]
     out += [textwrap.fill(line, width, initial_indent=f"  {name:<{col - 2}}", subsequent_indent=" " * col)
             for name, (_, line) in COMMANDS.items()]
