@@ -171,7 +171,7 @@ def load_tokenizer(config_dir: str|Path) -> CLIPTokenizer:
 
 # %% ../../nbs/families/sd.ipynb #403f7736
 FILE_KINDS = {
-    "sdxl": ("an SDXL checkpoint", "lora_kit trains SD 1.x/2.x and SD3; use sd-scripts' sdxl_train_network.py for SDXL"),
+    "sdxl": ("an SDXL checkpoint", "train it with lora-kit sdxl_train_network (sd-scripts' sdxl_train_network.py flags)"),
     "sdxl-refiner": ("an SDXL refiner checkpoint", "LoRA training needs a base model"),
     "sd3": ("an SD3/SD3.5 checkpoint", "use the SD3 mode (sd3_train_network.py flags)"),
     "flux": ("a FLUX checkpoint", "FLUX is not supported yet"),
