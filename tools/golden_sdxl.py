@@ -18,7 +18,6 @@ def sd_scripts(repo: str):
     "sd-scripts' networks.lora and library.sdxl_original_unet, with library.utils' logging stubbed (it imports torchvision)."
     sys.path.insert(0, repo)
     utils = types.ModuleType("library.utils"); utils.setup_logging = lambda *a, **k: None
-    import library
     sys.modules["library.utils"] = utils
     from library import sdxl_original_unet
     from networks import lora
@@ -66,7 +65,7 @@ def main(repo: str):
     rows = torch.tensor(SIZE_ROWS)
     out["size_embeddings"] = fn(rows[:, 0:2], rows[:, 2:4], rows[:, 4:6], "cpu").tolist()
     dest = Path(__file__).resolve().parent.parent / "tests" / "golden" / "sdxl.json.gz"
-    with gzip.open(dest, "wt") as f: json.dump(out, f)
+    with open(dest, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f: f.write(json.dumps(out).encode())   # byte-stable
     print(f"wrote {dest}: " + ", ".join(f"{k} {len(v)}" for k, v in out.items()))
 
 
