@@ -165,6 +165,22 @@ def test_block_weights_and_other_networks(tmp_path):
     assert "oft_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in oft.loras
 
 
+def test_lycoris_gets_sd_scripts_names(tmp_path):
+    "LyCORIS (lycoris.kohya) gets what sdxl_train_network.py hands it: both text encoders and the UNet under SAI paths."
+    pytest.importorskip("lycoris.kohya")
+    from lora_kit.config import make_config
+    from lora_kit.families.sdxl import tiny_sdxl_components
+    from lora_kit.train import train
+    write_folder(tmp_path / "img" / "1_sks", n=2, seed=0)
+    cfg = make_config([*COMMON, "--train_data_dir", str(tmp_path / "img"), "--output_dir", str(tmp_path / "o"), "--output_name", "ly",
+                       "--network_module", "lycoris.kohya", "--network_args", "algo=locon", "conv_dim=4", "--max_train_steps", "1"],
+                      script="sdxl_train_network")
+    train(cfg, comp=tiny_sdxl_components(), progress=False)
+    from lora_kit.lora import load_lora
+    state, _ = load_lora(tmp_path / "o" / "ly.safetensors")
+    assert {k.split(".")[0] for k in state} == tiny_names(GOLDEN["conv"])       # the names of sd-scripts' own LoCon
+
+
 def test_changing_captions_refused_with_text_cache(tmp_path):
     "--cache_text_encoder_outputs with captions that change per step (shuffle_caption, ...) is refused before loading, as sd-scripts asserts."
     from lora_kit.config import make_config

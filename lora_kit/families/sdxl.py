@@ -19,12 +19,12 @@ from ..config import TrainConfig
 from ..family import Components, Family
 from ..lora import SDXL_BLOCKS
 from ..runtime.caches import TextDiskCache, weights_fingerprint
-from ..compat.sdxl_formats import sdxl_lora_targets
+from ..compat.sdxl_formats import sai_unet_view, sdxl_lora_targets
 
 # %% auto #0
 __all__ = ['VAE_SCALE_FACTOR', 'TINY_TE1', 'TINY_TE2', 'TIME_DIM', 'TINY_UNET', 'TINY_VAE', 'TINY_NAMES', 'SIZE_KEYS',
-           'SDXL_TE_ARRAYS', 'SDXL_NETWORK_MODULES', 'clip_config', 'tokenizers', 'training_scheduler', 'tiny_models',
-           'pool_first_eos', 'encode_sdxl', 'size_time_ids', 'size_embeddings', 'SDXLFamily', 'tiny_sdxl_components',
+           'SDXL_TE_ARRAYS', 'clip_config', 'tokenizers', 'training_scheduler', 'tiny_models', 'pool_first_eos',
+           'encode_sdxl', 'size_time_ids', 'size_embeddings', 'SDXLFamily', 'tiny_sdxl_components',
            'sdxl_text_disk_cache', 'claims_sdxl', 'check_sdxl', 'load_sdxl']
 
 # %% ../../nbs/families/sdxl.ipynb #f74b1edc
@@ -176,6 +176,10 @@ class SDXLFamily(Family):
         "sd-scripts' `networks.lora` targets for SDXL: `lora_te1_`, `lora_te2_`, `lora_unet_` with SAI paths (`compat.sdxl_formats`)."
         return sdxl_lora_targets(comp.denoiser, comp.text_encoders, train_unet, train_text_encoder, conv)
 
+    def network_models(self, comp: Components) -> tuple:
+        "What sdxl_train_network.py hands another `--network_module` (LyCORIS): `[CLIP-L, bigG]` and the UNet under its SAI paths."
+        return list(comp.text_encoders), sai_unet_view(comp.denoiser)
+
     def configure_denoiser(self, comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool, resolutions=()):
         "Apply `--sdpa` and `--gradient_checkpointing` (the UNet works at any bucket size)."
         comp.denoiser.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
@@ -241,8 +245,6 @@ def _dataset_reso_steps(cfg: TrainConfig) -> list[int]:
     try: return [s.bucket_reso_steps for s in dataset_specs(cli_values(cfg), cfg.dataset_config)]
     except Exception: return [cfg.bucket_reso_steps] if cfg.bucket_reso_steps else []
 
-SDXL_NETWORK_MODULES = ("networks.lora", "networks.lora_fa", "networks.dylora", "networks.oft")
-
 def check_sdxl(cfg: TrainConfig) -> list[str]:
     "Problems with an SDXL configuration, before anything is loaded (sd-scripts' `verify_sdxl_training_args` and `assert_extra_args`)."
     from lora_kit.compat.sdxl_files import check_sdxl_model
@@ -252,9 +254,6 @@ def check_sdxl(cfg: TrainConfig) -> list[str]:
     if (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) and not cfg.network_train_unet_only:
         out.append("--cache_text_encoder_outputs needs frozen text encoders (sd-scripts refuses to train a text encoder from its "
                    "cached outputs): add --network_train_unet_only")
-    if cfg.network_module and cfg.network_module not in SDXL_NETWORK_MODULES:
-        out.append(f"--network_module {cfg.network_module}: lora_kit gives SDXL sd-scripts' SAI module names only through its own "
-                   f"networks ({', '.join(SDXL_NETWORK_MODULES)}); another module would name diffusers' layers and train CLIP-L only")
     bad = sorted({s for s in _dataset_reso_steps(cfg) if s and s % 32})
     if bad: out.append(f"bucket_reso_steps {', '.join(map(str, bad))} must be a multiple of 32 for SDXL (as sd-scripts asserts)")
     return out
