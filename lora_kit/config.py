@@ -418,7 +418,6 @@ def _combination_problems(c) -> list[str]:
     if c.dataset_config is None and c.train_data_dir and c.resolution is None: out.append("--resolution is required with --train_data_dir (e.g. --resolution 512)")
     if c.network_train_unet_only and c.network_train_text_encoder_only:
         out.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other: nothing would be trained")
-    if c.v_parameterization and not c.v2: out.append("--v_parameterization without --v2: SD 1.x models are epsilon-prediction; add --v2 for SD 2.x 768-v models")
     if (p := _resolution_problem(c.resolution)): out.append(p)
     for n in ("dataset_config", "train_data_dir", "reg_data_dir", "sample_prompts"):
         if getattr(c, n) and not Path(getattr(c, n)).exists(): out.append(f"--{n}: {getattr(c, n)} does not exist")

@@ -62,6 +62,7 @@ class Family:
     cache_only_encoders: tuple = ()  # text encoders a partial cache replaces while the others train
     fp8_text_encoders: tuple = ()  # text encoders `--fp8_base` stores in float8
     extra_options: tuple = ()      # options of other scripts this family implements as well
+    lora_blocks = None             # its UNet's `lora.BlockLayout` for block-wise network_args (None: `lora.SD_BLOCKS`)
 
     # what a model is, and loading it
     def claims(self, name: str) -> bool: raise NotImplementedError

@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save, save_file
 from .checkpoint import atomic_path
 
 # %% auto #0
-__all__ = ['NUM_BLOCKS', 'LR_WEIGHT_PRESETS', 'BLOCK_ARGS', 'LORAPLUS_ARGS', 'NETWORK_ARGS', 'SAVE_DTYPES', 'PEFT_PREFIXES',
-           'LoRAModule', 'MappedLoRAModule', 'SplitLoRAModule', 'MappedTargets', 'block_index', 'block_ints',
-           'block_floats', 'lr_weights', 'mid_lr_weight', 'block_lr_weight', 'block_dims', 'parse_bool',
-           'parse_network_args', 'lora_name', 'LoRANetwork', 'model_hashes', 'save_lora', 'load_lora',
-           'dims_from_state', 'load_into', 'count_peft_layers', 'peft_paths', 'to_peft', 'from_peft', 'merge_lora']
+__all__ = ['NUM_BLOCKS', 'LR_WEIGHT_PRESETS', 'SD_BLOCKS', 'BLOCK_ARGS', 'LORAPLUS_ARGS', 'NETWORK_ARGS', 'SAVE_DTYPES',
+           'PEFT_PREFIXES', 'LoRAModule', 'MappedLoRAModule', 'SplitLoRAModule', 'MappedTargets', 'BlockLayout',
+           'block_index', 'block_args', 'block_lr_weight', 'block_dims', 'parse_bool', 'parse_network_args',
+           'lora_name', 'LoRANetwork', 'model_hashes', 'save_lora', 'load_lora', 'dims_from_state', 'load_into',
+           'count_peft_layers', 'peft_paths', 'to_peft', 'from_peft', 'merge_lora']
 
 # %% ../nbs/03_lora.ipynb #a5e2f16d
 class LoRAModule(nn.Module):
@@ -180,9 +180,23 @@ NUM_BLOCKS = 25          # sd-scripts' block count of the SD 1.x/2.x UNet: 12 do
 LR_WEIGHT_PRESETS = {"cosine": lambda i, n: math.sin(math.pi * (n - 1 - i) / (n - 1) / 2), "sine": lambda i, n: math.sin(math.pi * i / (n - 1) / 2),
                      "linear": lambda i, n: i / (n - 1), "reverse_linear": lambda i, n: (n - 1 - i) / (n - 1), "zeros": lambda i, n: 0.0}
 
+@dataclass(frozen=True)
+class BlockLayout:
+    "A UNet's blocks for block-wise `network_args`: `down`/`mid`/`up` lr weights, `total` block indices, `ends`: a block 0 and a last block around them."
+    down: int
+    mid: int
+    total: int
+    ends: bool = False
+
+SD_BLOCKS = BlockLayout(12, 1, NUM_BLOCKS)     # SD 1.x/2.x (diffusers names)
+                                               # (a family with another layout defines its own: `Family.lora_blocks`)
+
 # %% ../nbs/03_lora.ipynb #64b91414
+_SAI_BLOCK_START = {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}
+
 def block_index(name: str) -> int:
-    "sd-scripts' `get_block_index` for an SD 1.x/2.x UNet LoRA name (-1 if the name is in no block)."
+    "sd-scripts' `get_block_index` for a UNet LoRA name in diffusers' layout or in Stability AI's original one (`input_blocks_…`); -1 if the name is in no block."
+    if m := re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_(\d+)_", name): return _SAI_BLOCK_START[m[1]] + int(m[2])
     if m := re.search(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_", name):
         idx = 3 * int(m[2]) + (2 if m[3].endswith("samplers") else int(m[4]))
         return 1 + idx if m[1] == "down" else NUM_BLOCKS // 2 + 1 + idx
@@ -193,44 +207,47 @@ def _numbers(v: str, kind: type = float) -> list:
     "Comma-separated numbers; an empty entry is 0, as sd-scripts reads them."
     return [kind(x) if x.strip() else kind(0) for x in v.split(",")]
 
-def block_ints(v: str) -> list[int]:
-    if len(out := _numbers(v, int)) != NUM_BLOCKS: raise ValueError
-    return out
+def block_args(layout: BlockLayout = SD_BLOCKS) -> dict:
+    "The block-wise `network_args` parsers for `layout`'s lengths."
+    def block_ints(v: str) -> list[int]:
+        if len(out := _numbers(v, int)) != layout.total: raise ValueError
+        return out
+    def block_floats(v: str) -> list[float]:
+        if len(out := _numbers(v)) != layout.total: raise ValueError
+        return out
+    def lr_weights(v: str) -> list[float]:
+        "`down_lr_weight`/`up_lr_weight`: a preset (`+base` optional) or numbers, as `layout.down` weights (filled with 1, or cut)."
+        n, (name, _, base) = layout.down, v.partition("+")
+        if name.strip() in LR_WEIGHT_PRESETS: return [LR_WEIGHT_PRESETS[name.strip()](i, n) + float(base or 0) for i in range(n)]
+        return (_numbers(v) + [1.0] * n)[:n]
+    def mid_lr_weight(v: str) -> list[float]: return (_numbers(v) + [1.0] * layout.mid)[:layout.mid]
+    block_ints.__name__, block_floats.__name__ = f"list of {layout.total} ints", f"list of {layout.total} numbers"
+    lr_weights.__name__ = "preset (cosine, sine, linear, reverse_linear, zeros) or list of numbers"
+    mid_lr_weight.__name__ = "number" if layout.mid == 1 else f"list of up to {layout.mid} numbers"
+    return {"block_dims": block_ints, "block_alphas": block_floats, "conv_block_dims": block_ints, "conv_block_alphas": block_floats,
+            "down_lr_weight": lr_weights, "mid_lr_weight": mid_lr_weight, "up_lr_weight": lr_weights, "block_lr_zero_threshold": float}
 
-def block_floats(v: str) -> list[float]:
-    if len(out := _numbers(v)) != NUM_BLOCKS: raise ValueError
-    return out
-
-def lr_weights(v: str) -> list[float]:
-    "`down_lr_weight`/`up_lr_weight`: a preset (`+base` optional) or numbers, as 12 weights (filled with 1, or cut)."
-    n, (name, _, base) = NUM_BLOCKS // 2, v.partition("+")
-    if name.strip() in LR_WEIGHT_PRESETS: return [LR_WEIGHT_PRESETS[name.strip()](i, n) + float(base or 0) for i in range(n)]
-    return (_numbers(v) + [1.0] * n)[:n]
-
-def mid_lr_weight(v: str) -> list[float]: return _numbers(v)[:1]
-
-block_ints.__name__, block_floats.__name__ = f"list of {NUM_BLOCKS} ints", f"list of {NUM_BLOCKS} numbers"
-lr_weights.__name__, mid_lr_weight.__name__ = "preset (cosine, sine, linear, reverse_linear, zeros) or list of numbers", "number"
-BLOCK_ARGS = {"block_dims": block_ints, "block_alphas": block_floats, "conv_block_dims": block_ints, "conv_block_alphas": block_floats,
-              "down_lr_weight": lr_weights, "mid_lr_weight": mid_lr_weight, "up_lr_weight": lr_weights, "block_lr_zero_threshold": float}
+BLOCK_ARGS = block_args(SD_BLOCKS)
 
 # %% ../nbs/03_lora.ipynb #bbe7d370
-def block_lr_weight(args: dict) -> list[float]|None:
-    "The 25 per-block lr multipliers of parsed `network_args` (None without any `*_lr_weight`), zeroed at `block_lr_zero_threshold`."
+def block_lr_weight(args: dict, layout: BlockLayout = SD_BLOCKS) -> list[float]|None:
+    "The per-block lr multipliers (`layout.total`) of parsed `network_args` (None without any `*_lr_weight`), zeroed at `block_lr_zero_threshold`."
     if not any(k in args for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")): return None
-    half, zero = NUM_BLOCKS // 2, args.get("block_lr_zero_threshold", 0.0)
-    weights = args.get("down_lr_weight", [1.0] * half) + args.get("mid_lr_weight", [1.0]) + args.get("up_lr_weight", [1.0] * half)
-    return [w if w > zero else 0 for w in weights]
+    zero = args.get("block_lr_zero_threshold", 0.0)
+    weights = [w if w > zero else 0 for w in args.get("down_lr_weight", [1.0] * layout.down) + args.get("mid_lr_weight", [1.0] * layout.mid)
+               + args.get("up_lr_weight", [1.0] * layout.down)]
+    return [1.0, *weights, 1.0] if layout.ends else weights
 
 # %% ../nbs/03_lora.ipynb #ae403c3a
-def block_dims(targets: list, args: dict, dim: int, alpha: float, conv_dim: int|None, conv_alpha: float|None) -> tuple[dict, dict]|None:
+def block_dims(targets: list, args: dict, dim: int, alpha: float, conv_dim: int|None, conv_alpha: float|None,
+               layout: BlockLayout = SD_BLOCKS) -> tuple[dict, dict]|None:
     "Per-module (dims, alphas) from `block_dims`/`conv_block_dims` and the lr weights (None if `network_args` set neither)."
-    lr = block_lr_weight(args)
+    lr = block_lr_weight(args, layout)
     if "block_dims" not in args and lr is None: return None
     conv_alpha = 1.0 if conv_alpha is None else conv_alpha
-    lin = list(zip(args.get("block_dims", [dim] * NUM_BLOCKS), args.get("block_alphas", [alpha] * NUM_BLOCKS)))
-    conv = (list(zip(args["conv_block_dims"], args.get("conv_block_alphas", [conv_alpha] * NUM_BLOCKS))) if "conv_block_dims" in args
-            else [(conv_dim, conv_alpha)] * NUM_BLOCKS)
+    lin = list(zip(args.get("block_dims", [dim] * layout.total), args.get("block_alphas", [alpha] * layout.total)))
+    conv = (list(zip(args["conv_block_dims"], args.get("conv_block_alphas", [conv_alpha] * layout.total))) if "conv_block_dims" in args
+            else [(conv_dim, conv_alpha)] * layout.total)
     dims, alphas = {}, {}
     for prefix, model, path_prefix, classes in targets:
         for path, layer in _children(model, classes):

@@ -12,13 +12,13 @@ from torch import nn
 
 from .config import ConfigError, fp8_flag
 from .family import family_for
-from .lora import (BLOCK_ARGS, LORAPLUS_ARGS, NETWORK_ARGS, LoRAModule, LoRANetwork, block_dims, block_lr_weight,
+from .lora import (BLOCK_ARGS, LORAPLUS_ARGS, NETWORK_ARGS, SD_BLOCKS, LoRAModule, LoRANetwork, block_args, block_dims, block_lr_weight,
                            dims_from_state, load_into, load_lora, parse_bool, parse_network_args)
 
 # %% auto #0
 __all__ = ['LORA_FA_ARGS', 'DYLORA_ARGS', 'OFT_ARGS', 'OFT_TARGETS', 'BUILTIN_ARGS', 'LoRAFAModule', 'DyLoRAModule', 'OFTModule',
            'OFTNetwork', 'sd_scripts_text_encoder', 'ExternalNetwork', 'external_network', 'network_args_table',
-           'is_builtin_network', 'network_problems', 'build_network']
+           'lora_blocks', 'is_builtin_network', 'network_problems', 'build_network']
 
 # %% ../nbs/03b_networks.ipynb #d6c8771f
 class LoRAFAModule(LoRAModule):
@@ -202,9 +202,16 @@ BUILTIN_ARGS = {"networks.lora": NETWORK_ARGS, "networks.lora_fa": LORA_FA_ARGS,
                 "networks.dylora": DYLORA_ARGS, "networks.oft": OFT_ARGS}
 
 # %% ../nbs/03b_networks.ipynb #1cdcf270
-def network_args_table(name: str, family_args: dict|None) -> dict:
-    "The `network_args` table of a built-in module (`family_args`: the model family's own, for its LoRA flavour)."
-    return family_args if family_args is not None else BUILTIN_ARGS[name]
+def network_args_table(name: str, family_args: dict|None, layout=SD_BLOCKS) -> dict:
+    """The `network_args` table of a built-in module (`family_args`: the model family's own, for its LoRA flavour); its
+    block-wise keys read lists of the lengths of the family's UNet blocks (`layout`, a family's `lora_blocks`)."""
+    if family_args is not None: return family_args
+    table = BUILTIN_ARGS[name]
+    return table if layout == SD_BLOCKS else {**table, **{k: v for k, v in block_args(layout).items() if k in table}}
+
+def lora_blocks(fam):
+    "The family's `lora.BlockLayout` (`lora_blocks`), SD 1.x/2.x's 25 blocks when it names none."
+    return fam.lora_blocks or SD_BLOCKS
 
 def is_builtin_network(name: str, fam) -> bool:
     "Whether `--network_module name` is one lora_kit implements for family `fam` (the generic ones, or the family's own)."
@@ -218,7 +225,7 @@ def network_problems(cfg, fam=None) -> list[str]:
     if fam.only_own_networks and name not in ("networks.lora", *fam.network_modules) and (name in BUILTIN_ARGS or not fam.external_networks):
         return [f"--network_module {name} does not support {fam.title} models; lora_kit trains {fam.title} with {fam.network_modules[0]}"]
     if not is_builtin_network(name, fam): return _external_problems(name) + _external_fp8_problems(cfg) + _lycoris_problems(cfg)
-    try: nargs = parse_network_args(cfg.network_args, network_args_table(name, fam.network_args))
+    try: nargs = parse_network_args(cfg.network_args, network_args_table(name, fam.network_args, lora_blocks(fam)))
     except ValueError as e: return [str(e)]
     dim, out = cfg.network_dim or 4, []
     if name == "networks.dylora":
@@ -257,7 +264,7 @@ def _external_problems(name: str) -> list[str]:
 def build_network(cfg, comp) -> nn.Module:
     "The network of `--network_module` for `cfg` on `comp` (from `--network_weights` if given), applied to the models."
     if not is_builtin_network(cfg.network_module, comp.family): return external_network(cfg, comp)
-    nargs = parse_network_args(cfg.network_args, network_args_table(cfg.network_module, comp.family.network_args))
+    nargs = parse_network_args(cfg.network_args, network_args_table(cfg.network_module, comp.family.network_args, lora_blocks(comp.family)))
     net = _oft_network(cfg, comp, nargs) if cfg.network_module == "networks.oft" else _lora_network(cfg, comp, nargs)
     return net.apply_to()
 
@@ -278,10 +285,10 @@ def _lora_network(cfg, comp, nargs: dict) -> LoRANetwork:
     else:
         targets = comp.family.lora_targets(comp, train_unet=not cfg.network_train_text_encoder_only, train_text_encoder=not cfg.network_train_unet_only,
                                            conv=bool(conv_dim or nargs.get("conv_block_dims")), network_args=nargs)
-        blocks = block_dims(targets, nargs, dim, alpha, conv_dim, conv_alpha)
+        blocks = block_dims(targets, nargs, dim, alpha, conv_dim, conv_alpha, lora_blocks(comp.family))
         net = (LoRANetwork(targets, dims=blocks[0], alphas=blocks[1], **kw) if blocks else
                LoRANetwork(targets, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha, **kw))
-    net.block_lr_weight = block_lr_weight(nargs)
+    net.block_lr_weight = block_lr_weight(nargs, lora_blocks(comp.family))
     net.set_loraplus_lr_ratio(nargs)
     if nargs.get("verbose"): print_module_dims(net)
     return net
@@ -298,15 +305,16 @@ def _conv_names(comp) -> set:
     return {n for n, m in conv.loras.items() if isinstance(m.lora_down, torch.nn.Conv2d) and m.lora_down.kernel_size != (1, 1)}
 
 def _oft_network(cfg, comp, nargs: dict) -> OFTNetwork:
-    "`networks.oft` on the UNet (dims and alphas from `--network_weights` if given)."
+    "`networks.oft` on the UNet, under the module paths of the family's LoRA names (dims and alphas from `--network_weights` if given)."
+    unet = comp.family.lora_targets(comp, train_text_encoder=False)[0][1]      # SD: the diffusers UNet; SDXL: its SAI-named view
     if cfg.network_weights:
         state, _ = load_lora(cfg.network_weights)
         dims = {k.rsplit(".", 1)[0]: v.shape[0] for k, v in state.items() if k.endswith(".oft_blocks")}
         alphas = {n: float(state[f"{n}.alpha"]) for n in dims}
-        net = OFTNetwork([("oft_unet", comp.denoiser, "", OFT_TARGETS["all_linear"] + OFT_TARGETS["conv"])], dims=dims, alphas=alphas, module=OFTModule)
+        net = OFTNetwork([("oft_unet", unet, "", OFT_TARGETS["all_linear"] + OFT_TARGETS["conv"])], dims=dims, alphas=alphas, module=OFTModule)
         load_into(net, state, f"--network_weights {cfg.network_weights}")
         return net
     classes = OFT_TARGETS["all_linear" if nargs.get("enable_all_linear") else "attention"] + OFT_TARGETS["conv"] * nargs.get("enable_conv", False)
     dim = cfg.network_dim or 4
-    return OFTNetwork([("oft_unet", comp.denoiser, "", classes)], dim=dim, alpha=cfg.network_alpha, conv_dim=dim,
+    return OFTNetwork([("oft_unet", unet, "", classes)], dim=dim, alpha=cfg.network_alpha, conv_dim=dim,
                       conv_alpha=cfg.network_alpha, module=OFTModule)

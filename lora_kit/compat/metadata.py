@@ -138,10 +138,9 @@ def modelspec(cfg: TrainConfig, family, started: float) -> dict:
     reso = parse_resolution(cfg.resolution) if cfg.resolution else (family.default_resolution,) * 2
     when = datetime.fromtimestamp(started)
     md = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": family.modelspec_architecture,
-          "modelspec.implementation": "diffusers", "modelspec.title": cfg.metadata_title or cfg.output_name or f"LoRA@{when:%Y-%m-%d %H:%M:%S}",
+          "modelspec.implementation": family.modelspec_implementation or "diffusers", "modelspec.title": cfg.metadata_title or cfg.output_name or f"LoRA@{when:%Y-%m-%d %H:%M:%S}",
           "modelspec.resolution": f"{reso[0]}x{reso[1]}", "modelspec.prediction_type": "v" if family.v_prediction else "epsilon",
           "modelspec.date": when.isoformat(timespec="seconds"), "modelspec.implementation_version": f"lora_kit/{_version()}"}
-    if family.modelspec_implementation: md["modelspec.implementation"] = family.modelspec_implementation
     if family.modelspec_prediction_type is None: del md["modelspec.prediction_type"]   # sd-scripts writes none for some families
     if cfg.min_timestep is not None or cfg.max_timestep is not None:
         md["modelspec.timestep_range"] = f"{cfg.min_timestep or 0},{1000 if cfg.max_timestep is None else cfg.max_timestep}"

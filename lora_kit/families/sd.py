@@ -171,7 +171,7 @@ def load_tokenizer(config_dir: str|Path) -> CLIPTokenizer:
 
 # %% ../../nbs/families/sd.ipynb #403f7736
 FILE_KINDS = {
-    "sdxl": ("an SDXL checkpoint", "lora_kit trains SD 1.x/2.x and SD3; use sd-scripts' sdxl_train_network.py for SDXL"),
+    "sdxl": ("an SDXL checkpoint", "train it with lora-kit sdxl_train_network (sd-scripts' sdxl_train_network.py flags)"),
     "sdxl-refiner": ("an SDXL refiner checkpoint", "LoRA training needs a base model"),
     "sd3": ("an SD3/SD3.5 checkpoint", "use the SD3 mode (sd3_train_network.py flags)"),
     "flux": ("a FLUX checkpoint", "FLUX is not supported yet"),
@@ -379,6 +379,7 @@ def claims_sd(name: str) -> bool:
 def check_sd(cfg: TrainConfig) -> list[str]:
     "Problems with an SD 1.x/2.x configuration, before anything is loaded."
     out = check_model_path(cfg.pretrained_model_name_or_path, cfg.v2, cfg.v_parameterization, cfg.vae)
+    if cfg.v_parameterization and not cfg.v2: out.append("--v_parameterization without --v2: SD 1.x models are epsilon-prediction; add --v2 for SD 2.x 768-v models")
     if cfg.cache_text_encoder_outputs and not cfg.network_train_unet_only:
         out.append("--cache_text_encoder_outputs needs a frozen text encoder: add --network_train_unet_only")
     return out
