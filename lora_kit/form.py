@@ -18,7 +18,7 @@ from .optim import OPTIMIZERS, SCHEDULERS
 
 # %% auto #0
 __all__ = ['GROUP_ORDER', 'DEPRECATED', 'FORM_EXCLUDED', 'SUGGESTIONS', 'BASICS', 'PRESET_KINDS', 'GPU_SIZES', 'FAMILY_PRESETS',
-           'option_widget', 'read_field', 'show_field', 'preset', 'ConfigForm']
+           'option_widget', 'read_field', 'show_field', 'preset', 'ConfigForm', 'planned_memory']
 
 # %% ../nbs/08a_form.ipynb #2bca6726
 GROUP_ORDER = ("basics", "model", "dataset", "network", "optimizer", "saving", "sampling", "logging", "advanced")
@@ -154,8 +154,11 @@ class ConfigForm:
                                      description="GPU", style={"description_width": "40px"}, layout=W.Layout(width="150px"))
         apply = W.Button(description="Apply preset", tooltip="fill the basics for this kind of LoRA, model family and GPU memory")
         apply.on_click(lambda _: self._report(lambda: self.apply_preset(self.preset_kind.value, self.preset_gpu.value)))
-        self.family_line = W.HTML()
-        basics = W.VBox([W.HBox([self.preset_kind, self.preset_gpu, apply]), self.family_line] + [self.rows[n] for n in BASICS if n in self.rows])
+        plan = W.Button(description="Plan memory", tooltip="estimate the device memory of these options (bench/vram_plan.py)")
+        plan.on_click(lambda _: self.plan_memory())
+        self.family_line, self.memory_line = W.HTML(), W.HTML()
+        basics = W.VBox([W.HBox([self.preset_kind, self.preset_gpu, apply, plan]), self.family_line, self.memory_line]
+                        + [self.rows[n] for n in BASICS if n in self.rows])
         grid = lambda g: W.GridBox([self.rows[n] for n in self.fields if OPTIONS[n].group == g and n not in BASICS],
                                    layout=W.Layout(grid_template_columns="repeat(auto-fill, 610px)"))
         self.tabs = W.Tab(children=[basics] + [grid(g) for g in self.groups[1:]], titles=self.groups)
@@ -229,6 +232,38 @@ def apply_preset(self: ConfigForm, kind: str, gpu_gb: int) -> str:
     finally: self._quiet = False
     self.refresh()
     return f"{kind} preset for {self.family.title} on {gpu_gb} GB: " + ", ".join(f"{n} {v}" for n, v in values.items())
+
+# %% ../nbs/08a_form.ipynb #1118af3b
+def _vram_plan():
+    "bench/vram_plan.py of a source checkout, imported; None when lora_kit is installed without it."
+    import importlib, sys
+    path = Path(__file__).resolve().parents[1]/"bench"/"vram_plan.py"
+    if not path.is_file(): return None
+    if str(path.parent) not in sys.path: sys.path.insert(0, str(path.parent))
+    return importlib.import_module("vram_plan")
+
+def planned_memory(cfg: TrainConfig) -> str:
+    "One line: the planned peak device memory of `cfg` by bench/vram_plan.py, or why there is none."
+    plan_module = _vram_plan()
+    if plan_module is None:
+        return "planned memory: bench/vram_plan.py is not installed with the package; in a source checkout run python bench/vram_plan.py with the Command line's options"
+    plan = plan_module.make_plan(cfg)
+    peak = max(total for total, _ in plan_module.phase_bytes(plan, "device").values())
+    return (f"planned memory on a GPU: {peak / 2**30:.2f} GiB at the peak, plus the CUDA context (~0.4 GiB) and the allocator's slack "
+            f"(bench/vram_plan.py)")
+
+@patch
+def plan_memory(self: ConfigForm):
+    "Estimate the memory of the form's config in a background thread; the line under the presets shows the result."
+    import threading
+    try: cfg = self.config
+    except ConfigError as e: self.memory_line.value = _problem_html(e.problems); return
+    self.memory_line.value = "planning the memory (bench/vram_plan.py, a few seconds)…"
+    def run():
+        try: line = planned_memory(cfg)
+        except Exception as e: line = f"planned memory: the estimate failed ({type(e).__name__}: {e})"
+        self.memory_line.value = f'<span style="color:#555">{html.escape(line)}</span>'
+    threading.Thread(target=run, name="lora_kit-vram-plan", daemon=True).start()
 
 # %% ../nbs/08a_form.ipynb #28fe84ee
 @patch

@@ -97,11 +97,19 @@ class DatasetPreview:
             if tile is not None: tiles.append(tile)
         return W.GridBox(tiles, layout=W.Layout(grid_template_columns=f"repeat(auto-fill, {self.thumb + 8}px)", grid_gap="6px"))
 
+    def mark_stale(self):
+        "Say the options changed since this preview (its counts and plan may no longer hold)."
+        if self.widget.children and not getattr(self, "_stale", False):
+            self._stale = True
+            self.widget.children = (W.HTML('<div style="color:#a15c00">⟳ the options changed since this preview: press '
+                                           '<b>Preview dataset</b> to see the run they make</div>'),) + self.widget.children
+
     def _warn(self) -> W.HTML: return W.HTML("".join(f'<div style="color:#a15c00">⚠ {html.escape(w)}</div>' for w in self.warnings))
 
     def refresh(self, cfg: TrainConfig):
         "Read the datasets of `cfg` and show them, or the problems that stop them from loading and the images that can be read."
         files, self.warnings = _folder_images(cfg)
+        self._stale = False
         try: datasets, summary, warnings = load_datasets(cfg)
         except (DatasetError, OSError) as e:
             problems = getattr(e, "problems", [f"cannot read the dataset: {e}"])
@@ -240,6 +248,7 @@ def on_train_end(self: LiveView, state: TrainState):
     self.draw(state.history, state.validation); self.show_samples()
     self.bar.n = state.step; self.bar.refresh(); self.bar.close()
     self.running, self.stop_button.disabled = False, True
+    self.stats.value = self.stats.value.split(" · ETA")[0]                      # no time left to show once it ended
     how = "stopped" if state.stop else "finished"
     self.status.value = f"{how} after {state.step} steps in {_duration(time.monotonic() - self._t0)}; saved {html.escape(str(state.saved[-1]))}"
 
@@ -304,6 +313,7 @@ class Trainer:
         self.thread: threading.Thread|None = None
         self.state: TrainState|None = None
         self.error: BaseException|None = None
+        for w in self.form.fields.values(): w.observe(lambda _: self.preview.mark_stale(), "value")
         self.widget = W.VBox([self.form.widget, W.HBox([preview_button, self.train_button]), self.message,
                               self.preview.widget, self.view.widget])
 
