@@ -237,7 +237,7 @@ def apply_preset(self: ConfigForm, kind: str, gpu_gb: int) -> str:
 def _vram_plan():
     "bench/vram_plan.py of a source checkout, imported; None when lora_kit is installed without it."
     import importlib, sys
-    path = Path(__file__).resolve().parents[1]/"bench"/"vram_plan.py"
+    path = Path(sys.modules["lora_kit"].__file__).resolve().parents[1]/"bench"/"vram_plan.py"   # beside the package, as `lora-kit plan`
     if not path.is_file(): return None
     if str(path.parent) not in sys.path: sys.path.insert(0, str(path.parent))
     return importlib.import_module("vram_plan")
