@@ -9,7 +9,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read when torch loads: idle threads sleep instead of spinning (train.cpu_threads)
 
 from . import __version__
-from .config import GROUPS, OPTIONS, ConfigError, Opt, make_config
+from .config import GROUPS, OPTIONS, ConfigError, Opt, closest, make_config
 
 # %% auto #0
 __all__ = ['PLANNER', 'COMMANDS', 'ALIASES', 'option_help', 'script_help', 'train_script', 'train_network', 'continue_command',
@@ -288,8 +288,8 @@ def main(argv: list[str]|None = None) -> int:
     if argv[0] == "--version": print(f"lora-kit {__version__}"); return 0
     cmd = ALIASES.get(argv[0], argv[0])
     if cmd not in COMMANDS:
-        near = difflib.get_close_matches(cmd, COMMANDS, n=1)
-        print(f"lora-kit: unknown command {argv[0]!r}" + (f" (did you mean {near[0]}?)" if near else "") +
+        near = closest(cmd, COMMANDS)
+        print(f"lora-kit: unknown command {argv[0]!r}" + (f" (did you mean {near}?)" if near else "") +
               f"; use one of {', '.join(COMMANDS)} (lora-kit --help says what each does)", file=sys.stderr); return 2
     quiet = os.environ.get("RANK", "0") != "0"     # another process of a multi-process run says the same
     run, _ = COMMANDS[cmd]

@@ -12,8 +12,8 @@ from typing import Any
 # %% auto #0
 __all__ = ['ASSETS', 'GROUPS', 'SUPPORTED', 'NO_EFFECT', 'LORA_KIT_OPTIONS', 'OPTIONS', 'TrainConfig', 'CONFIG_FILE_VALUES',
            'NETWORK_MODULES', 'ConfigError', 'Opt', 'fp8_flag', 'option_notes', 'load_options', 'unsupported_flags',
-           'convert', 'resolve_flag', 'parse_argv', 'read_config_file', 'ignored_config_keys', 'parse_resolution',
-           'validate', 'make_config']
+           'closest', 'convert', 'resolve_flag', 'parse_argv', 'read_config_file', 'ignored_config_keys',
+           'parse_resolution', 'validate', 'make_config']
 
 # %% ../nbs/00_config.ipynb #a34d165a
 from . import quiet  # noqa: F401  before anything imports diffusers: keeps its import-time noise away (00a_quiet)
@@ -210,10 +210,14 @@ def _toml_value(v) -> str:
     return json.dumps(str(v))
 
 # %% ../nbs/00_config.ipynb #e766d6dd
+def closest(word: str, candidates) -> str|None:
+    "The candidate closest to `word` (a typo's \"did you mean\"), or None when none is close."
+    m = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
+    return m[0] if m else None
+
 def _nearest(word: str, candidates) -> str:
     "' (did you mean --x?)' for the closest candidate, or ''."
-    m = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean --{m[0]}?)" if m else ""
+    return f" (did you mean --{m}?)" if (m := closest(word, candidates)) else ""
 
 # %% ../nbs/00_config.ipynb #ed0728ee
 def _scalar(kind: str, v, flag: str):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_family.ipynb #a03aedf5
 from __future__ import annotations
-import functools, importlib, os, re
+import contextlib, functools, importlib, os, re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,8 +16,9 @@ from diffusers import AutoencoderKL
 from .config import OPTIONS, TrainConfig
 
 # %% auto #0
-__all__ = ['HUB_ID', 'Components', 'image_moments', 'Family', 'registered', 'scripts', 'family_for', 'foreign_option_problems',
-           'check_model', 'model_warnings', 'load_components', 'ModelNotFoundError', 'hub_cache_dir', 'resolve_hub_id']
+__all__ = ['HUB_ID', 'Components', 'image_moments', 'seeded', 'Family', 'registered', 'scripts', 'family_for',
+           'foreign_option_problems', 'check_model', 'model_warnings', 'load_components', 'ModelNotFoundError',
+           'hub_cache_dir', 'resolve_hub_id']
 
 # %% ../nbs/02_family.ipynb #a7204701
 @dataclass
@@ -41,6 +42,15 @@ class Components:
 def image_moments(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     "The VAE's latent distributions of images in [-1, 1] (B, 3, H, W): means and log-variances stacked on the channels."
     return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
+
+# %% ../nbs/02_family.ipynb #5eed0002
+@contextlib.contextmanager
+def seeded(seed: int, device=None):
+    "Within the block torch's random generators (the CPU's, and `device`'s when it is a GPU) start from `seed`; afterwards they are as before."
+    gpu = device is not None and torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device).index or 0] if gpu else []):
+        torch.manual_seed(seed)
+        yield
 
 # %% ../nbs/02_family.ipynb #f5519932
 class Family:

@@ -13,6 +13,7 @@ from torch import nn
 from safetensors.torch import load_file, save, save_file
 
 from .checkpoint import atomic_path
+from .config import closest
 
 # %% auto #0
 __all__ = ['NUM_BLOCKS', 'LR_WEIGHT_PRESETS', 'SD_BLOCKS', 'BLOCK_ARGS', 'LORAPLUS_ARGS', 'NETWORK_ARGS', 'SAVE_DTYPES',
@@ -281,8 +282,8 @@ def parse_network_args(args: list[str]|None, table: dict|None = None) -> dict:
         k = k.strip()
         if not eq: raise ValueError(f"--network_args: {a!r} must be key=value")
         if k not in table:
-            m = difflib.get_close_matches(k, table, n=1)
-            raise ValueError(f"--network_args: unknown key {k!r}" + (f" (did you mean {m[0]}?)" if m else "") +
+            m = closest(k, table)
+            raise ValueError(f"--network_args: unknown key {k!r}" + (f" (did you mean {m}?)" if m else "") +
                              f"; lora_kit understands {', '.join(table)} here")
         try: out[k] = table[k](v.strip())
         except ValueError: raise ValueError(f"--network_args: {k}={v!r} is not a valid {table[k].__name__}") from None

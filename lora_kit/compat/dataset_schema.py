@@ -4,9 +4,10 @@
 
 # %% ../../nbs/compat/dataset_schema.ipynb #107e4849
 from __future__ import annotations
-import difflib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+from ..config import closest
 
 # %% auto #0
 __all__ = ['GENERAL', 'DATASET', 'SUBSET', 'DB', 'FT', 'CN', 'KIND_LABEL', 'INTERPOLATIONS', 'BOOL', 'INT', 'FLOAT', 'STR',
@@ -237,9 +238,8 @@ def _allowed(level: str, kind: Optional[str]) -> set[str]:
     return {o.name for o in DATASET_OPTIONS.values() if level in o.levels and (kind is None or kind in o.kinds)}
 
 # %% ../../nbs/compat/dataset_schema.ipynb #6e350f71
-def _closest(key: str, candidates: Iterable[str]) -> Optional[str]:
-    m = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=0.6)
-    return m[0] if m else None
+#| exporti
+
 
 # %% ../../nbs/compat/dataset_schema.ipynb #a42aad2c
 def _key_problem(key: str, loc: str, level: str, kind: Optional[str], dataset_loc: str = "") -> str:
@@ -261,7 +261,7 @@ def _key_problem(key: str, loc: str, level: str, kind: Optional[str], dataset_lo
                 f"is {KIND_LABEL[kind]}")
     if key in ("subsets", "datasets", "general"):
         return f"{loc}: `{key}` is a table name and cannot appear here (layout: [general], [[datasets]], [[datasets.subsets]])"
-    near = _closest(key, _allowed(level, kind)) or _closest(key, list(DATASET_OPTIONS) + list(CLI_ONLY))
+    near = closest(key, _allowed(level, kind)) or closest(key, list(DATASET_OPTIONS) + list(CLI_ONLY))
     return f"{loc}: unknown key `{key}`" + (f"; did you mean `{near}`?" if near else "")
 
 # %% ../../nbs/compat/dataset_schema.ipynb #759b1cc9
@@ -315,7 +315,7 @@ def validate_user_config(user_config: Mapping, *, masked_loss: bool = False, str
         return {}, [f"the dataset config must be a table, got {type(user_config).__name__}"], warnings
     for key in user_config:
         if key not in ("general", "datasets"):
-            near = _closest(key, ["general", "datasets"])
+            near = closest(key, ["general", "datasets"])
             problems.append(f"top level: unknown table `{key}`" + (f"; did you mean `{near}`?" if near else
                                                                   " (only [general] and [[datasets]] are allowed)"))
     sanitized: dict = {}

@@ -15,7 +15,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from ..checkpoint import (cast_floating, clip_to_ldm, load_state_dict, openclip_to_ldm, read_shapes, take_weights,
                                  unet_to_ldm, vae_to_ldm)
 from ..config import ASSETS, TrainConfig, fp8_flag
-from ..family import HUB_ID, ModelNotFoundError, resolve_hub_id
+from ..family import HUB_ID, ModelNotFoundError, resolve_hub_id, seeded
 from ..runtime.weights import FP8, MissingWeightsError, assign_weights, fp8_weight_names, weight_dtype
 
 # %% auto #0
@@ -67,8 +67,7 @@ def _te2(config: dict) -> CLIPTextModelWithProjection: return CLIPTextModelWithP
 
 def tiny_sdxl_models(seed: int = 0) -> tuple:
     "(UNet, VAE, CLIP-L, bigG) of the tiny SDXL shape, seeded random weights, float32."
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return tuple(f(c).eval() for f, c in ((_unet, TINY_SDXL_UNET), (_vae, TINY_SDXL_VAE), (_te1, TINY_SDXL_TE1), (_te2, TINY_SDXL_TE2)))
 
 # %% ../../nbs/compat/sdxl_files.ipynb #10b02908

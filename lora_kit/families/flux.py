@@ -19,12 +19,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Encoder
 
 from ..config import TrainConfig, fp8_flag
 from ..checkpoint import cast_floating
-from ..family import Components, Family
+from ..family import Components, Family, seeded
 from ..lora import parse_network_args
 from ..loss import DDPM_ONLY, MODEL_PREDICTION_TYPES, TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES
 from ..runtime.weights import assign_weights, weight_dtype
 from ..runtime.caches import TextDiskCache, weights_fingerprint
-from .sd3 import (TINY_CLIP_L, TINY_T5, TINY_VAE, SD3_VAE, _seeded, clip_tokenizers, read_weights,
+from .sd3 import (TINY_CLIP_L, TINY_T5, TINY_VAE, SD3_VAE, clip_tokenizers, read_weights,
                                    diffusers_weights, sd3_vae, t5_encoder, t5_tokenizer_for, tiny_t5_tokenizer, _text_encoder)
 from ..compat.flux_formats import FLUX_NETWORK_ARGS, bfl_to_diffusers, diffusers_to_bfl, flux_depths, flux_lora_targets
 
@@ -63,10 +63,10 @@ def tiny_flux_components(name: str = "tiny-flux", seed: int = 0, cfg: TrainConfi
     "A tiny FLUX.1 [dev] (`tiny-flux`) or [schnell] (`tiny-flux-schnell`) with seeded random weights."
     variant = TINY_FLUX[name]
     tok_l, tok_t5 = clip_tokenizers()[0], tiny_t5_tokenizer()
-    with _seeded(seed): dit = FluxTransformer2DModel(**TINY_FLUX_DIT, guidance_embeds=variant == "dev").eval()
-    with _seeded(seed + 1): clip_l = clip_l_encoder(TINY_CLIP_L)
-    with _seeded(seed + 3): t5 = t5_encoder(TINY_T5, len(tok_t5))
-    with _seeded(seed + 4): ae = AutoencoderKL(**TINY_AE).eval()
+    with seeded(seed): dit = FluxTransformer2DModel(**TINY_FLUX_DIT, guidance_embeds=variant == "dev").eval()
+    with seeded(seed + 1): clip_l = clip_l_encoder(TINY_CLIP_L)
+    with seeded(seed + 3): t5 = t5_encoder(TINY_T5, len(tok_t5))
+    with seeded(seed + 4): ae = AutoencoderKL(**TINY_AE).eval()
     return Components(FluxFamily.from_config(variant, cfg), dit, ae, [clip_l, t5], [tok_l, tok_t5], flux_scheduler(variant), source=name)
 
 # %% ../../nbs/families/flux.ipynb #b37acd11

@@ -23,7 +23,7 @@ from ..config import ASSETS, TrainConfig, fp8_flag
 from ..lora import parse_network_args
 from ..loss import WEIGHTING_SCHEMES
 from ..checkpoint import cast_floating, load_state_dict, take_weights
-from ..family import Components, Family, image_moments
+from ..family import Components, Family, seeded, image_moments
 from ..runtime.weights import FP8, assign_weights, fp8_weight_names, weight_dtype
 from ..runtime.caches import TextDiskCache, weights_fingerprint
 from ..compat.sd3_formats import SAI_PREFIXES, SD3_NETWORK_ARGS, TE_PREFIXES, mmdit_view, sd3_lora_targets
@@ -56,14 +56,6 @@ TINY_SD3 = {"tiny-sd3": ("medium", dict(qk_norm=None, dual_attention_layers=()))
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu")
 CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280, hidden_act="gelu")
 T5XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
-
-# %% ../../nbs/families/sd3.ipynb #361de1cf
-@contextlib.contextmanager
-def _seeded(seed: int):
-    "Run the block with torch's CPU RNG seeded; the global RNG state is restored afterwards."
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 # %% ../../nbs/families/sd3.ipynb #28bc542f
 def clip_encoder(cfg: dict, which: str = "l") -> CLIPTextModelWithProjection:
@@ -108,11 +100,11 @@ def tiny_sd3_components(name: str = "tiny-sd3", seed: int = 0, cfg: TrainConfig|
     model_type, variant = TINY_SD3[name]
     tok_l, tok_g = clip_tokenizers()
     tok_t5 = tiny_t5_tokenizer()
-    with _seeded(seed): mmdit = SD3Transformer2DModel(**TINY_MMDIT, **variant).eval()
-    with _seeded(seed + 1): clip_l = clip_encoder(TINY_CLIP_L, "l")
-    with _seeded(seed + 2): clip_g = clip_encoder(TINY_CLIP_G, "g")
-    with _seeded(seed + 3): t5 = t5_encoder(TINY_T5, len(tok_t5))
-    with _seeded(seed + 4): vae = AutoencoderKL(**TINY_VAE).eval()
+    with seeded(seed): mmdit = SD3Transformer2DModel(**TINY_MMDIT, **variant).eval()
+    with seeded(seed + 1): clip_l = clip_encoder(TINY_CLIP_L, "l")
+    with seeded(seed + 2): clip_g = clip_encoder(TINY_CLIP_G, "g")
+    with seeded(seed + 3): t5 = t5_encoder(TINY_T5, len(tok_t5))
+    with seeded(seed + 4): vae = AutoencoderKL(**TINY_VAE).eval()
     return Components(SD3Family.from_config(model_type, cfg), mmdit, vae, [clip_l, clip_g, t5], [tok_l, tok_g, tok_t5],
                       flow_scheduler(), source=name)
 

@@ -16,7 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ..captions import apply_token_weights, get_input_ids, get_weighted_input_ids
 from ..config import TrainConfig
-from ..family import Components, Family
+from ..family import Components, Family, seeded
 from ..lora import BlockLayout
 from ..runtime.caches import TextDiskCache, weights_fingerprint
 from ..compat.sdxl_formats import sai_unet_view, sdxl_lora_targets
@@ -46,13 +46,6 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_chan
 TINY_NAMES = ("tiny-sdxl",)
 
 # %% ../../nbs/families/sdxl.ipynb #df08025a
-@contextlib.contextmanager
-def _seeded(seed: int):
-    "Run the block with torch's CPU RNG seeded; the global RNG state is restored afterwards."
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
 def clip_config(cfg: dict) -> CLIPTextConfig:
     return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, layer_norm_eps=1e-5, **cfg)
 
@@ -68,10 +61,10 @@ def training_scheduler(v_prediction: bool = False) -> DDPMScheduler:
 
 def tiny_models(seed: int = 0) -> tuple:
     "(UNet, VAE, [CLIP-L, bigG]) of the tiny SDXL model, seeded random weights."
-    with _seeded(seed): unet = UNet2DConditionModel(**TINY_UNET).eval()
-    with _seeded(seed + 1): te1 = CLIPTextModel(clip_config(TINY_TE1)).eval()
-    with _seeded(seed + 2): te2 = CLIPTextModelWithProjection(clip_config(TINY_TE2)).eval()
-    with _seeded(seed + 3): vae = AutoencoderKL(**TINY_VAE).eval()
+    with seeded(seed): unet = UNet2DConditionModel(**TINY_UNET).eval()
+    with seeded(seed + 1): te1 = CLIPTextModel(clip_config(TINY_TE1)).eval()
+    with seeded(seed + 2): te2 = CLIPTextModelWithProjection(clip_config(TINY_TE2)).eval()
+    with seeded(seed + 3): vae = AutoencoderKL(**TINY_VAE).eval()
     return unet, vae, [te1, te2]
 
 # %% ../../nbs/families/sdxl.ipynb #f4bbc4fa

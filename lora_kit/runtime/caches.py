@@ -16,13 +16,14 @@ import torch
 
 from .. import buckets as B, captions as C
 from ..lora import atomic_path
+from ..family import seeded
 
 if TYPE_CHECKING: from lora_kit.data import TrainDataset
 
 # %% auto #0
 __all__ = ['latents_npz_path', 'vae_fingerprint', 'latent_cache_key', 'load_cached_latents', 'save_cached_latents', 'batched',
-           'part_of', 'seeded_rng', 'cache_latents', 'text_cacheable', 'cache_text_encoder_outputs',
-           'weights_fingerprint', 'text_cache_key', 'TextDiskCache', 'cache_text_encoder_outputs_to_disk']
+           'part_of', 'cache_latents', 'text_cacheable', 'cache_text_encoder_outputs', 'weights_fingerprint',
+           'text_cache_key', 'TextDiskCache', 'cache_text_encoder_outputs_to_disk']
 
 # %% ../../nbs/runtime/caches.ipynb #06f83c7b
 def latents_npz_path(image_path: str, image_size: tuple, suffix: str = "_sd") -> str:
@@ -78,12 +79,7 @@ def part_of(batches: list, part: tuple[int, int] = (0, 1)) -> list:
     "Process k of n's share of `batches` (`part` = (k, n)): every n-th batch from the k-th, so batches are the same whatever n is."
     return batches[part[0]::part[1]]
 
-@contextmanager
-def seeded_rng(seed: int):
-    "Within this block the random generators (CPU and the current GPU) start from `seed`; afterwards they are as before."
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(seed)
-        yield
+
 
 # %% ../../nbs/runtime/caches.ipynb #e90b5eb8
 def cache_latents(ds: TrainDataset, encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str, to_disk: bool = False,
@@ -115,7 +111,7 @@ def cache_latents(ds: TrainDataset, encode: Callable[[torch.Tensor], torch.Tenso
                                          pin_memory=torch.cuda.is_available(), generator=torch.Generator())   # leaves the global RNG alone
     with tqdm(total=sum(map(len, chunks)), desc="caching latents", disable=not progress or not chunks) as bar:
         for chunk, pixels in zip(chunks, loader):
-            with seeded_rng(chunk[0]):      # the VAE samples its latents: the same for an image whichever process encodes it
+            with seeded(chunk[0], "cuda" if torch.cuda.is_available() else None):      # the VAE samples its latents: the same for an image whichever process encodes it
                 lat = encode(pixels).float().cpu()
                 flips = [ds.subset(i).flip_aug for i in chunk]
                 lat_f = encode(pixels.flip(-1)).float().cpu() if any(flips) else None

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
+from ..family import seeded
 
 from ..loss import OBJECTIVES
 from .distributed import batch_loader, loader_batches
@@ -48,8 +49,7 @@ class Validation:
         batches = itertools.islice(loader_batches(self.loaders, 0), cfg.max_validation_steps)
         state.network.eval()
         try:
-            with torch.random.fork_rng(devices=[acc.device.index or 0] if acc.device.type == "cuda" else []):
-                torch.manual_seed(cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
+            with seeded(cfg.seed if cfg.validation_seed is None else cfg.validation_seed, acc.device):
                 with state.averaged_weights(): losses = [self.batch_loss(state, b, o).item() for b in batches for o in self.objectives]
         finally: state.network.train()
         return sum(losses) / len(losses)
