@@ -16,6 +16,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from .config import ConfigError, TrainConfig, ignored_config_keys, option_notes
 from .data import debug_batches, load_datasets
+from .compat.registration import steps_per_epoch
 from .lora import LoRANetwork, SAVE_DTYPES, save_lora
 from .networks import build_network
 from .loss import OBJECTIVES
@@ -377,7 +378,7 @@ class LossLog(Callback):
 # %% ../nbs/06_train.ipynb #293d94cd
 def count_steps(batches_per_epoch: int, cfg: TrainConfig, num_processes: int = 1) -> tuple[int, int]:
     "(max_train_steps, num_epochs) as sd-scripts computes them."
-    per_epoch = math.ceil(batches_per_epoch / num_processes / cfg.gradient_accumulation_steps)
+    per_epoch = steps_per_epoch(batches_per_epoch, cfg.gradient_accumulation_steps, num_processes)
     steps = cfg.max_train_epochs * per_epoch if cfg.max_train_epochs else cfg.max_train_steps
     return steps, math.ceil(steps / per_epoch)
 
