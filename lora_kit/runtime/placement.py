@@ -5,7 +5,7 @@
 # %% ../../nbs/runtime/placement.ipynb #b3fdcfaf
 from __future__ import annotations
 import functools, gc, os, weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -15,7 +15,7 @@ from .weights import store_in_fp8
 
 # %% auto #0
 __all__ = ['prepare_models', 'merge_base_weights', 'store_fp8', 'clean_memory', 'named_models', 'text_encoder_names', 'Placement',
-           'training_models', 'BlockSwap', 'block_swap', 'compile_models', 'free_cached_text_encoders',
+           'training_models', 'next_swapped', 'BlockSwap', 'block_swap', 'compile_models', 'free_cached_text_encoders',
            'release_cached_models', 'models_used', 'free_cores', 'cpu_threads']
 
 # %% ../../nbs/runtime/placement.ipynb #14d38bfe
@@ -108,35 +108,77 @@ def training_models(cfg, comp) -> set[str]:
     return names | text_encoder_names(comp, [i for i in range(len(comp.text_encoders)) if not (te_cached and i in cached)])
 
 # %% ../../nbs/runtime/placement.ipynb #20943715
+def next_swapped(i: int, n: int, backward: bool, grad: bool = True) -> int:
+    "Which of `n` swapped blocks runs after block `i` (see above): the order of a checkpointed training step, or of a forward pass without gradients."
+    if backward: return max(i - 1, 0)
+    return i + 1 if i + 1 < n else (i if grad else 0)
+
+def _in_backward() -> bool:
+    "Whether autograd's backward pass is running (a checkpointed block recomputes inside it)."
+    return torch._C._current_graph_task_id() != -1
+
 class BlockSwap:
-    "Keep the last `n` of `blocks` in CPU memory; each comes to `device` only while it runs (see above)."
-    def __init__(self, blocks, n: int, device):
+    "Keep the last `n` of `blocks` in CPU memory; each comes to `device` only while it runs, the next one prefetched (`prefetch`: default on CUDA; see above)."
+    def __init__(self, blocks, n: int, device, prefetch: bool|None = None):
         self.device, self.live, self.peak = torch.device(device), 0, 0    # device copies of tensors that exist now / at most
-        self.swapped = list(blocks)[len(blocks) - n:]
-        for b in self.swapped:
+        self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
+        self.stream = torch.cuda.Stream(self.device) if self.prefetch and self.device.type == "cuda" else None
+        self.ready, self.trace = {}, None     # prefetched: block -> (copies, CUDA event); a list records ("run"/"fetch"/"copy", block)
+        self.swapped, self.homes = list(blocks)[len(blocks) - n:], []
+        for i, b in enumerate(self.swapped):
             b.to("cpu")
             if self.device.type == "cuda": b._apply(lambda t: t.pin_memory())
             slots = [(d, k) for m in b.modules() for d in (m._parameters, m._buffers) for k, v in d.items() if v is not None]
-            b.forward = functools.partial(self._run, b.forward, slots, [d[k] for d, k in slots])
+            self.homes.append([d[k] for d, k in slots])
+            b.forward = functools.partial(self._run, i, b.forward, slots)
             b._apply = lambda fn, recurse=True, b=b: b     # moving the whole model to the device leaves this block where it is
 
-    def _run(self, forward, slots, home, *args, **kwargs):
-        "The block's forward with device copies of its weights (put back even when checkpointing stops a recomputation early)."
-        for (d, k), t in zip(slots, home):
-            d[k] = copy = t.detach().to(self.device, non_blocking=True, copy=True)
-            self.live += 1; weakref.finalize(copy, self._freed)
+    def _copies(self, i: int) -> list:
+        "Device copies of block `i`'s tensors (on the current stream), counted while they live."
+        copies = [t.detach().to(self.device, non_blocking=True, copy=True) for t in self.homes[i]]
+        for c in copies: self.live += 1; weakref.finalize(c, self._freed)
         self.peak = max(self.peak, self.live)
+        return copies
+
+    def _fetch(self, i: int):
+        "Start copying block `i` to the device (on the side stream on CUDA), unless it is already on its way."
+        if i in self.ready: return
+        if self.trace is not None: self.trace.append(("fetch", i))
+        with torch.cuda.stream(self.stream) if self.stream else nullcontext():
+            copies = self._copies(i)
+            event = torch.cuda.Event() if self.stream else None
+            if event: event.record(self.stream)
+        self.ready[i] = (copies, event)
+
+    def _take(self, i: int) -> list:
+        "Block `i`'s device copies: the prefetched ones (once their copy is done), else made now."
+        if i not in self.ready:
+            if self.trace is not None: self.trace.append(("copy", i))
+            return self._copies(i)
+        copies, event = self.ready.pop(i)
+        if event:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            for c in copies: c.record_stream(stream)    # made on the side stream, used (and freed) on this one
+        return copies
+
+    @torch.compiler.disable    # `--torch_compile` leaves swapped blocks out (a graph break), not a recompilation per block
+    def _run(self, i, forward, slots, *args, **kwargs):
+        "The block's forward with device copies of its weights (put back even when checkpointing stops a recomputation early)."
+        if self.trace is not None: self.trace.append(("run", i))
+        for (d, k), c in zip(slots, self._take(i)): d[k] = c
+        if self.prefetch: self._fetch(next_swapped(i, len(self.swapped), _in_backward(), torch.is_grad_enabled()))
         try: return forward(*args, **kwargs)
         finally:
-            for (d, k), t in zip(slots, home): d[k] = t
+            for (d, k), t in zip(slots, self.homes[i]): d[k] = t
 
     def _freed(self): self.live -= 1
 
     def remove(self):
-        "Stop swapping: every block back on the device for good."
-        for b in self.swapped:
-            del b.forward, b._apply
-            b.to(self.device)
+        """Stop swapping: the blocks stay in CPU memory (bringing them all to the device would need the memory the swap
+        saved, at the end of exactly the runs that needed it); `model.to(device)` now moves them too."""
+        self.ready.clear()
+        for b in self.swapped: del b.forward, b._apply
 
 # %% ../../nbs/runtime/placement.ipynb #9477f639
 def block_swap(cfg, comp, device) -> BlockSwap|None:
