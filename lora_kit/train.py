@@ -56,6 +56,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
     set_seed(cfg.seed)
     cpu_threads(acc.device, cfg.num_cpu_threads_per_process)
     with output_lock(cfg, acc.is_main_process), stop_signals(acc.num_processes > 1) as signalled:
+        run = None
         try:
             owned = comp is None       # loaded here: free to release models the caches replace
             if comp: comp.family = comp.family.with_options(cfg)
@@ -64,7 +65,9 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
             state = _start(cfg, comp, acc, run)
             _loop(state)
             return _finish(state)
-        finally: acc.end_training()
+        finally:
+            if run and run.swap: run.swap.remove()    # ended or stopped: swapped blocks stay in host memory
+            acc.end_training()
 
 # %% ../nbs/06_train.ipynb #5221ed0a
 def _loop(state: TrainState):
@@ -212,7 +215,6 @@ def _finish(state: TrainState) -> TrainState:
     if cfg.save_state or cfg.save_state_on_train_end: save_state(state, state_dirname(cfg))
     _save(state, lora_filename(cfg))
     _emit(state, "on_train_end")
-    if state.run.swap: state.run.swap.remove()
     return state
 
 # %% ../nbs/06_train.ipynb #d6ed27bf
