@@ -14,14 +14,15 @@ from ..lora import load_lora, merge_lora
 from .weights import store_in_fp8
 
 # %% auto #0
-__all__ = ['prepare_models', 'merge_base_weights', 'store_fp8', 'clean_memory', 'named_models', 'text_encoder_names', 'Placement',
-           'training_models', 'next_swapped', 'BlockSwap', 'block_swap', 'compile_models', 'free_cached_text_encoders',
-           'release_cached_models', 'models_used', 'free_cores', 'cpu_threads']
+__all__ = ['prepare_models', 'merge_base_weights', 'store_fp8', 'clean_memory', 'named_models', 'text_encoder_names',
+           'train_modes', 'eval_mode', 'Placement', 'training_models', 'next_swapped', 'BlockSwap', 'block_swap',
+           'compile_models', 'free_cached_text_encoders', 'release_cached_models', 'models_used', 'free_cores',
+           'cpu_threads']
 
 # %% ../../nbs/runtime/placement.ipynb #14d38bfe
 def prepare_models(cfg, comp, dtype, train_te: bool, datasets):
     """Frozen base models in their dtypes (the VAE in float32, the others in the weight dtype; each cast once, directly), with the
-    base weights merged and the attention/checkpointing options. They stay where they are: `Placement` moves them."""
+    base weights merged and the attention/checkpointing options (the text encoders' modes: `train_modes`). They stay where they are: `Placement` moves them."""
     for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
     merge_base_weights(cfg, comp)
     for m, want in [(comp.denoiser, dtype), (comp.vae, torch.float32), *((te, dtype) for te in comp.text_encoders)]:
@@ -31,8 +32,7 @@ def prepare_models(cfg, comp, dtype, train_te: bool, datasets):
         print("note: --blocks_to_swap turns on --gradient_checkpointing (a swapped block runs again in the backward pass instead of being kept)")
     comp.family.configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing or bool(cfg.blocks_to_swap), train_te,
                        [d.plan.spec.resolution for d in datasets])
-    for m in [comp.denoiser, *comp.text_encoders]:   # checkpointed layers act only in training mode (sd-scripts sets it too)
-        if _checkpointing(m): m.train()
+    if _checkpointing(comp.denoiser): comp.denoiser.train()   # checkpointed layers act only in training mode (sd-scripts sets it too)
     if cfg.xformers: comp.denoiser.enable_xformers_memory_efficient_attention()
 
 # %% ../../nbs/runtime/placement.ipynb #41047b36
@@ -73,6 +73,26 @@ def text_encoder_names(comp, indices=None) -> set[str]:
     "`named_models`' names of the loaded text encoders (only those at `indices`, if given)."
     idx = range(len(comp.text_encoders)) if indices is None else indices
     return {f"text_encoder{i + 1}" for i in idx if comp.text_encoders[i] is not None}
+
+# %% ../../nbs/runtime/placement.ipynb #7dc9e718
+def train_modes(comp, network) -> list[int]:
+    "Text encoders in training mode where they carry `network`'s modules and checkpoint, else eval; returns the indices of those in training mode."
+    wrapped = {id(m) for lm in network.modules() for m in getattr(lm, "_org", [])}
+    on = [i for i, te in enumerate(comp.text_encoders)
+          if te is not None and _checkpointing(te) and any(id(m) in wrapped for m in te.modules())]
+    for i, te in enumerate(comp.text_encoders):
+        if te is not None: te.train(i in on)
+    return on
+
+@contextmanager
+def eval_mode(comp):
+    "Within this block every loaded model is in eval mode; afterwards each in its mode before."
+    before = {n: m.training for n, m in named_models(comp).items()}
+    for m in named_models(comp).values(): m.eval()
+    try: yield
+    finally:
+        for n, m in named_models(comp).items():
+            if n in before: m.train(before[n])
 
 # %% ../../nbs/runtime/placement.ipynb #1f6f75b1
 class Placement:
