@@ -31,7 +31,7 @@ from .runtime.logs import init_trackers, learning_rates, log_to_trackers, setup_
 from .runtime.memos import Memos, cache_outputs, frozen_memos
 from .runtime.outputs import load_state, lora_filename, output_lock, prune_saves, save_state, state_dirname
 from .runtime.placement import BlockSwap, Placement, block_swap, compile_models, cpu_threads, models_used
-from .runtime.placement import prepare_models, release_cached_models, training_models
+from .runtime.placement import eval_mode, prepare_models, release_cached_models, train_modes, training_models
 from .runtime.validation import Validation
 
 # %% auto #0
@@ -233,6 +233,7 @@ def _start(cfg: TrainConfig, comp, acc: Accelerator, run: Run) -> TrainState:
     dtype, train_te, data = weight_dtype(cfg), not cfg.network_train_unet_only, [*run.datasets, *run.val_datasets]
     prepare_models(cfg, comp, dtype, train_te, run.datasets)   # in a function: no local here keeps a model alive
     network, optimizer = _lora_and_optimizer(cfg, comp, acc.device, dtype)
+    train_modes(comp, network)                          # only text encoders with LoRA modules train (T5 has dropout)
     run.loaders = [batch_loader(cfg, d, acc.num_processes, acc.process_index) for d in run.datasets]
     memos = frozen_memos(cfg, data, train_te)
     run.validation = Validation(cfg, run.val_datasets, acc, comp.family.objective, batch_loss)
@@ -347,7 +348,7 @@ class TrainingStopped(RuntimeError):
 # %% ../nbs/06_train.ipynb #c275291a
 def _emit(state: TrainState, event: str, *args):
     "Call `event` on every callback (with the averaged weights of a schedule-free optimizer); a failing callback is reported and training goes on."
-    with state.averaged_weights():
+    with state.averaged_weights(), eval_mode(state.comp):    # sampling: no dropout
         for cb in state.run.callbacks:
             try: getattr(cb, event)(state, *args)
             except (KeyboardInterrupt, TrainingStopped): raise
