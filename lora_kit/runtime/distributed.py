@@ -107,7 +107,7 @@ def average_gradients(params: list, accelerator) -> None:
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
     flat = accelerator.reduce(torch.cat([*grads, has]), "sum")
     total, has = flat[:-len(params)] / n, flat[-len(params):]
-    for p, g, h in zip(params, total.split([p.numel() for p in params]), has):
+    for p, g, h in zip(params, total.split([p.numel() for p in params]), has.tolist()):   # one device sync, not one per tensor
         p.grad = g.view_as(p).to(p.dtype) if h > 0 else None
 
 # %% ../../nbs/runtime/distributed.ipynb #2fc707e4
@@ -117,6 +117,7 @@ def batch_loader(cfg, dataset, num_processes: int = 1, rank: int = 0) -> torch.u
                                        batch_sampler=_ProcessBatches(BucketBatchSampler(dataset, cfg.seed, dataset.batch_size * num_processes), num_processes, rank),
                                        num_workers=min(cfg.max_data_loader_n_workers, os.cpu_count() or 1),
                                        persistent_workers=cfg.persistent_data_loader_workers and cfg.max_data_loader_n_workers > 0,
+                                       pin_memory=torch.cuda.is_available(),   # batches in page-locked memory: copies to the GPU overlap
                                        generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
 
 # %% ../../nbs/runtime/distributed.ipynb #ac0f38ef
