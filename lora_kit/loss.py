@@ -187,6 +187,7 @@ class DDPMObjective:
                           "signal; sd-scripts warns that training will be unexpected")
 
     def __call__(self, predict, latents: torch.Tensor, generator=None, mask: torch.Tensor|None = None) -> torch.Tensor:
+        if self.all_snr.device != latents.device: self.all_snr = self.all_snr.to(latents.device)   # once, not at every step
         return sd_loss(self.sched, predict, latents, generator, self.all_snr, mask, **self.options)
 
 # %% ../nbs/04_loss.ipynb #637f3e38
