@@ -120,20 +120,20 @@ def _step(state: TrainState, batch: dict) -> torch.Tensor:
 def batch_loss(state: TrainState, batch: dict, objective, num_processes: int = 1) -> torch.Tensor:
     "This process's part of the loss of one (global) batch under `objective`, weighted so that the `num_processes` parts average to the batch mean."
     comp, acc = state.comp, state.accelerator
-    latents = batch_latents(state, batch).to(acc.device, state.dtype)
+    latents = batch_latents(state, batch).to(acc.device, state.dtype, non_blocking=True)   # (pinned batches: asynchronous)
     cond = batch_conditioning(state, batch)
     offset, n = batch["rows"]
     with acc.autocast():
-        mask = batch["alpha_masks"].unsqueeze(1).to(acc.device) if "alpha_masks" in batch else None
+        mask = batch["alpha_masks"].unsqueeze(1).to(acc.device, non_blocking=True) if "alpha_masks" in batch else None
         per_sample = rows_loss(objective, lambda noisy, t: comp.family.predict(comp, noisy, t, cond, batch), latents, offset, n, mask)
-    return (per_sample * batch["loss_weights"].to(per_sample.device)).sum() * num_processes / n
+    return (per_sample * batch["loss_weights"].to(per_sample.device, non_blocking=True)).sum() * num_processes / n
 
 # %% ../nbs/06_train.ipynb #3eea0e9d
 def batch_latents(state: TrainState, batch: dict) -> torch.Tensor:
     "Latents of the batch's images: cached ones, else drawn from the VAE's distribution of each image (kept per `pixel_key` by the image memo)."
     if "latents" in batch: return batch["latents"]
     comp, device, memo, pixels = state.comp, state.accelerator.device, state.memos.images, batch["pixels"]
-    if memo is None: return comp.family.encode_images(comp, pixels.to(device))
+    if memo is None: return comp.family.encode_images(comp, pixels.to(device, non_blocking=True))
     moments = memo(batch["pixel_keys"], lambda rows: {"moments": image_moments(comp.vae, pixels[rows].to(device))}, device)
     return comp.family.sample_latents(comp, moments["moments"])
 
@@ -142,7 +142,7 @@ def batch_conditioning(state: TrainState, batch: dict) -> dict:
     cfg, comp, acc, memo = state.cfg, state.comp, state.accelerator, state.memos.texts
     fam, captions = comp.family, batch["captions"]
     if "text_cond" in batch:
-        cond = {k: v.to(acc.device, state.dtype) for k, v in batch["text_cond"].items()}
+        cond = {k: v.to(acc.device, state.dtype, non_blocking=True) for k, v in batch["text_cond"].items()}
         if state.train_te:    # a partial cache (the frozen encoders' outputs cached): the trained encoders run on top of it
             with acc.autocast(): cond = fam.encode_text(comp, captions, cfg.clip_skip, cfg.max_token_length, cached=cond, batch=batch)
         return cond
