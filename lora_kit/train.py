@@ -25,7 +25,7 @@ from .runtime.weights import weight_dtype
 from .optim import is_schedule_free, optimizer_from_config, optimizer_type, scheduler_from_config
 from .compat.metadata import training_metadata
 from .runtime.checks import check_all, start_problem
-from .runtime.distributed import allow_fp16_gradients, any_signalled, average_gradients, batch_loader, loader_batches
+from .runtime.distributed import allow_fp16_gradients, any_signalled, average_gradients, batch_loader, in_turn, loader_batches
 from .runtime.distributed import make_accelerator, rows_loss, stop_signals
 from .runtime.logs import init_trackers, learning_rates, log_to_trackers, setup_logging, write_loss_log
 from .runtime.memos import Memos, cache_outputs, frozen_memos
@@ -60,7 +60,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
         try:
             owned = comp is None       # loaded here: free to release models the caches replace
             if comp: comp.family = comp.family.with_options(cfg)
-            else: comp = load_components(cfg)
+            else: comp = in_turn(acc, lambda: load_components(cfg))    # processes one after the other: bounded host memory
             run = Run(datasets, val_datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [], signalled, owned, progress)
             state = _start(cfg, comp, acc, run)
             _loop(state)
@@ -244,7 +244,8 @@ def _start(cfg: TrainConfig, comp, acc: Accelerator, run: Run) -> TrainState:
     steps, epochs = count_steps(global_batches, cfg)
     if cfg.save_n_epoch_ratio: cfg.save_every_n_epochs = math.floor(epochs / cfg.save_n_epoch_ratio) or 1
     scheduler = scheduler_from_config(cfg, optimizer, steps, acc.num_processes)
-    run.model, optimizer, scheduler = acc.prepare(network, optimizer, scheduler)
+    run.model = acc.prepare_model(network, evaluation_mode=True)   # no DDP wrapper: never called, average_gradients syncs
+    optimizer, scheduler = acc.prepare(optimizer, scheduler)
     run.trainable = [p for p in run.model.parameters() if p.requires_grad]     # once, not at every step
     if cfg.full_fp16: allow_fp16_gradients(acc.scaler)
     objective = OBJECTIVES[comp.family.objective](cfg)
@@ -320,7 +321,7 @@ class Run:
     signalled: object = None                      # `stop_signals`' flag (several processes: a stop signal arrived)
     owned: bool = False                           # `train` loaded the models: it may free those the caches replace
     progress: bool = True                         # show a tqdm bar
-    model: torch.nn.Module = None                 # the LoRA as accelerate prepared it (DDP-wrapped with several processes)
+    model: torch.nn.Module = None                 # the LoRA as accelerate prepared it (never DDP-wrapped: average_gradients syncs)
     trainable: list = field(default_factory=list)   # its trained parameters
     loaders: list = field(default_factory=list)     # this process's share of each dataset's batches
     validation: Validation = None
