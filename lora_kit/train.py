@@ -120,7 +120,8 @@ def _step(state: TrainState, batch: dict) -> torch.Tensor:
 def batch_loss(state: TrainState, batch: dict, objective, num_processes: int = 1) -> torch.Tensor:
     "This process's part of the loss of one (global) batch under `objective`, weighted so that the `num_processes` parts average to the batch mean."
     comp, acc = state.comp, state.accelerator
-    latents = batch_latents(state, batch).to(acc.device, state.dtype, non_blocking=True)   # (pinned batches: asynchronous)
+    dtype = torch.float32 if getattr(objective, "fp32_latents", False) else state.dtype   # the flow objective: float32 (sd-scripts)
+    latents = batch_latents(state, batch).to(acc.device, dtype, non_blocking=True)   # (pinned batches: asynchronous)
     cond = batch_conditioning(state, batch)
     offset, n = batch["rows"]
     with acc.autocast():
