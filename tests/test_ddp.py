@@ -81,6 +81,14 @@ def test_validation_with_two_processes(tmp_path):
     ev = EventAccumulator(str(runs[0] / "network_train")); ev.Reload()
     assert [e.step for e in ev.Scalars("loss/validation/step_average")] == [1, 2, 3]
     assert load_lora(tmp_path / "out" / "run.safetensors")[1]["ss_num_validation_images"] == "1"
+    # Each process validates its share of the (global) validation batch: the values are those of one process.
+    from lora_kit.config import make_config
+    from lora_kit.train import train
+    torch.set_num_threads(1)
+    state = train(make_config([*ARGS, "--train_data_dir", str(d), "--train_batch_size", "2", "--validation_split", "0.2",
+                               "--validate_every_n_steps", "1", "--output_dir", str(tmp_path / "single")]), progress=False)
+    single = [v for _, _, kind, v in state.validation if kind == "step"]
+    assert [e.value for e in ev.Scalars("loss/validation/step_average")] == pytest.approx(single, rel=1e-5)
 
 
 def _exchange(rank, world, port, out):
