@@ -5,7 +5,7 @@
 # %% ../nbs/06_train.ipynb #ff5628eb
 from __future__ import annotations
 import errno, math, random, time, uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -349,10 +349,12 @@ class TrainingStopped(RuntimeError):
 
 # %% ../nbs/06_train.ipynb #c275291a
 def _emit(state: TrainState, event: str, *args):
-    "Call `event` on every callback (with the averaged weights of a schedule-free optimizer); a failing callback is reported and training goes on."
-    with state.averaged_weights(), eval_mode(state.comp):    # sampling: no dropout
+    """Call `event` on every callback (with the averaged weights of a schedule-free optimizer; the models in eval mode for a
+    callback that runs them: sampling without dropout); a failing callback is reported and training goes on."""
+    with state.averaged_weights():
         for cb in state.run.callbacks:
-            try: getattr(cb, event)(state, *args)
+            try:
+                with eval_mode(state.comp) if getattr(cb, "uses_models", True) else nullcontext(): getattr(cb, event)(state, *args)
             except (KeyboardInterrupt, TrainingStopped): raise
             except Exception as e: print(f"warning: {type(cb).__name__}.{event} failed ({type(e).__name__}: {e}); training continues")
 
