@@ -14,6 +14,8 @@ licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache S
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable", "6 - Mature", "7 - Inactive"]
 lic = licenses[cfg["license"]]
 
+def extra(name: str) -> list[str]: return shlex.split(cfg.get(f"{name}_requirements", ""))
+
 setuptools.setup(
     name=cfg["lib_name"],
     license=lic[0],
@@ -29,7 +31,10 @@ setuptools.setup(
     package_data={"lora_kit": ["assets/**/*", "assets/*"]},
     include_package_data=True,
     install_requires=shlex.split(cfg.get("requirements", "")),
-    extras_require={"dev": shlex.split(cfg.get("dev_requirements", ""))},
+    # `pip install lora-kit`: the CLI and the package; [notebook]: the widget trainer and plots in Jupyter; [tensorboard]: --logging_dir;
+    # [dev]: everything the tests and nbdev_test need (the two extras too)
+    extras_require={"notebook": extra("notebook"), "tensorboard": extra("tensorboard"),
+                    "dev": extra("dev") + extra("notebook") + extra("tensorboard")},
     python_requires=">=" + cfg["min_python"],
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

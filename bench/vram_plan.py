@@ -5,10 +5,10 @@ peak device memory of each phase (loading, caching, training, sampling), for an 
         --mixed_precision bf16 --cache_latents --cache_text_encoder_outputs --network_train_unet_only \\
         --gradient_checkpointing --blocks_to_swap 16
     PYTHONPATH=. python bench/vram_plan.py --readme        # the full-size estimates in bench/README.md
-    PYTHONPATH=. python bench/vram_plan.py --check         # the estimate against real CPU runs (RSS, torch.autocast)
+    PYTHONPATH=. python bench/vram_plan.py --check [sdxl]  # the estimate against real CPU runs (RSS, torch.autocast)
 
 `--pretrained_model_name_or_path` takes a model lora_kit loads (a diffusers folder, a single file, a built-in tiny model)
-or a shape name: sd15, sd21, sd3-medium, sd35-medium, sd35-large, mid (bench/common.py). Nothing is loaded and nothing
+or a shape name: sd15, sd21, sd3-medium, sd35-medium, sd35-large, sdxl, mid (bench/common.py), sdxl-mid. Nothing is loaded and nothing
 is allocated: the models are built from their configs on PyTorch's meta device, the LoRA is injected by lora_kit's own
 `build_network`, and lora_kit's own training step (`batch_loss` + backward), text and image encoders and denoiser run
 on meta tensors while `LiveBytes` follows every tensor they create and when it is freed. Its peak is the exact peak of
@@ -220,12 +220,99 @@ def sd_model(name: str):
     return sd_from_configs(family, config_dir_for(family, read_shapes(what)))
 
 
+# --- SDXL: the family lora_kit trains it with, or (until it is there) a stand-in that runs the same computation
+
+def sdxl_family():
+    """The SDXL family (`lora_kit.families.sdxl`); without it a stand-in with the same step: the UNet on the concatenated CLIP-L
+    (hidden_states[11]) and bigG (hidden_states[-2]) states, `y` = bigG's pooled vector and the six size embeddings."""
+    try:
+        from lora_kit.families.sdxl import SDXLFamily
+        return SDXLFamily()
+    except ImportError: pass
+    from lora_kit.families.sd import SDFamily
+
+    class SDXLStandIn(SDFamily):
+        default_resolution = 1024
+        def encode_text(self, comp, captions, clip_skip=None, max_token_length=None, cached=None, batch=None):
+            (te1, te2), (tok1, tok2) = comp.text_encoders, comp.tokenizers
+            ids = [t(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(te1.device)
+                   for t in (tok1, tok2)]
+            h1 = te1(ids[0], output_hidden_states=True).hidden_states[-2]
+            out2 = te2(ids[1], output_hidden_states=True)
+            return {"context": torch.cat([h1, out2.hidden_states[-2]], dim=-1), "pooled": out2.text_embeds}
+        def predict(self, comp, noisy, timesteps, cond, batch=None):
+            n, (h, w) = noisy.shape[0], noisy.shape[-2:]
+            if batch and "original_sizes_hw" in batch:
+                ids = torch.cat([batch[k] for k in ("original_sizes_hw", "crop_top_lefts", "target_sizes_hw")], dim=1)
+            else: ids = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]]).expand(n, 6)
+            return comp.denoiser(noisy, timesteps, cond["context"], added_cond_kwargs={"text_embeds": cond["pooled"],
+                                 "time_ids": ids.to(noisy.device, noisy.dtype)}).sample
+    return SDXLStandIn("sdxl")
+
+
+# a mid-size SDXL-shaped model for `--check` (SDXL's structure, 256 px -> 32x32 latents with the tiny VAE)
+SDXL_MID_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256),
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1, 2),
+                     attention_head_dim=(2, 4, 8), cross_attention_dim=128 + 256, norm_num_groups=32, use_linear_projection=True,
+                     addition_embed_type="text_time", addition_time_embed_dim=32, projection_class_embeddings_input_dim=256 + 6 * 32)
+SDXL_MID_TE1 = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, projection_dim=128, hidden_act="quick_gelu")
+SDXL_MID_TE2 = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, projection_dim=256, hidden_act="gelu")
+
+
+def sdxl_components(unet, vae, te1, te2):
+    from lora_kit.compat.sdxl_files import sdxl_tokenizers, training_scheduler
+    from lora_kit.family import Components
+    return Components(sdxl_family(), unet, vae, [te1, te2], sdxl_tokenizers(), training_scheduler(), source="sdxl")
+
+
+def sdxl_model(name: str, seed: int = 0):
+    "`sdxl` (SDXL 1.0 base, the bundled configs), `sdxl-mid` (`SDXL_MID_*`, seeded), an SDXL file or folder (its configs), on the current device."
+    from diffusers import AutoencoderKL
+    from lora_kit.compat.sdxl_files import (TE1_CONFIGS, TE2_CONFIGS, UNET_CONFIGS, VAE_CONFIGS, _CLIP, _te1, _te2, _unet, _vae,
+                                            bundled_config, sdxl_file_kind)
+    from lora_kit.families.sd import TINY_VAE
+    if name == "sdxl": return sdxl_components(*(f(bundled_config(s)) for f, s in ((_unet, "unet"), (_vae, "vae"),
+                                                                                   (_te1, "text_encoder"), (_te2, "text_encoder_2"))))
+    if name == "sdxl-mid":
+        torch.manual_seed(seed)
+        return sdxl_components(_unet(SDXL_MID_UNET), AutoencoderKL(**TINY_VAE), _te1(dict(_CLIP, **SDXL_MID_TE1)), _te2(dict(_CLIP, **SDXL_MID_TE2)))
+    p = Path(name)
+    if p.is_dir():
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+        return sdxl_components(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(p/"unet")),
+                               AutoencoderKL.from_config(AutoencoderKL.load_config(p/"vae")),
+                               CLIPTextModel(CLIPTextConfig.from_pretrained(p/"text_encoder")),
+                               CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(p/"text_encoder_2")))
+    assert sdxl_file_kind(p) == "base", f"{p} is not an SDXL base checkpoint"
+    # a file: the known configuration (full size or tiny) whose UNet width the header has
+    from lora_kit.checkpoint import read_shapes
+    width = read_shapes(p)["model.diffusion_model.input_blocks.0.0.weight"][0]
+    i = next(i for i, c in enumerate(UNET_CONFIGS) if c["block_out_channels"][0] == width)
+    return sdxl_components(_unet(UNET_CONFIGS[i]), _vae(VAE_CONFIGS[i]), _te1(TE1_CONFIGS[i]), _te2(TE2_CONFIGS[i]))
+
+
+def is_sdxl(name: str) -> bool:
+    from lora_kit.compat.sdxl_files import is_sdxl_folder, sdxl_file_kind
+    if name in ("sdxl", "sdxl-mid"): return True
+    p = Path(name)
+    if p.is_dir(): return is_sdxl_folder(p)
+    return p.is_file() and p.suffix == ".safetensors" and sdxl_file_kind(p) is not None
+
+
+def bench_model(model: str):
+    "The `--check` model: bench/common.py's, or `sdxl-mid`."
+    return sdxl_model(model) if model == "sdxl-mid" else bench_components(model)
+
+
 def components_for(cfg):
     "The models of `cfg`'s `--pretrained_model_name_or_path`, with the family's options, on the current device."
     from lora_kit.families.sd import CONFIGS
     from lora_kit.families.sd3 import TINY_SD3, claims_sd3, tiny_sd3_components
     name = cfg.pretrained_model_name_or_path
     if name == "mid": return bench_components("mid")
+    if is_sdxl(name): return sdxl_model(name)
     if name in SD_SHAPES: return sd_from_configs(SD_SHAPES[name], CONFIGS/SD_SHAPES[name])
     if name in SD3_SHAPES:
         from diffusers import SD3Transformer2DModel
@@ -318,7 +405,9 @@ def text_cond(cfg, comp, captions: list[str]) -> dict:
 def step_batch(cfg, comp, res) -> dict:
     "A batch as lora_kit's loader gives it: pixels or cached latents, captions or cached text conditioning."
     (w, h), bs, dev = res, cfg.train_batch_size, comp.denoiser.device
-    batch = {"captions": ["a photo of sks"] * bs, "rows": (0, bs), "loss_weights": torch.ones(bs, device=dev)}
+    batch = {"captions": ["a photo of sks"] * bs, "rows": (0, bs), "loss_weights": torch.ones(bs, device=dev),
+             "original_sizes_hw": torch.tensor([[h, w]] * bs), "crop_top_lefts": torch.zeros(bs, 2, dtype=torch.long),
+             "target_sizes_hw": torch.tensor([[h, w]] * bs)}     # SDXL's size conditioning (the data loader's keys)
     latents, texts = _cached(cfg)
     if latents: batch["latents"] = torch.zeros(bs, comp.vae.config.latent_channels, h // 8, w // 8, device=dev)
     else: batch["pixels"] = torch.zeros(bs, 3, h, w, device=dev)
@@ -503,12 +592,16 @@ README_COMMON = ["--network_dim", "16", "--network_alpha", "16", "--network_trai
 SD15 = ["sd15", "--network_module", "networks.lora", "--resolution", "512", "--mixed_precision", "fp16"]
 SD3 = ["--network_module", "networks.lora_sd3", "--resolution", "1024", "--mixed_precision", "bf16", "--cache_text_encoder_outputs",
        "--gradient_checkpointing"]
+SDXL = ["sdxl", "--network_module", "networks.lora", "--resolution", "1024", "--mixed_precision", "bf16", "--sdpa",
+        "--cache_text_encoder_outputs", "--gradient_checkpointing"]     # docs/train_SDXL-en.md's 8 GB recipe (dim 16 here)
 README_RUNS = {
     "SD1.5 512 px fp16, `--sdpa --gradient_checkpointing`": [*SD15, "--sdpa", "--gradient_checkpointing"],
     "SD1.5 512 px fp16, `--sdpa`": [*SD15, "--sdpa"],
     "SD1.5 512 px fp16, `--gradient_checkpointing` (vanilla attention)": [*SD15, "--gradient_checkpointing"],
     "SD1.5 512 px fp16 (vanilla attention)": SD15,
     "SD3.5 Medium 1024 px bf16": ["sd35-medium", *SD3],
+    "SDXL 1024 px bf16, `--gradient_checkpointing`": SDXL,
+    "SDXL 1024 px bf16, `--gradient_checkpointing --fp8_base`": [*SDXL, "--fp8_base"],
     **{f"SD3.5 Large 1024 px bf16, `--blocks_to_swap {n}`": ["sd35-large", *SD3, *(["--blocks_to_swap", str(n)] if n else [])]
        for n in (0, 12, 18, 24)},
     "SD3.5 Medium 1024 px bf16, `--fp8_base`": ["sd35-medium", *SD3, "--fp8_base"],
@@ -533,6 +626,7 @@ def readme_table():
 # --- The estimate against a real CPU run
 
 CHECK_RUNS = [("tiny", 256, []), ("mid", 256, []), ("mid", 256, ["--gradient_checkpointing"])]   # (bench model, px, flags)
+SDXL_CHECK_RUNS = [("sdxl-mid", 256, []), ("sdxl-mid", 256, ["--gradient_checkpointing"])]         # `--check sdxl`
 
 
 def check_argv(model: str, res: int, data: Path, out: Path, extra: list[str], precision: str = "no") -> list[str]:
@@ -550,7 +644,7 @@ def train_bench_model(model: str, res: int, extra: list[str], tmp: Path) -> floa
     from lora_kit.config import make_config
     from lora_kit.train import Callback, train
     argv = check_argv(model, res, write_dataset(tmp/f"data_{res}", n=4, res=res), tmp/"out", extra)
-    cfg = make_config([a if a != "mid" else "tiny-sd1" for a in argv])     # the bench model itself is passed in as `comp`
+    cfg = make_config([a if a not in ("mid", "sdxl-mid") else "tiny-sd1" for a in argv])   # the bench model itself is passed in as `comp`
     class StepPeaks(Callback):
         uses_models = False
         def __init__(self): self.peaks = []
@@ -558,7 +652,7 @@ def train_bench_model(model: str, res: int, extra: list[str], tmp: Path) -> floa
     gc.collect()
     reset_peak_rss()
     before, steps = rss_mb(os.getpid()), StepPeaks()
-    train(cfg, [steps], comp=bench_components(model), progress=False)
+    train(cfg, [steps], comp=bench_model(model), progress=False)
     return max(steps.peaks) - before
 
 
@@ -601,7 +695,7 @@ def autocast_peaks(model: str, res: int, extra: list[str]) -> tuple[int, int]:
     under `Autocast` given the CPU's op lists): the emulation the plan runs with CUDA's lists, checked against the real one."""
     from lora_kit.config import make_config
     cfg = make_config(check_argv(model, res, Path("data"), Path("out"), extra, "bf16"), check=False)
-    comp = bench_components(model)
+    comp = bench_model(model)
     network = prepare(cfg, comp, (res, res))
     return (step_peak(cfg, comp, network, (res, res), CPUAutocast(torch.bfloat16)),
             step_peak(cfg, comp, network, (res, res), Autocast(torch.bfloat16, CPU_FLOAT_OPS)))
@@ -629,7 +723,7 @@ def main(argv=None):
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if argv[:1] == ["--worker"]: return measure_worker(json.loads(argv[1]))
     if argv[:1] == ["--readme"]: return readme_table()
-    if argv[:1] == ["--check"]: return check()
+    if argv[:1] == ["--check"]: return check(SDXL_CHECK_RUNS if argv[1:2] == ["sdxl"] else CHECK_RUNS)
     if not argv or argv[0] in ("-h", "--help"): print(__doc__); return
     from lora_kit.config import make_config
     print(report(make_plan(make_config(argv, check=False))))

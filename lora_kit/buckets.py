@@ -411,23 +411,21 @@ def resize_image(image: np.ndarray, width: int, height: int, interpolation: Opti
     """library/utils.resize_image: HxWxC uint8 array -> (height, width).
 
     interpolation None = sd-scripts' default: "area" when the image shrinks (or keeps) on both sides, else "lanczos".
-    "lanczos" and "box" use PIL like sd-scripts (identical pixels). "area" when shrinking and "nearest" use our numpy
-    ports of OpenCV INTER_AREA / INTER_NEAREST_EXACT (bit-exact). The remaining OpenCV methods (bilinear/linear,
-    bicubic/cubic, area when enlarging) use cv2 if it is installed, else the PIL filter of the same name: NOT
-    pixel-identical (PIL antialiases when shrinking; measured in tests/test_buckets.py)."""
+    "lanczos" and "box" use PIL like sd-scripts (identical pixels); the OpenCV methods ("area", "nearest" =
+    INTER_NEAREST_EXACT, "bilinear"/"linear", "bicubic"/"cubic") use cv2 like sd-scripts. Without cv2, "area" when
+    shrinking and "nearest" use the bit-exact numpy ports above, the others PIL's filter of the same name: NOT
+    pixel-identical (PIL antialiases when shrinking; measured in tests/test_data_sdscripts.py)."""
     h, w = image.shape[:2]
     if interpolation is None:
         interpolation = "area" if (w >= width and h >= height) else "lanczos"
+    if interpolation not in ("lanczos", "box") and (cv2 := _cv2()) is not None:
+        flags = {"nearest": cv2.INTER_NEAREST_EXACT, "bilinear": cv2.INTER_LINEAR, "linear": cv2.INTER_LINEAR,
+                 "bicubic": cv2.INTER_CUBIC, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}
+        if interpolation in flags: return cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=flags[interpolation])
     if interpolation == "area" and w >= width and h >= height:
         return resize_area_down(image, width, height)
     if interpolation == "nearest":
         return resize_nearest_exact(image, width, height)
-    if interpolation not in ("lanczos", "box"):
-        cv2 = _cv2()
-        if cv2 is not None:
-            flags = {"nearest": cv2.INTER_NEAREST_EXACT, "bilinear": cv2.INTER_LINEAR, "linear": cv2.INTER_LINEAR,
-                     "bicubic": cv2.INTER_CUBIC, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}
-            return cv2.resize(image, (width, height), interpolation=flags[interpolation])
     if interpolation not in _PIL:
         raise ValueError(f"unknown interpolation {interpolation!r}")
     return np.array(Image.fromarray(image).resize((width, height), resample=_PIL[interpolation]))

@@ -13,8 +13,8 @@ from typing import Any, Callable, Optional, Sequence
 
 # %% auto #0
 __all__ = ['CaptionOptions', 'add_prefix_suffix', 'is_caption_dropped', 'expand_wildcards', 'split_tokens', 'token_warmup_steps',
-           'warmup_tag_count', 'drop_tags', 'process_caption', 'is_text_encoder_output_cacheable', 'CaptionFileError',
-           'caption_candidates', 'read_caption', 'dreambooth_captions', 'missing_captions_warning',
+           'warmup_tag_count', 'drop_tags', 'process_caption', 'cached_caption', 'is_text_encoder_output_cacheable',
+           'CaptionFileError', 'caption_candidates', 'read_caption', 'dreambooth_captions', 'missing_captions_warning',
            'finetuning_caption', 'tag_frequency', 'get_input_ids', 'encode_chunked', 'parse_prompt_attention',
            'get_weighted_input_ids', 'apply_token_weights']
 
@@ -152,6 +152,14 @@ def process_caption(caption: str, opts: Any, rng: random.Random, *, epoch: int =
         else:
             caption = caption.replace(src, dst)
     return caption
+
+# %% ../nbs/01c_captions.ipynb #1cf81df9
+def cached_caption(caption: str, opts: Any) -> str:
+    """The caption `--cache_text_encoder_outputs` encodes for a subset with enable_wildcard: the caption as written, every
+    line and `{a|b}` unresolved, as sd-scripts' caching (`cache_batch_outputs` tokenizes `info.caption`, train_util.py
+    "TODO cache some patterns"); caption_prefix/suffix and secondary_separator as in every cached caption of lora_kit."""
+    caption = add_prefix_suffix(caption, opts.caption_prefix, opts.caption_suffix)
+    return caption.replace(opts.secondary_separator, opts.caption_separator) if opts.secondary_separator else caption
 
 # %% ../nbs/01c_captions.ipynb #cb875856
 def is_text_encoder_output_cacheable(opts: Any, cache_supports_dropout: bool = False) -> bool:

@@ -54,8 +54,8 @@ def follow_umask(folder: str|Path):
         if f.is_file(): os.chmod(f, mode)
 
 # %% ../nbs/01c_checkpoint.ipynb #4f8f0ae5
-class UnsafeCheckpointError(RuntimeError):
-    "A pickle checkpoint that weights-only loading refuses (it could run code when unpickled)."
+class UnsafeCheckpointError(ValueError):
+    "A pickle checkpoint that weights-only loading refuses (it could run code when unpickled): a bad input file, reported in one line."
 
 # %% ../nbs/01c_checkpoint.ipynb #964c3fa5
 class _LightningCallbackStub:
@@ -136,10 +136,11 @@ def load_state_dict(path: str|Path, mmap: bool = True) -> dict[str, torch.Tensor
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
         bad, reason = _refused_globals(path), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if bad or "Weights only load failed" in str(e):
-            what = f"it references {', '.join(bad[:5])}, " if bad else "it needs globals "
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", reason)    # torch's message has terminal colour codes
+            what = f"it references {', '.join(bad[:5])}, " if bad else f"it needs globals ({plain}) "
             raise UnsafeCheckpointError(
-                f"{path} could not be read safely: {what}which weights-only loading refuses (a .ckpt can run code when "
-                f"it is loaded). Use a .safetensors version of this model, or convert it where you trust the file. ({reason})") from None
+                f"{path} could not be read safely: {what}which weights-only loading refuses (a pickle .ckpt can run code "
+                f"when it is loaded); convert it to .safetensors where you trust the file, or use a .safetensors version of this model") from None
         raise ValueError(f"{path} could not be read as a checkpoint ({reason})") from None
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict): obj = obj["state_dict"]   # Lightning wrapper
     if not isinstance(obj, dict): raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__})")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_cli.ipynb #c596eb9f
 from __future__ import annotations
-import argparse, difflib, functools, importlib, os, shutil, sys, textwrap, time
+import argparse, difflib, functools, importlib, importlib.util, os, shlex, shutil, sys, textwrap, time
 from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read when torch loads: idle threads sleep instead of spinning (train.cpu_threads)
 
@@ -12,8 +12,8 @@ from . import __version__
 from .config import GROUPS, OPTIONS, ConfigError, Opt, make_config
 
 # %% auto #0
-__all__ = ['COMMANDS', 'ALIASES', 'option_help', 'script_help', 'train_script', 'train_network', 'demo_argv', 'write_demo_data',
-           'demo', 'check_toy', 'convert', 'merge', 'overview', 'main']
+__all__ = ['PLANNER', 'COMMANDS', 'ALIASES', 'option_help', 'script_help', 'train_script', 'train_network', 'continue_command',
+           'demo_argv', 'write_demo_data', 'demo', 'check_toy', 'convert', 'merge', 'plan', 'overview', 'main']
 
 # %% ../nbs/09_cli.ipynb #c1e00005
 _METAVARS = {"int": "INT", "float": "FLOAT", "int_or_float": "NUMBER", "str": "STR"}
@@ -71,6 +71,9 @@ def train_script(script: str, argv: list[str]) -> int:
                            f"train it with lora-kit {model.script}"])
     if cfg.network_module == "networks.lora" and fam.network_modules: argv = [*argv, "--network_module", fam.network_modules[0]]
     cfg = make_config(argv, script=script)
+    from lora_kit.runtime.outputs import previous_run_notes
+    if os.environ.get("RANK", "0") == "0":
+        for line in previous_run_notes(cfg): print(line)
     from lora_kit.sample import SampleCallback
     from lora_kit.train import train
     state = train(cfg, [SampleCallback(cfg)])
@@ -81,6 +84,24 @@ def train_network(argv: list[str]) -> int:
     "sd-scripts' `train_network.py` with the same flags; returns the exit status."
     return train_script("train_network", argv)
 
+# %% ../nbs/09_cli.ipynb #c26215f1
+def _without(argv: list[str], flag: str) -> list[str]:
+    "`argv` without `flag` and its value (`--flag value` or `--flag=value`)."
+    out, skip = [], False
+    for a in argv:
+        if skip: skip = False; continue
+        if a == flag: skip = True; continue
+        if not a.startswith(flag + "="): out.append(a)
+    return out
+
+def continue_command(argv: list[str], stopped: BaseException) -> str|None:
+    "What to run to continue a stopped training run (`argv`: the command and its arguments as typed), or None."
+    state, lora = getattr(stopped, "state", None), getattr(stopped, "lora", None)
+    if state: return "to continue: lora-kit " + shlex.join([*_without(argv, "--resume"), "--resume", str(state)])
+    if lora: return ("no training state was saved, so the optimizer cannot resume (add --save_state for that); to start again from "
+                     "this LoRA: lora-kit " + shlex.join([*_without(_without(argv, "--resume"), "--network_weights"), "--network_weights", str(lora)]))
+    return None
+
 # %% ../nbs/09_cli.ipynb #c1e0000f
 def _parser(command: str, description: str) -> argparse.ArgumentParser:
     "An argparse parser for `lora-kit <command>`, with `-h`/`--help` and `--version`."
@@ -89,14 +110,14 @@ def _parser(command: str, description: str) -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/09_cli.ipynb #fbcd974e
-def demo_argv(out: Path, steps: int = 400, model: str = "toy-sd1") -> list[str]:
-    "The sd-scripts command line the demo runs."
+def demo_argv(out: Path, steps: int = 400, model: str = "toy-sd1", logs: bool = True) -> list[str]:
+    "The sd-scripts command line the demo runs (`logs`: with TensorBoard logs in `out/logs`)."
     return ["--pretrained_model_name_or_path", model, "--train_data_dir", str(out/"data"), "--caption_extension", ".txt",
             "--resolution", "64", "--train_batch_size", "4", "--output_dir", str(out), "--output_name", "demo",
             "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "8", "--network_train_unet_only",
             "--network_args", "conv_dim=8", "conv_alpha=8", "--learning_rate", "2e-3", "--optimizer_type", "AdamW",
             "--lr_scheduler", "constant", "--max_train_steps", str(steps), "--seed", "42",
-            "--max_data_loader_n_workers", "0", "--logging_dir", str(out/"logs"), "--mixed_precision", "no", "--cache_latents",
+            "--max_data_loader_n_workers", "0", *(["--logging_dir", str(out/"logs")] if logs else []), "--mixed_precision", "no", "--cache_latents",
             "--sample_prompts", str(out/"prompts.txt"), "--sample_every_n_steps", str(max(steps // 4, 1)), "--sample_at_first"]
 
 # %% ../nbs/09_cli.ipynb #247647d1
@@ -114,18 +135,25 @@ def demo(argv: list[str]) -> int:
     p.add_argument("--output_dir", default="output/demo", help="where the data, LoRA, samples and logs go (default: %(default)s)")
     p.add_argument("--max_train_steps", type=int, default=400, help="training steps (default: %(default)s)")
     a = p.parse_args(argv)
-    from lora_kit.toy.model import concept_rate, image_grid, load_toy
+    from lora_kit.runtime.logs import installed
+    from lora_kit.toy.model import CONCEPT_PROMPTS, concept_rate, image_grid, load_toy, stack
     out, t0 = Path(a.output_dir), time.time()
     write_demo_data(out)
-    args = demo_argv(out, a.max_train_steps)
+    args = demo_argv(out, a.max_train_steps, logs=installed("tensorboard"))
     print("lora-kit train_network " + " ".join(f'"{x}"' if " " in x else x for x in args))
     if rc := train_network(args): return rc
-    print(f"trained in {time.time() - t0:.0f} s; checking what the LoRA learned ...")
+    print(f"trained in {time.time() - t0:.0f} s; checking what the LoRA learned: {len(CONCEPT_PROMPTS)} 'sks' prompts x 8 images, without and with it ...")
     (before, _, imgs0), (after, hist, imgs1) = concept_rate(load_toy()), concept_rate(load_toy(lora=out/"demo.safetensors"))
-    image_grid(imgs0 + imgs1).save(out/"before_after.png")
+    stack([image_grid(imgs0, title=f"without the LoRA: {before:.0%} stars", row_labels=CONCEPT_PROMPTS),
+           image_grid(imgs1, title=f"with the LoRA: {after:.0%} stars", row_labels=CONCEPT_PROMPTS)]).save(out/"before_after.png")
     print(f"'sks' prompts drawn as a star: {before:.0%} without the LoRA, {after:.0%} with it (shapes read: {hist})")
-    print(f"demo finished in {time.time() - t0:.0f} s: {out/'demo.safetensors'}, {out/'before_after.png'} (top: without, "
-          f"bottom: with the LoRA), samples in {out/'sample'}, {out/'demo_loss.png'}")
+    print(f"demo finished in {time.time() - t0:.0f} s. In {out}:",
+          "  demo.safetensors   the LoRA, in kohya's format (ComfyUI, Forge, A1111 and diffusers load it)",
+          "  before_after.png   the 'sks' prompts without (top) and with (bottom) the LoRA",
+          "  sample/            images drawn during training; demo_loss.png and demo_loss.csv: the loss" + ("; logs/: TensorBoard" if installed("tensorboard") else ""),
+          "next:", f"  lora-kit check_toy --lora {out/'demo.safetensors'}   measures the LoRA again",
+          "  lora-kit train_network --help   the options; the command above with your images in --train_data_dir (folders named",
+          "  like 10_mything, captions in .txt files) and your model in --pretrained_model_name_or_path trains your own LoRA", sep="\n")
     return 0
 
 # %% ../nbs/09_cli.ipynb #468fc3f2
@@ -184,6 +212,31 @@ def merge(argv: list[str]) -> int:
     save_model(comp, a.output, SAVE_DTYPES[a.save_precision])
     print(f"wrote {a.output}"); return 0
 
+# %% ../nbs/09_cli.ipynb #34df659f
+PLANNER = Path(sys.modules["lora_kit"].__file__).resolve().parent.parent/"bench"/"vram_plan.py"   # in the source tree, beside the package
+
+def plan(argv: list[str]) -> int:
+    "`lora-kit plan [<script>] <training flags>`: the planned device memory of each phase of that training run."
+    if not argv or "-h" in argv or "--help" in argv:
+        print("usage: lora-kit plan [train_network|sd3_train_network] <its flags>\n\n" + textwrap.fill(
+            "The device memory the training run with these flags will need, phase by phase, computed on PyTorch's meta "
+            "device without loading a model. --pretrained_model_name_or_path takes a model or a shape name: sd15, sd21, "
+            "sd3-medium, sd35-medium, sd35-large. Example: lora-kit plan --pretrained_model_name_or_path sd15 --resolution 512 "
+            "--mixed_precision bf16 --network_dim 16 --gradient_checkpointing --cache_latents", 100)); return 0 if argv else 2
+    script = ALIASES.get(argv[0], argv[0]) if not argv[0].startswith("-") else "train_network"
+    args = argv[1:] if not argv[0].startswith("-") else argv
+    cfg = make_config(args, check=False, script=script)
+    if not cfg.network_module: cfg = make_config([*args, "--network_module", "networks.lora"], check=False, script=script)
+    if not cfg.pretrained_model_name_or_path: raise ConfigError(["--pretrained_model_name_or_path is required: a model, or a shape name such as sd15"])
+    if not PLANNER.is_file():
+        raise ConfigError([f"lora-kit plan runs the planner of lora_kit's source tree ({PLANNER}), which this install lacks: "
+                           "install lora_kit from a checkout (pip install -e .)"])
+    spec = importlib.util.spec_from_file_location("vram_plan", PLANNER)
+    planner = sys.modules["vram_plan"] = importlib.util.module_from_spec(spec)   # (its dataclasses look their module up)
+    spec.loader.exec_module(planner)
+    print(planner.report(planner.make_plan(cfg)))
+    return 0
+
 # %% ../nbs/09_cli.ipynb #d74c4add
 def _registered_commands() -> dict:
     "One training command per registered family's script, and the families' own commands (from the registry, nothing imported)."
@@ -201,6 +254,7 @@ COMMANDS = {   # name: (function, its line in `lora-kit --help`)
     "check_toy": (check_toy, "measure what a toy model draws for its prompts, with or without a LoRA"),
     "convert": (convert, "rewrite a LoRA between kohya's and diffusers/PEFT's layouts"),
     "merge": (merge, "bake LoRAs into a model and save the model"),
+    "plan": (plan, "the device memory a training command will need, phase by phase, without loading the model"),
 }
 ALIASES = {f"{name}.py": name for name in COMMANDS}   # sd-scripts' script names, pasted with their `.py`
 
@@ -244,7 +298,10 @@ def main(argv: list[str]|None = None) -> int:
         return 2
     except Exception as e:
         if not _training_stopped(e): raise
-        if not quiet: print(f"lora-kit: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"lora-kit: {e}", file=sys.stderr)
+            is_training = isinstance(run, functools.partial) and run.func is train_script
+            if is_training and (line := continue_command(argv, e)): print(line, file=sys.stderr)
         return 130 if "interrupted" in str(e) else 1
 
 # %% ../nbs/09_cli.ipynb #0cdb94f5

@@ -143,8 +143,14 @@ LORA_KIT_OPTIONS = [
 
 # %% ../nbs/00_config.ipynb #86bb3dc2
 LORA_KIT_OPTIONS.append(Opt("num_cpu_threads_per_process", "int", None, "CPU threads for training (accelerate launch's flag; "
-                            "default: OMP_NUM_THREADS, else the cores the load average leaves free)", group="advanced",
+                            "default: OMP_NUM_THREADS, else the cores other processes leave free)", group="advanced",
                             supported=True, scripts=("lora_kit",)))
+
+# %% ../nbs/00_config.ipynb #179d5a1e
+LORA_KIT_OPTIONS.append(Opt("attention", "str", None, "the denoiser's attention: sdpa (PyTorch's scaled-dot-product attention; "
+                            "lora_kit's default unless --xformers) or vanilla (sd-scripts' default without --sdpa, --xformers "
+                            "or --mem_eff_attn: the same result, slower and in more memory)", ["sdpa", "vanilla"],
+                            group="advanced", supported=True, scripts=("lora_kit",)))
 
 # %% ../nbs/00_config.ipynb #b4af6494
 def load_options() -> dict[str, Opt]:
@@ -328,6 +334,10 @@ def ignored_config_keys(path: str|Path|None) -> list[str]:
             for where, key, _ in _config_entries(path) if key not in OPTIONS]
 
 # %% ../nbs/00_config.ipynb #c81a7bc4
+_WHY_POSITIVE = {"save_every_n_epochs": " (sd-scripts divides by it and stops with ZeroDivisionError after the first epoch): "
+                 "leave it out to save only at the end, or use 1 to save every epoch",
+                 "save_every_n_steps": " (sd-scripts divides by it and stops with ZeroDivisionError): leave it out to save "
+                 "only at the end"}
 _POSITIVE = "network_dim train_batch_size gradient_accumulation_steps max_train_steps max_train_epochs save_every_n_epochs " \
             "save_every_n_steps sample_every_n_steps sample_every_n_epochs clip_skip save_last_n_epochs save_last_n_steps " \
             "save_last_n_epochs_state save_last_n_steps_state initial_epoch multires_noise_iterations".split()
@@ -339,7 +349,7 @@ def _range_problems(c) -> list[str]:
     out = []
     for n in _POSITIVE:
         v = getattr(c, n)
-        if v is not None and v < 1: out.append(f"--{n} must be at least 1, got {v}")
+        if v is not None and v < 1: out.append(f"--{n} must be at least 1, got {v}" + _WHY_POSITIVE.get(n, ""))
     for n in _NONNEGATIVE:
         v = getattr(c, n)
         if v is not None and v < 0: out.append(f"--{n} must not be negative, got {v}")
@@ -396,7 +406,7 @@ def parse_resolution(v) -> tuple[int, int]:
 # %% ../nbs/00_config.ipynb #b2267a2f
 def _combination_problems(c) -> list[str]:
     out = []
-    if not c.pretrained_model_name_or_path: out.append("--pretrained_model_name_or_path is required (a diffusers folder, a .safetensors/.ckpt file, a cached hub id, or tiny-sd1 for the built-in demo model)")
+    if not c.pretrained_model_name_or_path: out.append("--pretrained_model_name_or_path is required (a diffusers folder, a .safetensors/.ckpt file, a cached hub id, or toy-sd1 for the built-in demo model)")
     if not c.network_module: out.append("--network_module is required: use networks.lora")
     if c.network_module and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", c.network_module):
         out.append(f"--network_module {c.network_module!r} is not a module name; use one of {', '.join(NETWORK_MODULES)} (or another installed module with create_network)")

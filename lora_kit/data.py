@@ -117,6 +117,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.npz: dict = {}           # item -> npz path, --cache_latents_to_disk
         self.text_cond: dict = {}     # processed caption -> text-encoder output, --cache_text_encoder_outputs
         self.uid = uuid.uuid4().hex   # names its images in `pixel_key`s
+        self.kept = torch.zeros((len(self), 2), dtype=torch.bool).share_memory_()   # (item, flipped) whose latents a memo keeps
 
     def __len__(self): return len(self.plan.images.items)
 
@@ -154,6 +155,12 @@ class TrainDataset(torch.utils.data.Dataset):
         return C.process_caption(self.plan.images.items[i].caption, self.subset(i), rng, epoch=epoch, step=self.step.value,
                                  max_train_steps=self.max_train_steps)
 
+    def cache_caption(self, i: int) -> str:
+        "The caption whose text-encoder outputs `--cache_text_encoder_outputs` keeps for item i (`captions.cached_caption` with wildcards)."
+        sub = self.subset(i)
+        if sub.enable_wildcard: return C.cached_caption(self.plan.images.items[i].caption, sub)
+        return self.caption(i, random.Random(0), 1)
+
     def __getitem__(self, key) -> dict:
         "`key` is an item index or (index, epoch, slot) as the sampler yields it."
         i, epoch, slot = key if isinstance(key, tuple) else (key, 0, key)
@@ -161,16 +168,17 @@ class TrainDataset(torch.utils.data.Dataset):
         item, sub = self.plan.images.items[i], self.subset(i)
         flipped = sub.flip_aug and rng.random() < 0.5
         out = {"index": i, "loss_weight": self.plan.spec.prior_loss_weight if item.is_reg else 1.0, "flipped": flipped}
-        img, sizes = (None, self.sizes(i, flipped)) if i in self.latents or i in self.npz else self.load(i, rng, flipped)
+        kept = fixed_pixels(sub) and not sub.alpha_mask and bool(self.kept[i, int(flipped)])   # latents kept: no need to decode
+        img, sizes = (None, self.sizes(i, flipped)) if i in self.latents or i in self.npz or kept else self.load(i, rng, flipped)
         out.update(sizes)
         if i in self.latents: out["latents"] = self.latents[i][int(flipped)]
         elif i in self.npz: out["latents"] = load_cached_latents(self.npz[i], flipped)
-        else: out["pixels"], out["pixel_key"] = to_pixels(img), (self.uid, i, flipped) if fixed_pixels(sub) else None
+        else: out["pixels"], out["pixel_key"] = None if kept else to_pixels(img), (self.uid, i, flipped) if fixed_pixels(sub) else None
         if sub.alpha_mask:      # with cached latents the image is read again for its mask, centred as when caching
             out["alpha_mask"] = torch.from_numpy((self.image(i, None, flipped) if img is None else img)[:, :, 3].copy()).float() / 255
         elif sub.conditioning_data_dir: out["alpha_mask"] = conditioning_mask(self, i, flipped)
         out["caption"] = self.caption(i, rng, epoch)
-        if self.text_cond: out["text_cond"] = self.text_cond[out["caption"]]
+        if self.text_cond: out["text_cond"] = self.text_cond[self.cache_caption(i) if sub.enable_wildcard else out["caption"]]
         return out
 
     def bucket_counts(self) -> dict:
@@ -216,9 +224,12 @@ def collate(samples: list[dict]) -> dict:
     "A batch from `TrainDataset` items (all from one bucket)."
     out = {"captions": [s["caption"] for s in samples], "indices": [s["index"] for s in samples],
            "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32)}
-    for k in ("pixels", "latents"):
-        if k in samples[0]: out[k] = torch.stack([s[k] for s in samples])
-    if "pixels" in samples[0]: out["pixel_keys"] = [s["pixel_key"] for s in samples]
+    if "latents" in samples[0]: out["latents"] = torch.stack([s["latents"] for s in samples])
+    if "pixels" in samples[0]:      # None for an image whose latents a memo keeps (zeros in its row; never encoded)
+        px = [s["pixels"] for s in samples]
+        shape = next((p.shape for p in px if p is not None), None)
+        out["pixels"] = torch.stack([torch.zeros(shape) if p is None else p for p in px]) if shape else None
+        out["pixel_keys"] = [s["pixel_key"] for s in samples]
     for k, name in (("original_size_hw", "original_sizes_hw"), ("crop_top_left", "crop_top_lefts"), ("target_size_hw", "target_sizes_hw")):
         if k in samples[0]: out[name] = torch.tensor([s[k] for s in samples], dtype=torch.long)
     if "text_cond" in samples[0]:
@@ -262,9 +273,12 @@ def option_problems(cfg: TrainConfig, specs: list) -> list[str]:
                         "(the augmentation would be frozen in the cache); turn one of them off")
     if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
         flag = "--cache_text_encoder_outputs" + ("_to_disk" if cfg.cache_text_encoder_outputs_to_disk else "")
-        if not all(text_cacheable(s) for s in subs):
+        if not all(text_cacheable(s) or s.enable_wildcard and text_cacheable(dataclasses.replace(s, enable_wildcard=False)) for s in subs):
             problems.append(f"{flag} cannot be used when captions change per step (shuffle_caption, "
-                            "caption_dropout_rate, caption_dropout_every_n_epochs, caption_tag_dropout_rate, token_warmup_step, enable_wildcard)")
+                            "caption_dropout_rate, caption_dropout_every_n_epochs, caption_tag_dropout_rate, token_warmup_step)")
+        if any(s.enable_wildcard for s in subs):
+            problems.append(f"warning: enable_wildcard with {flag}: as in sd-scripts, the cache encodes each caption as written (every "
+                            "line, {{a|b}} not resolved), so no wildcard is picked during the run; train without the cache to pick them per step")
     return problems
 
 # %% ../nbs/01_data.ipynb #f7b4e1ac

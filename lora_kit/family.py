@@ -17,7 +17,7 @@ from .config import OPTIONS, TrainConfig
 
 # %% auto #0
 __all__ = ['HUB_ID', 'Components', 'image_moments', 'Family', 'registered', 'scripts', 'family_for', 'foreign_option_problems',
-           'check_model', 'load_components', 'ModelNotFoundError', 'hub_cache_dir', 'resolve_hub_id']
+           'check_model', 'model_warnings', 'load_components', 'ModelNotFoundError', 'hub_cache_dir', 'resolve_hub_id']
 
 # %% ../nbs/02_family.ipynb #a7204701
 @dataclass
@@ -55,6 +55,7 @@ class Family:
     network_args = None            # its LoRA's `--network_args` table (None: `lora.NETWORK_ARGS`)
     network_modules: tuple = ()    # `--network_module` names of its own LoRA flavour (they take `network_args`)
     only_own_networks = False      # refuse the generic network modules (networks.lora_fa, dylora, oft, LyCORIS)
+    external_networks = False      # with only_own_networks: still take importable modules (LyCORIS), through network_models
     sample_sampler = True          # `--sample_sampler` chooses the sampling scheduler
     default_resolution = 512       # `modelspec.resolution` without `--resolution`
     latents_suffix = "_sd"         # latent cache files `<stem>_WxH<suffix>.npz`, as sd-scripts names them
@@ -65,6 +66,7 @@ class Family:
     # what a model is, and loading it
     def claims(self, name: str) -> bool: raise NotImplementedError
     def check(self, cfg: TrainConfig) -> list[str]: return []
+    def warnings(self, cfg: TrainConfig) -> list[str]: return []     # options it ignores, as sd-scripts does (it warns and trains)
     def load(self, cfg: TrainConfig) -> Components: raise NotImplementedError
     def with_options(self, cfg: TrainConfig) -> "Family": return self
     def configure_denoiser(self, comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool,
@@ -84,11 +86,18 @@ class Family:
     # the LoRA and memory
     def lora_targets(self, comp: Components, train_unet: bool = True, train_text_encoder: bool = True, conv: bool = False,
                      network_args: dict|None = None) -> list: raise NotImplementedError
+    def network_models(self, comp: Components) -> tuple:
+        "(text encoder or list of them, denoiser) as sd-scripts passes them to another module's `create_network` (same module paths)."
+        return comp.text_encoders[0], comp.denoiser
     def swap_blocks(self, comp: Components) -> list[nn.ModuleList]: return []
 
     # sampling and saving
     def pipeline(self, comp: Components): raise NotImplementedError
     def prompt_arguments(self, pipe) -> dict: return {}
+    def encode_prompt(self, comp: Components, pipe, prompt: str, negative_prompt: str, guidance: bool, clip_skip: int|None = None) -> tuple:
+        "Sampling embeddings (prompt, negative, pooled, negative pooled) from the pipeline's `encode_prompt`; families that use `clip_skip` override this."
+        return pipe.encode_prompt(prompt=prompt, **self.prompt_arguments(pipe), negative_prompt=negative_prompt or None,
+                                  device=pipe.text_encoder.device, num_images_per_prompt=1, do_classifier_free_guidance=guidance)
     def metadata(self, cfg: TrainConfig) -> dict: return {}
     base_model_version = "?"
     modelspec_architecture = "?"
@@ -115,7 +124,8 @@ def family_for(name: str|None, script: str = "train_network") -> Family:
 # %% ../nbs/02_family.ipynb #52bed60b
 def foreign_option_problems(cfg: TrainConfig, fam: Family) -> list[str]:
     "Options set in `cfg` that only other scripts than `fam.script` have (and `fam` does not implement), and other families' network modules."
-    out = [f"{o.flag} is an {'/'.join(o.scripts)} option; remove it for this {fam.title} model"
+    also = lambda o: f" (also {', '.join(o.scripts[1:])})" if len(o.scripts) > 1 else ""
+    out = [f"{o.flag} is an {o.scripts[0]} option{also(o)}; remove it for this {fam.title} model"
            for n, o in OPTIONS.items() if o.scripts and fam.script not in o.scripts and "lora_kit" not in o.scripts
            and n not in fam.extra_options and getattr(cfg, n) != o.default]
     owner = next((f for f in registered() if cfg.network_module in f.network_modules), None)
@@ -127,6 +137,10 @@ def check_model(cfg: TrainConfig, script: str = "train_network") -> list[str]:
     "Problems with the model options of `cfg`, before loading anything."
     fam = family_for(cfg.pretrained_model_name_or_path, script)
     return foreign_option_problems(cfg, fam) + fam.check(cfg)
+
+def model_warnings(cfg: TrainConfig, script: str = "train_network") -> list[str]:
+    "Options of `cfg` the model's family ignores with a warning, as sd-scripts does (e.g. `--clip_skip` on SD3)."
+    return family_for(cfg.pretrained_model_name_or_path, script).warnings(cfg)
 
 def load_components(cfg: TrainConfig, script: str = "train_network") -> Components:
     "Load `--pretrained_model_name_or_path` (and the files other flags name) offline, with its family carrying the run's options."

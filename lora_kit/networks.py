@@ -137,8 +137,8 @@ class OFTNetwork(LoRANetwork):
 
 # %% ../nbs/03b_networks.ipynb #33851e04
 def sd_scripts_text_encoder(te: nn.Module) -> nn.Module:
-    "`te` with the module paths sd-scripts' networks look for (`text_model.encoder.…`), whatever transformers calls them."
-    if hasattr(te, "text_model"): return te
+    "`te` with the module paths sd-scripts' networks look for (CLIP's `text_model.encoder.…`), whatever transformers calls them."
+    if hasattr(te, "text_model") or not type(te).__name__.startswith("CLIP"): return te
     root = nn.Module()
     root.text_model = te
     return root
@@ -156,8 +156,8 @@ class ExternalNetwork(nn.Module):
     def load_state_dict(self, state, strict: bool = True, assign: bool = False): return self.net.load_state_dict(state, strict, assign)
 
     def modules_with(self, prefix: str) -> list[nn.Module]:
-        "The network's modules whose names start with `prefix_` (sd-scripts' networks register them by their kohya name)."
-        return [m for n, m in self.net.named_children() if n.startswith(prefix + "_")]
+        "The network's modules whose names start with `prefix_` or `prefix<i>_` (`lora_te1_`: sd-scripts' networks register them by their kohya name)."
+        return [m for n, m in self.net.named_children() if re.match(rf"{prefix}\d*_", n)]
 
     def param_groups(self, lrs: dict[str, float|None], default_lr: float) -> list[dict]:
         "The network's `prepare_optimizer_params` groups, with lora_kit's group names."
@@ -177,7 +177,8 @@ def external_network(cfg, comp) -> ExternalNetwork:
     "The network of `--network_module` (any module with sd-scripts' `create_network`) on `comp`, applied to the models."
     module, name = importlib.import_module(cfg.network_module), cfg.network_module
     kwargs = dict(a.split("=", 1) for a in cfg.network_args or [])
-    te, unet = sd_scripts_text_encoder(comp.text_encoders[0]), comp.denoiser
+    te, unet = comp.family.network_models(comp)
+    te = [sd_scripts_text_encoder(t) for t in te] if isinstance(te, list) else sd_scripts_text_encoder(te)
     try:
         if cfg.network_weights:
             state, _ = load_lora(cfg.network_weights)
@@ -214,9 +215,9 @@ def network_problems(cfg, fam=None) -> list[str]:
     "Problems with `--network_module`/`--network_args` for a model of family `fam` (default: the model's), before loading."
     name, fam = cfg.network_module, fam or family_for(cfg.pretrained_model_name_or_path)
     if not name: return []
-    if fam.only_own_networks and name not in ("networks.lora", *fam.network_modules):
+    if fam.only_own_networks and name not in ("networks.lora", *fam.network_modules) and (name in BUILTIN_ARGS or not fam.external_networks):
         return [f"--network_module {name} does not support {fam.title} models; lora_kit trains {fam.title} with {fam.network_modules[0]}"]
-    if not is_builtin_network(name, fam): return _external_problems(name) + _external_fp8_problems(cfg)
+    if not is_builtin_network(name, fam): return _external_problems(name) + _external_fp8_problems(cfg) + _lycoris_problems(cfg)
     try: nargs = parse_network_args(cfg.network_args, network_args_table(name, fam.network_args))
     except ValueError as e: return [str(e)]
     dim, out = cfg.network_dim or 4, []
@@ -235,6 +236,14 @@ def _external_fp8_problems(cfg) -> list[str]:
     return [f"{fp8_flag(cfg)} with --network_module {cfg.network_module}: its modules may compute "
             f"with the base weights outside autocast, which float8 cannot (LyCORIS stops with \"not implemented for 'Float8_e4m3fn'\"); "
             f"use {', '.join(BUILTIN_ARGS)}, or drop --fp8_base"]
+
+def _lycoris_problems(cfg) -> list[str]:
+    "LyCORIS algorithms its sd-scripts wrapper (`lycoris.kohya`) cannot build: iA3 (kohya_ss' iA3 presets) fails in sd-scripts too."
+    if cfg.network_module != "lycoris.kohya": return []
+    algo = dict(a.split("=", 1) for a in cfg.network_args or [] if "=" in a).get("algo", "").strip().lower()
+    if algo != "ia3": return []
+    return ["--network_args algo=ia3: LyCORIS' sd-scripts wrapper (lycoris.kohya) cannot build an iA3 network (sd-scripts stops too, "
+            "in create_network); use algo=lora, locon, loha or lokr with lycoris.kohya"]
 
 def _external_problems(name: str) -> list[str]:
     hint = (f"; lora_kit implements {', '.join(BUILTIN_ARGS)} and uses any other installed module with sd-scripts' create_network "
@@ -274,7 +283,14 @@ def _lora_network(cfg, comp, nargs: dict) -> LoRANetwork:
                LoRANetwork(targets, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha, **kw))
     net.block_lr_weight = block_lr_weight(nargs)
     net.set_loraplus_lr_ratio(nargs)
+    if nargs.get("verbose"): print_module_dims(net)
     return net
+
+def print_module_dims(net: LoRANetwork):
+    "`network_args verbose=True` (networks.lora_sd3): each denoiser LoRA module's name, dim and alpha, as sd-scripts logs them."
+    unet = {n: m for n, m in net.loras.items() if n.startswith("lora_unet")}
+    print(f"create LoRA for the denoiser: {len(unet)} modules.")
+    for n, m in unet.items(): print(f"\t{n:50} {m.lora_dim}, {float(m.alpha)}")
 
 def _conv_names(comp) -> set:
     "kohya names of the 3×3 convs LoCon may target."

@@ -4,10 +4,11 @@
 
 # %% ../nbs/00a_quiet.ipynb #9cac8a20
 from __future__ import annotations
-import importlib.abc, logging, sys
+import importlib.abc, logging, sys, warnings
 
 # %% auto #0
-__all__ = ['drop_bitsandbytes_kernel_notice', 'bind_pil_image_processors', 'bind_before_diffusers']
+__all__ = ['drop_bitsandbytes_kernel_notice', 'bind_pil_image_processors', 'hide_weight_loading_bars',
+           'drop_checkpointing_rename_notice', 'bind_before_diffusers']
 
 # %% ../nbs/00a_quiet.ipynb #e9224247
 def _not_4bit_kernel_notice(record: logging.LogRecord) -> bool:
@@ -29,9 +30,19 @@ def bind_pil_image_processors():
     for name, pil in pils.items():
         if pil: setattr(module, name, pil)      # transformers < 5 has no Pil classes (and no notice)
 
+# %% ../nbs/00a_quiet.ipynb #62a60923
+def hide_weight_loading_bars():
+    "Turn off transformers' progress bars (its 'Loading weights' bar for each model read from a file)."
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()
+
+def drop_checkpointing_rename_notice():
+    "Drop transformers 5's FutureWarnings that `gradient_checkpointing_enable` / `is_gradient_checkpointing` are renamed (diffusers and lora_kit call the old names)."
+    warnings.filterwarnings("ignore", message=r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated", category=FutureWarning)
+
 # %% ../nbs/00a_quiet.ipynb #b1d5e7a1
 class _BindBeforeDiffusers(importlib.abc.MetaPathFinder):
-    "On the first import of diffusers: `bind_pil_image_processors`, then diffusers' own code."
+    "On the first import of diffusers: `bind_pil_image_processors` and `hide_weight_loading_bars`, then diffusers' own code."
     def find_spec(self, name, path=None, target=None):
         if name != "diffusers": return None
         others = [f for f in sys.meta_path if f is not self and hasattr(f, "find_spec")]
@@ -40,16 +51,17 @@ class _BindBeforeDiffusers(importlib.abc.MetaPathFinder):
         exec_module = spec.loader.exec_module
         def bind_then_exec(module):
             if self in sys.meta_path: sys.meta_path.remove(self)
-            bind_pil_image_processors()
+            bind_pil_image_processors(); hide_weight_loading_bars()
             exec_module(module)
         spec.loader.exec_module = bind_then_exec
         return spec
 
 def bind_before_diffusers():
-    "Run `bind_pil_image_processors` just before diffusers is first imported (now, if it already is)."
-    if "diffusers" in sys.modules: return bind_pil_image_processors()
+    "Run `bind_pil_image_processors` and `hide_weight_loading_bars` just before diffusers is first imported (now, if it already is)."
+    if "diffusers" in sys.modules: bind_pil_image_processors(); hide_weight_loading_bars(); return
     if not any(type(f).__name__ == "_BindBeforeDiffusers" for f in sys.meta_path): sys.meta_path.insert(0, _BindBeforeDiffusers())
 
 # %% ../nbs/00a_quiet.ipynb #18c3ae6c
 drop_bitsandbytes_kernel_notice()
+drop_checkpointing_rename_notice()
 bind_before_diffusers()

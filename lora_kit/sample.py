@@ -4,19 +4,20 @@
 
 # %% ../nbs/07_sample.ipynb #7dd833ec
 from __future__ import annotations
-import json, re, tomllib
+import json, re, sys, time, tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 import diffusers
 from diffusers.image_processor import VaeImageProcessor
 
 from .lora import atomic_path
 from .runtime.placement import text_encoder_names
-from .train import Callback, TrainState
+from .train import Callback, TrainingStopped, TrainState
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SamplePrompt', 'parse_prompt_line', 'read_prompts', 'sample_scheduler', 'prompt_conditioning',
@@ -86,11 +87,8 @@ _EMBED_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds
 
 def prompt_conditioning(comp, pipe, p: SamplePrompt, clip_skip: int|None = None, autocast=nullcontext) -> dict:
     "The pipeline's embeddings for `p` (keyword arguments of its call), computed by its text encoders, kept on the CPU."
-    more = comp.family.prompt_arguments(pipe)      # e.g. the second and third text encoders' prompts
     with torch.no_grad(), autocast():
-        out = pipe.encode_prompt(prompt=p.prompt, **more, negative_prompt=p.negative_prompt or None, device=pipe.text_encoder.device,
-                                 num_images_per_prompt=1, do_classifier_free_guidance=p.scale > 1,
-                                 clip_skip=clip_skip - 1 if clip_skip and clip_skip > 1 else None)
+        out = comp.family.encode_prompt(comp, pipe, p.prompt, p.negative_prompt, p.scale > 1, clip_skip)
     return {name: e.cpu() for name, e in zip(_EMBED_NAMES, out) if e is not None}   # (some pipelines have no pooled embeddings)
 
 # %% ../nbs/07_sample.ipynb #2148ded3
@@ -103,14 +101,15 @@ def decode_latents(vae, latents: torch.Tensor):
 
 # %% ../nbs/07_sample.ipynb #8a75e4b3
 def generate(comp, prompts: list[SamplePrompt], sampler: str = "ddim", default_seed: int = 0, clip_skip: int|None = None,
-             autocast=nullcontext, conditioning: list[dict]|None = None) -> list:
-    "PIL images for `prompts` with the model as it is now (LoRA applied), under `autocast`; `conditioning`: cached embeddings."
+             autocast=nullcontext, conditioning: list[dict]|None = None, on_prompt=None) -> list:
+    "PIL images for `prompts` with the model as it is now (LoRA applied), under `autocast`; `conditioning`: cached embeddings; `on_prompt(i)` before each."
     pipe = comp.family.pipeline(comp)
     if comp.family.sample_sampler: pipe.scheduler = sample_scheduler(sampler, comp.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     device = comp.denoiser.device
     out = []
     for i, p in enumerate(prompts):
+        if on_prompt: on_prompt(i)
         cond = conditioning[i] if conditioning else prompt_conditioning(comp, pipe, p, clip_skip, autocast)
         g = torch.Generator(device="cpu").manual_seed(p.seed if p.seed is not None else default_seed + i)
         with torch.no_grad(), autocast():
@@ -133,6 +132,8 @@ class SampleCallback(Callback):
         self.prompts = read_prompts(cfg.sample_prompts, w, h) if cfg.sample_prompts else []
         self.conditioning: list[dict]|None = None      # the prompts' embeddings, when the text encoders do not train
         self.images: list[tuple[int, Path]] = []      # (step, path) of every image written
+        self.failed: list[int] = []                    # steps whose sampling failed
+        self.seconds: float|None = None                # how long the last sampling took
 
     @property
     def uses_models(self) -> set[str]:
@@ -140,31 +141,55 @@ class SampleCallback(Callback):
         return {"vae"} if self.conditioning is not None else {"vae", "text_encoders"}
 
     def encode_prompts(self, state: TrainState):
-        "Compute the prompts' embeddings once, with the text encoders on the device meanwhile (only if no text encoder trains)."
+        """Encode the prompts at the start, with the text encoders on the device meanwhile: kept when no text encoder trains,
+        else a trial; a prompt that cannot be encoded stops the run here (`TrainingStopped`), before the first step."""
         comp = state.comp
-        if not self.prompts or state.network.modules_with("lora_te") or None in comp.text_encoders: return
+        if not self.prompts or None in comp.text_encoders: return
         pipe = comp.family.pipeline(comp)
-        with state.placement.also(text_encoder_names(comp)):
-            self.conditioning = [prompt_conditioning(state.comp, pipe, p, state.cfg.clip_skip, state.accelerator.autocast) for p in self.prompts]
+        try:
+            with state.placement.also(text_encoder_names(comp)):
+                cond = [prompt_conditioning(state.comp, pipe, p, state.cfg.clip_skip, state.accelerator.autocast) for p in self.prompts]
+        except Exception as e:
+            raise TrainingStopped(f"sampling cannot work, stopped before the first step: --sample_prompts {state.cfg.sample_prompts}: encoding "
+                                  f"the prompts failed ({type(e).__name__}: {e}); fix the prompt file or remove --sample_prompts") from e
+        if not state.network.modules_with("lora_te"): self.conditioning = cond
 
     def sample(self, state: TrainState, tag: str):
         if not self.prompts or not state.accelerator.is_main_process: return
         comp, cfg = state.comp, state.cfg
         needs = {"vae"} | (set() if self.conditioning else text_encoder_names(comp))
-        was = state.network.training
+        was, folder, t0, n = state.network.training, Path(cfg.output_dir)/"sample", time.time(), len(self.prompts)
         state.network.eval()
+        line = lambda i: f"sampling prompt {i + 1}/{n} at step {state.step} → {folder}"
+        show = tqdm(total=n, desc=line(0), leave=False, bar_format="{desc} [{elapsed}]", disable=not (state.run and state.run.progress))
         try:
             with state.placement.also(needs):
-                imgs = generate(comp, self.prompts, cfg.sample_sampler, cfg.seed or 0, cfg.clip_skip, state.accelerator.autocast, self.conditioning)
+                imgs = generate(comp, self.prompts, cfg.sample_sampler, cfg.seed or 0, cfg.clip_skip, state.accelerator.autocast, self.conditioning,
+                                on_prompt=lambda i: show.set_description_str(line(i)))
         except Exception as e:
-            print(f"warning: sampling at step {state.step} failed ({type(e).__name__}: {e}); training continues"); return
-        finally: state.network.train(was)
-        folder = Path(cfg.output_dir)/"sample"
+            self.failed.append(state.step)
+            print(f"error: sampling at step {state.step} failed ({type(e).__name__}: {e}): no sample images for this point; "
+                  "training goes on and saves the LoRA as usual", file=sys.stderr)
+            return
+        finally: state.network.train(was); show.close()
         ts = datetime.now().strftime("%Y%m%d%H%M%S")
         for i, img in enumerate(imgs):
             path = folder/sample_filename(cfg.output_name, tag, i, ts, self.prompts[i].seed)
             with atomic_path(path) as tmp: img.save(tmp, format="PNG")
             self.images.append((state.step, path))
+        self.seconds = time.time() - t0
+        if state.run and state.run.progress:
+            tqdm.write(f"sampled {n} prompt{'s' * (n > 1)} at step {state.step} in {self.seconds:.1f} s → {folder}", file=sys.stderr)
+        if state.run and state.run.bar is not None and hasattr(state.run.bar, "pause"): state.run.bar.pause(self.seconds)
+
+    def seconds_to_come(self, state: TrainState) -> float:
+        "The time the samplings still ahead will take, at the last one's time (0 before the first)."
+        if not self.prompts or self.seconds is None: return 0.0
+        cfg = state.cfg
+        if n := cfg.sample_every_n_epochs: events = sum(e % n == 0 for e in range(max(state.epoch, 1), state.num_epochs + 1))
+        elif n := cfg.sample_every_n_steps: events = max(0, (state.max_steps - 1) // n - state.step // n)
+        else: events = 0
+        return (events + 1) * self.seconds            # and the sampling at the end of training
 
     def on_train_start(self, state):
         if state.accelerator.is_main_process: self.encode_prompts(state)
@@ -175,4 +200,7 @@ class SampleCallback(Callback):
     def on_epoch_end(self, state):
         n = state.cfg.sample_every_n_epochs
         if n and state.epoch % n == 0: self.sample(state, f"e{state.epoch:06d}")
-    def on_train_end(self, state): self.sample(state, f"{state.step:06d}")
+    def on_train_end(self, state):
+        self.sample(state, f"{state.step:06d}")
+        if self.failed: print(f"error: sampling failed at {len(self.failed)} sample point(s) (steps {', '.join(map(str, self.failed[:10]))}"
+                              f"{' ...' if len(self.failed) > 10 else ''}); see the errors above", file=sys.stderr)

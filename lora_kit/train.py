@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #ff5628eb
 from __future__ import annotations
-import errno, math, random, time, uuid
+import errno, functools, math, random, time, uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,21 +13,21 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig, ignored_config_keys, option_notes
 from .data import debug_batches, load_datasets
 from .lora import LoRANetwork, SAVE_DTYPES, save_lora
 from .networks import build_network
 from .loss import OBJECTIVES
-from .family import image_moments, load_components
+from .family import image_moments, load_components, model_warnings
 from .runtime.weights import weight_dtype
 from .optim import is_schedule_free, optimizer_from_config, optimizer_type, scheduler_from_config
 from .compat.metadata import training_metadata
 from .runtime.checks import check_all, start_problem
-from .runtime.distributed import allow_fp16_gradients, any_signalled, average_gradients, batch_loader, in_turn, loader_batches
+from .runtime.distributed import allow_fp16_gradients, any_signalled, average_gradients, batch_loader, close_loaders, in_turn, loader_batches
 from .runtime.distributed import make_accelerator, rows_loss, stop_signals
-from .runtime.logs import init_trackers, learning_rates, log_to_trackers, setup_logging, write_loss_log
+from .runtime.logs import StepBar, init_trackers, learning_rates, loaded_line, loading_line, log_to_trackers, setup_logging
+from .runtime.logs import write_loss_log
 from .runtime.memos import Memos, cache_outputs, frozen_memos
 from .runtime.outputs import load_state, lora_filename, output_lock, prune_saves, save_state, state_dirname
 from .runtime.placement import BlockSwap, Placement, block_swap, compile_models, cpu_threads, models_used
@@ -49,7 +49,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
         return TrainState(cfg)
     val_datasets = load_datasets(cfg, "validation")[0]
     acc = make_accelerator(cfg)
-    for w in ignored_config_keys(cfg.config_file) + warnings: acc.print("warning:", w)
+    for w in ignored_config_keys(cfg.config_file) + model_warnings(cfg) + warnings: acc.print("warning:", w)
     for n in option_notes(cfg): acc.print("note:", n)
     acc.print(summary)
     if cfg.seed is None: cfg.seed = broadcast_object_list([random.randint(0, 2**32 - 1)])[0]   # one seed for all processes
@@ -60,7 +60,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
         try:
             owned = comp is None       # loaded here: free to release models the caches replace
             if comp: comp.family = comp.family.with_options(cfg)
-            else: comp = in_turn(acc, lambda: load_components(cfg))    # processes one after the other: bounded host memory
+            else: comp = in_turn(acc, lambda: _load(cfg, acc, progress))    # processes one after the other: bounded host memory
             run = Run(datasets, val_datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [], signalled, owned, progress)
             state = _start(cfg, comp, acc, run)
             _loop(state)
@@ -68,6 +68,15 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
         finally:
             if run and run.swap: run.swap.remove()    # ended or stopped: swapped blocks stay in host memory
             acc.end_training()
+
+def _load(cfg: TrainConfig, acc: Accelerator, progress: bool):
+    "`load_components`, with a line before (what, its size on disk) and after (parameters, time) when `progress` is on."
+    say = acc.print if progress else (lambda *a: None)
+    say(loading_line(cfg))
+    t = time.time()
+    comp = load_components(cfg)
+    say(loaded_line(comp, time.time() - t))
+    return comp
 
 # %% ../nbs/06_train.ipynb #5221ed0a
 def _loop(state: TrainState):
@@ -89,13 +98,15 @@ def _loop(state: TrainState):
             if state.step >= state.max_steps or state.stop: break
             _after_epoch(state)
     except KeyboardInterrupt:
-        path = _save_stopped(state)
-        raise TrainingStopped(f"interrupted at step {state.step}: the LoRA so far is saved in {path}") from None
+        path, folder = _save_stopped(state)
+        raise TrainingStopped(f"interrupted at step {state.step}: the LoRA so far is saved in {path}", path, folder) from None
     except FloatingPointError:
-        path = _save_stopped(state)
+        path, folder = _save_stopped(state)
         raise TrainingStopped(f"the loss became NaN/inf at step {state.step + 1} (epoch {state.epoch}); the LoRA before that step "
-                              f"is saved in {path}. Try a lower --learning_rate, --max_grad_norm 1.0 or --mixed_precision bf16") from None
-    finally: run.bar.close()
+                              f"is saved in {path}. Try a lower --learning_rate, --max_grad_norm 1.0 or --mixed_precision bf16", path, folder) from None
+    finally:
+        run.bar.close()
+        close_loaders([*run.loaders, *run.validation.loaders])   # kept workers end with the run
 
 # %% ../nbs/06_train.ipynb #d03a4adb
 def _step(state: TrainState, batch: dict) -> torch.Tensor:
@@ -205,10 +216,10 @@ def _save_point(state: TrainState, epoch: int|None = None, step: int|None = None
     if cfg.save_state: save_state(state, state_dirname(cfg, epoch, step))
     if state.accelerator.is_main_process: prune_saves(cfg, epoch, step)
 
-def _save_stopped(state: TrainState) -> Path:
-    "Save the LoRA (and with `--save_state` a resumable state) when training stops early."
-    if state.cfg.save_state: save_state(state, state_dirname(state.cfg, step=state.step))
-    return _save(state, lora_filename(state.cfg, step=state.step))
+def _save_stopped(state: TrainState) -> tuple[Path, Path|None]:
+    "Save the LoRA (and with `--save_state` a resumable state) when training stops early; returns both paths (no state: None)."
+    folder = save_state(state, state_dirname(state.cfg, step=state.step)) if state.cfg.save_state else None
+    return _save(state, lora_filename(state.cfg, step=state.step)), folder
 
 def _finish(state: TrainState) -> TrainState:
     "The last save (with `--save_state` or `--save_state_on_train_end` the state too), then `on_train_end`."
@@ -268,7 +279,9 @@ def _start(cfg: TrainConfig, comp, acc: Accelerator, run: Run) -> TrainState:
     _emit(state, "on_train_start")                      # (sampling encodes its prompts here, if the text encoders do not train)
     freed += release_cached_models(cfg, comp, keep())
     if freed: acc.print(f"freed the {' and '.join(freed)}: their outputs are cached")
-    run.bar = tqdm(total=steps, initial=state.step, desc="steps", disable=not (run.progress and acc.is_local_main_process), dynamic_ncols=True)
+    still_to_come = [functools.partial(cb.seconds_to_come, state) for cb in run.callbacks if hasattr(cb, "seconds_to_come")]   # sampling
+    run.bar = StepBar(total=steps, initial=state.step, desc="steps", disable=not (run.progress and acc.is_local_main_process),
+                      dynamic_ncols=True, still_to_come=still_to_come)
     return state
 
 # %% ../nbs/06_train.ipynb #49a775ed
@@ -345,7 +358,10 @@ class Callback:
 
 # %% ../nbs/06_train.ipynb #36cfc85c
 class TrainingStopped(RuntimeError):
-    "Training ended early (Ctrl-C or a non-finite loss); the message says what was saved."
+    "Training ended early (Ctrl-C or a non-finite loss); the message says what was saved: `lora`, and `state` (the `--resume` folder; None without `--save_state`)."
+    def __init__(self, message: str, lora: Path|None = None, state: Path|None = None):
+        super().__init__(message)
+        self.lora, self.state = lora, state
 
 # %% ../nbs/06_train.ipynb #c275291a
 def _emit(state: TrainState, event: str, *args):

@@ -54,8 +54,9 @@ def test_sigterm_saves_and_exits_clearly(tmp_path, data):
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 130, err[-2000:]
-    msg = err.strip().splitlines()[-1]
+    msg, hint = err.strip().splitlines()[-2:]                          # the stop, then how to continue (no state: a hint)
     assert "interrupted at step" in msg and "saved in" in msg
+    assert hint.startswith("no training state was saved") and "add --save_state" in hint and f"--network_weights {msg.split('saved in ')[1]}" in hint
     saved = Path(msg.split("saved in ")[1])
     step = int(msg.split("interrupted at step ")[1].split(":")[0])
     assert step >= 1 and int(load_lora(saved)[1]["ss_steps"]) == step

@@ -24,7 +24,10 @@ def test_readme_matches_index():
 
 
 def test_notebooks_are_clean():
-    for nb in (ROOT / "nbs").glob("*.ipynb"):
+    for nb in (ROOT / "nbs").rglob("*.ipynb"):
         cells = json.loads(nb.read_text())["cells"]
-        dirty = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
+        kept = lambda c: "".join(c["source"]).lstrip().startswith("#| keep_output")    # tools/keep_outputs.py
+        dirty = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and (c.get("execution_count") or (c.get("outputs") and not kept(c)))]
         assert not dirty, f"{nb.name} has outputs in cells {dirty}: run nbdev_clean"
+        empty = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and kept(c) and not c.get("outputs")]
+        assert not empty, f"{nb.name}: cells {empty} should keep their output: run python tools/keep_outputs.py {nb.relative_to(ROOT)}"

@@ -4,10 +4,11 @@
 
 # %% ../../nbs/compat/sd3_formats.ipynb #b4257f5f
 from __future__ import annotations
-import re, warnings
+import functools, re, warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import save_file
@@ -17,9 +18,9 @@ from ..lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_b
 
 # %% auto #0
 __all__ = ['SD3_NETWORK_ARGS', 'TE_PREFIXES', 'SAI_PREFIXES', 'QK_NORMS', 'mmdit_layers', 'mmdit_lora_table', 'parse_emb_dims',
-           'parse_blocks', 'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces', 'kohya_to_diffusers',
-           'apply_kohya_lora', 'save_diffusers_lora', 'convert_lora_command', 'mmdit_to_sai', 'sd3_single_file_state',
-           'save_sd3_single_file']
+           'parse_blocks', 'parse_verbose', 'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces',
+           'kohya_to_diffusers', 'apply_kohya_lora', 'save_diffusers_lora', 'convert_lora_command', 'mmdit_to_sai',
+           'sd3_single_file_state', 'save_sd3_single_file', 'FusedLinear', 'mmdit_view']
 
 # %% ../../nbs/compat/sd3_formats.ipynb #0ea45f40
 def _kohya(path: str, prefix: str = "lora_unet") -> str: return f"{prefix}.{path}".replace(".", "_")
@@ -82,12 +83,16 @@ def parse_blocks(s: str) -> str:
     if s not in ("all", "none", "") and not all(p.strip().replace("-", "", 1).isdigit() for p in s.split(",")): raise ValueError
     return s
 
+def parse_verbose(s: str) -> bool:
+    "network_args `verbose`: lora_sd3.py turns it on for exactly 'True' and off for any other value (never an error)."
+    return s == "True"
+
 parse_emb_dims.__name__, parse_blocks.__name__ = "list of 6 dims", "block selection"
 
 SD3_NETWORK_ARGS = {**{k: int for k in ("context_attn_dim", "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim")},
                     "emb_dims": parse_emb_dims, "train_block_indices": parse_blocks, "train_t5xxl": parse_bool,
                     "conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float, "split_qkv": parse_bool,
-                    **LORAPLUS_ARGS}
+                    "verbose": parse_verbose, **LORAPLUS_ARGS}
 
 # %% ../../nbs/compat/sd3_formats.ipynb #a5095278
 def block_selected(selection: str|None, index: int) -> bool:
@@ -244,3 +249,70 @@ def save_sd3_single_file(path: str|Path, comp: Components, parts=("mmdit", "vae"
     from safetensors.torch import save_file
     with atomic_path(path) as tmp: save_file(sd3_single_file_state(comp, parts), tmp)
     return Path(path)
+
+# %% ../../nbs/compat/sd3_formats.ipynb #508dc170
+class FusedLinear(nn.Linear):
+    """sd-scripts' layer over diffusers' separate ones: `qkv` over q/k/v, or `swap` (a modulation whose halves diffusers
+    stores the other way round). Its class name is `Linear`, so network modules treat it as the plain layer it stands for."""
+    def __init__(self, layers: list[nn.Linear], kind: str):
+        nn.Module.__init__(self)
+        self._layers, self.kind, self._out = list(layers), kind, None
+        self.in_features, self.out_features = layers[0].in_features, sum(l.out_features for l in layers)
+        for i, layer in enumerate(layers): layer.forward = functools.partial(self._part, i)
+
+    def _join(self, ts: list):
+        if ts[0] is None: return None
+        t = torch.cat(ts)
+        return torch.cat(t.chunk(2)[::-1]) if self.kind == "swap" else t
+
+    @property
+    def weight(self) -> torch.Tensor: return self._join([l.weight for l in self._layers])
+    @property
+    def bias(self) -> torch.Tensor|None: return self._join([l.bias for l in self._layers])
+    def forward(self, x): return F.linear(x, self.weight, self.bias)
+
+    def _part(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        "Diffusers' layer `i`: its rows of the fused output (one fused call serves q, k and v of the same input)."
+        if self._out is None or self._out[0] is not x or i in self._out[2]: self._out = (x, self.forward(x), set())
+        _, out, taken = self._out
+        taken.add(i)
+        if len(taken) == len(self._layers): self._out = None
+        if self.kind == "swap": return torch.cat(out.chunk(2, dim=-1)[::-1], dim=-1)
+        return out.split([l.out_features for l in self._layers], dim=-1)[i]
+
+FusedLinear.__name__ = FusedLinear.__qualname__ = "Linear"
+
+# %% ../../nbs/compat/sd3_formats.ipynb #45aca4ef
+_VIEW_CLASSES = {"joint_blocks": "ModuleList", "joint_blocks.*": "MMDiTBlock", "joint_blocks.*.*": "SingleDiTBlock",
+                 "joint_blocks.*.*.attn": "AttentionLinears", "joint_blocks.*.*.attn2": "AttentionLinears", "joint_blocks.*.*.mlp": "MLP",
+                 "x_embedder": "PatchEmbed", "t_embedder": "TimestepEmbedding", "y_embedder": "Embedder", "final_layer": "UnPatch"}
+
+@functools.cache
+def _view_class(name: str) -> type: return type(name, (nn.Module,), {"__doc__": f"sd-scripts' `{name}`, seen over diffusers' layers"})
+
+def _view_node(root: nn.Module, path: str) -> nn.Module:
+    "The container at `path` of the view, created (with sd-scripts' class name: `_VIEW_CLASSES`, else Sequential) where missing."
+    node, parts = root, path.split(".") if path else []
+    for depth, name in enumerate(parts, 1):
+        if not hasattr(node, name):
+            pattern = re.sub(r"\b(\d+|context_block|x_block)\b", "*", ".".join(parts[:depth]))
+            node.add_module(name, _view_class(_VIEW_CLASSES.get(pattern, "Sequential"))())
+        node = getattr(node, name)
+    return node
+
+# %% ../../nbs/compat/sd3_formats.ipynb #e9a80561
+def mmdit_view(mmdit: SD3Transformer2DModel) -> nn.Module:
+    "sd-scripts' MMDiT module tree (paths and class names) over a diffusers MMDiT's layers, for other network modules (LyCORIS)."
+    cfg = mmdit.config
+    root = _view_class("MMDiT")()
+    for sai, paths, kind, _ in mmdit_layers(cfg.num_layers, cfg.dual_attention_layers or ()):
+        layers = [mmdit.get_submodule(p) for p in paths]
+        parent, _, leaf = sai.rpartition(".")
+        _view_node(root, parent).add_module(leaf, layers[0] if kind in ("linear", "conv") else FusedLinear(layers, kind))
+    own = dict(mmdit.named_modules())
+    for i in range(cfg.num_layers):
+        for name, sai in QK_NORMS.items():
+            if f"transformer_blocks.{i}.{name}" in own and own[f"transformer_blocks.{i}.{name}"] is not None:
+                parent, _, leaf = f"joint_blocks.{i}.{sai}".rpartition(".")
+                _view_node(root, parent).add_module(leaf, own[f"transformer_blocks.{i}.{name}"])
+    return root

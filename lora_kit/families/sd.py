@@ -99,6 +99,14 @@ class SDFamily(Family):
             out.append(("lora_te", getattr(te, "text_model", te), "text_model.", TE_TARGETS))
         return out
 
+    def encode_prompt(self, comp: Components, pipe, prompt: str, negative_prompt: str, guidance: bool, clip_skip: int|None = None) -> tuple:
+        """Sampling embeddings; with `--clip_skip` the training's own encoding of the prompt and the negative prompt, as
+        sd-scripts' sampler does (diffusers' `clip_skip` reaches `text_encoder.text_model`, which transformers 5 removed, and
+        skips no layer for the negative prompt)."""
+        if not clip_skip or clip_skip == 1: return super().encode_prompt(comp, pipe, prompt, negative_prompt, guidance)
+        embed = lambda text: self.encode_text(comp, [text], clip_skip)["encoder_hidden_states"]
+        return embed(prompt), embed(negative_prompt or "") if guidance else None
+
     def pipeline(self, comp: Components) -> StableDiffusionPipeline:
         return StableDiffusionPipeline(vae=comp.vae, text_encoder=comp.text_encoders[0], tokenizer=comp.tokenizers[0],
                                        unet=comp.denoiser, scheduler=comp.scheduler, safety_checker=None,
@@ -346,7 +354,9 @@ def check_vae_path(vae: str|None) -> list[str]:
     p = Path(vae)
     if p.is_dir(): return [] if (p/"config.json").exists() or (p/"vae"/"config.json").exists() else [f"--vae: {p} has no config.json (nor vae/config.json)"]
     if not p.is_file(): return [f"--vae: file {p} does not exist"]
-    if (kind := detect_family(read_shapes(p))) not in ("vae", "sd1", "sd2", "diffusers-part"):
+    try: kind = detect_family(read_shapes(p))
+    except ValueError as e: return [f"--vae: {e}"]          # e.g. an unsafe pickle (`UnsafeCheckpointError`)
+    if kind not in ("vae", "sd1", "sd2", "diffusers-part"):
         return [f"--vae: {p} is {FILE_KINDS.get(kind, FILE_KINDS['unknown'])[0]}, not a VAE"]
     return []
 

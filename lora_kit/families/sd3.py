@@ -26,7 +26,7 @@ from ..checkpoint import cast_floating, load_state_dict, take_weights
 from ..family import Components, Family, image_moments
 from ..runtime.weights import FP8, assign_weights, fp8_weight_names, weight_dtype
 from ..runtime.caches import TextDiskCache, weights_fingerprint
-from ..compat.sd3_formats import SAI_PREFIXES, SD3_NETWORK_ARGS, TE_PREFIXES, sd3_lora_targets
+from ..compat.sd3_formats import SAI_PREFIXES, SD3_NETWORK_ARGS, TE_PREFIXES, mmdit_view, sd3_lora_targets
 
 # %% auto #0
 __all__ = ['VAE_SCALE_FACTOR', 'VAE_SHIFT_FACTOR', 'TINY_CLIP_L', 'TINY_CLIP_G', 'TINY_T5', 'TINY_MMDIT', 'TINY_VAE', 'TINY_SD3',
@@ -36,7 +36,7 @@ __all__ = ['VAE_SCALE_FACTOR', 'VAE_SHIFT_FACTOR', 'TINY_CLIP_L', 'TINY_CLIP_G',
            'sd3_context', 'SD3Family', 'sd3_text_disk_cache', 'scaled_sincos_table', 'crop_table', 'ResolutionPosEmbed',
            'latent_sizes', 'use_resolution_pos_embed', 'is_sd3_file', 'claims_sd3', 'read_weights', 'load_sd3',
            'diffusers_weights', 'folder_mmdit', 'load_sd3_folder', 'file_components', 'missing_components',
-           'mmdit_config', 'sd3_mmdit', 'sd3_vae', 't5_tokenizer_for', 'load_sd3_file', 'check_sd3']
+           'mmdit_config', 'sd3_mmdit', 'sd3_vae', 't5_tokenizer_for', 'load_sd3_file', 'sd3_warnings', 'check_sd3']
 
 # %% ../../nbs/families/sd3.ipynb #d4628e7b
 VAE_SCALE_FACTOR, VAE_SHIFT_FACTOR = 1.5305, 0.0609   # sd-scripts library/sd3_models.py SDVAE
@@ -175,6 +175,7 @@ class SD3Family(Family):
     network_args = SD3_NETWORK_ARGS
     network_modules = ("networks.lora_sd3",)   # and networks.lora, which means the same for SD3
     only_own_networks = True
+    external_networks = True       # LyCORIS & co. get sd-scripts' MMDiT (`network_models`)
     sample_sampler = False         # SD3 always samples with its flow-matching Euler scheduler
     default_resolution = 1024
     cache_only_encoders = (2,)     # T5-XXL: with a partial cache (CLIP trained) its outputs come from the cache
@@ -190,6 +191,7 @@ class SD3Family(Family):
 
     def claims(self, name: str) -> bool: return claims_sd3(name)
     def check(self, cfg: TrainConfig) -> list[str]: return check_sd3(cfg)
+    def warnings(self, cfg: TrainConfig) -> list[str]: return sd3_warnings(cfg)
     def load(self, cfg: TrainConfig) -> Components: return load_sd3(cfg)
 
     def with_options(self, cfg: TrainConfig) -> "SD3Family":
@@ -240,6 +242,10 @@ class SD3Family(Family):
         if self.scaled_pos_embed or self.pos_emb_random_crop_rate:
             if self.model_type != "5-medium": print(f"note: sd-scripts made --enable_scaled_pos_embed/--pos_emb_random_crop_rate for SD3.5 Medium; this is a {self.model_type} model")
             use_resolution_pos_embed(comp.denoiser, resolutions if self.scaled_pos_embed else (), self.pos_emb_random_crop_rate)
+
+    def network_models(self, comp: Components) -> tuple:
+        "What sd3_train_network.py hands another `--network_module`: `[CLIP-L, CLIP-G, T5]` and its MMDiT (`mmdit_view`)."
+        return list(comp.text_encoders), mmdit_view(comp.denoiser)
 
     def swap_blocks(self, comp: Components) -> list:
         "`--blocks_to_swap`: the MMDiT's joint blocks."
@@ -526,10 +532,16 @@ def _trains_t5(cfg: TrainConfig) -> bool:
     try: return parse_network_args(cfg.network_args, SD3_NETWORK_ARGS).get("train_t5xxl", False)
     except ValueError: return False     # reported by the network-args check
 
+def sd3_warnings(cfg: TrainConfig) -> list[str]:
+    "Options SD3 ignores with a warning, as sd3_train_network.py does (it still records them in the metadata)."
+    if not cfg.clip_skip: return []
+    return [f"--clip_skip {cfg.clip_skip} does nothing for SD3 (its text encoders' layers are fixed): training goes on without it, as in "
+            f"sd-scripts, which warns 'clip_skip will be unexpected' and still writes ss_clip_skip={cfg.clip_skip}; remove it"]
+
 def check_sd3(cfg: TrainConfig) -> list[str]:
     "Problems with an SD3 configuration, before anything is loaded."
     out = [f"--{n} is for SD 1.x/2.x models; SD3 has {why}: remove it" for n, why in
-           (("v2", "no v2 variant"), ("v_parameterization", "a rectified-flow objective"), ("clip_skip", "fixed text-encoder layers"),
+           (("v2", "no v2 variant"), ("v_parameterization", "a rectified-flow objective"),
             ("weighted_captions", "no caption weights in sd-scripts (sd3_train_network.py fails on them)"))
            if getattr(cfg, n)]
     name = cfg.pretrained_model_name_or_path

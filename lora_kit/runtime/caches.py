@@ -88,10 +88,11 @@ def seeded_rng(seed: int):
 # %% ../../nbs/runtime/caches.ipynb #e90b5eb8
 def cache_latents(ds: TrainDataset, encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str, to_disk: bool = False,
                   batch_size: int = 1, suffix: str = "_sd", skip_check: bool = False, progress: bool = True,
-                  part: tuple[int, int] = (0, 1)) -> int:
+                  part: tuple[int, int] = (0, 1), workers: int = 0) -> int:
     """Fill `ds`'s latent cache (memory, or npz files on disk); returns how many images were encoded. `skip_check`
     (`--skip_cache_check`) trusts any file that has the arrays, without checking it was made from this image and VAE.
-    `part` (k, n): encode only every n-th image to do, from the k-th (one process's share; the processes then exchange)."""
+    `part` (k, n): encode only every n-th image to do, from the k-th (one process's share; the processes then exchange).
+    `workers` DataLoader processes decode and shrink the images while the VAE encodes (`--max_data_loader_n_workers`)."""
     from tqdm.auto import tqdm
     todo = {}
     for i, item in enumerate(ds.plan.images.items):
@@ -110,10 +111,11 @@ def cache_latents(ds: TrainDataset, encode: Callable[[torch.Tensor], torch.Tenso
     by_bucket: dict = {}
     for i in todo: by_bucket.setdefault(ds.plan.plan.bucket_of[i], []).append(i)
     chunks = part_of([c for idx in by_bucket.values() for c in batched(idx, batch_size)], part)
+    loader = torch.utils.data.DataLoader(_ChunkPixels(ds, chunks), batch_size=None, num_workers=min(workers, len(chunks)),
+                                         pin_memory=torch.cuda.is_available(), generator=torch.Generator())   # leaves the global RNG alone
     with tqdm(total=sum(map(len, chunks)), desc="caching latents", disable=not progress or not chunks) as bar:
-        for chunk in chunks:
+        for chunk, pixels in zip(chunks, loader):
             with seeded_rng(chunk[0]):      # the VAE samples its latents: the same for an image whichever process encodes it
-                pixels = torch.stack([ds.pixels(i) for i in chunk])
                 lat = encode(pixels).float().cpu()
                 flips = [ds.subset(i).flip_aug for i in chunk]
                 lat_f = encode(pixels.flip(-1)).float().cpu() if any(flips) else None
@@ -123,6 +125,12 @@ def cache_latents(ds: TrainDataset, encode: Callable[[torch.Tensor], torch.Tenso
                 else: ds.latents[i] = (lat[j].clone(), fl)
             bar.update(len(chunk))
     return sum(map(len, chunks))
+
+class _ChunkPixels(torch.utils.data.Dataset):
+    "The pixels of each chunk of `ds`'s items, stacked (centred crop, not flipped), for a DataLoader's workers."
+    def __init__(self, ds, chunks: list): self.ds, self.chunks = ds, chunks
+    def __len__(self): return len(self.chunks)
+    def __getitem__(self, k): return torch.stack([self.ds.pixels(i) for i in self.chunks[k]])
 
 # %% ../../nbs/runtime/caches.ipynb #a2479e64
 def text_cacheable(sub) -> bool:
@@ -135,7 +143,7 @@ def cache_text_encoder_outputs(ds: TrainDataset, encode: Callable[[list], dict],
                                part: tuple[int, int] = (0, 1)) -> int:
     "Encode each distinct caption of `ds` once (`part` as in `cache_latents`); `encode(captions)` returns a dict of batch-first tensors."
     from tqdm.auto import tqdm
-    captions = sorted({ds.caption(i, random.Random(0), 1) for i in range(len(ds))})
+    captions = sorted({ds.cache_caption(i) for i in range(len(ds))})
     chunks = part_of(batched(captions, batch_size), part)
     for chunk in tqdm(chunks, desc="caching text encoder outputs", disable=not progress):
         cond = encode(chunk)
@@ -180,7 +188,7 @@ def cache_text_encoder_outputs_to_disk(ds: TrainDataset, disk: TextDiskCache, ba
     from tqdm.auto import tqdm
     todo: dict = {}                      # caption -> files to write
     for i, item in enumerate(ds.plan.images.items):
-        cap, path = ds.caption(i, random.Random(0), 1), os.path.splitext(item.path)[0] + disk.suffix
+        cap, path = ds.cache_caption(i), os.path.splitext(item.path)[0] + disk.suffix
         z = _read_npz(path)
         if all(k in z for k in disk.keys) and (skip_check or z.get("lora_kit_key") == text_cache_key(cap, disk.te_id, disk.settings)):
             ds.text_cond.setdefault(cap, disk.to_cond(z))

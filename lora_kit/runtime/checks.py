@@ -46,7 +46,7 @@ def check_all(cfg: TrainConfig):
 # %% ../../nbs/runtime/checks.ipynb #8c2d765c
 def machine_problems(cfg: TrainConfig) -> list[str]:
     "Problems with options that need a file, a package or a GPU; each line names the flag and the fix."
-    out, cuda = [], torch.cuda.is_available()
+    out = []
     if cfg.resume: out += resume_problems(cfg.resume)
     if cfg.full_fp16 and cfg.mixed_precision != "fp16": out.append("--full_fp16 needs --mixed_precision fp16 (as in sd-scripts)")
     elif cfg.full_fp16: out += fp16_optimizer_problems(cfg)
@@ -54,9 +54,6 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     if fp8_flag(cfg) and cfg.mixed_precision == "no":
         out.append(f"{fp8_flag(cfg)} needs --mixed_precision bf16 or fp16: steps compute in that dtype "
                    "from the float8 weights (as in sd-scripts)")
-    if cfg.xformers and importlib.util.find_spec("xformers") is None:
-        out.append("--xformers: the xformers package is not installed (pip install xformers; it needs a CUDA GPU); --sdpa gives the same memory saving")
-    elif cfg.xformers and not cuda: out.append("--xformers needs a CUDA GPU; use --sdpa on this machine")
     if cfg.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
         out.append(f"--log_with {cfg.log_with}: the wandb package is not installed (pip install wandb), or use --log_with tensorboard")
     if cfg.log_with in ("tensorboard", "all") and not cfg.logging_dir: out.append(f"--log_with {cfg.log_with} needs --logging_dir <folder>")

@@ -20,8 +20,8 @@ from ..data import collate
 
 # %% auto #0
 __all__ = ['CHUNK_BYTES', 'make_accelerator', 'allow_fp16_gradients', 'process_share', 'rows_loss', 'average_gradients',
-           'batch_loader', 'loader_batches', 'cpu_group', 'chunked', 'gather_cache', 'in_turn', 'stop_signals',
-           'any_signalled']
+           'batch_loader', 'close_loaders', 'loader_batches', 'cpu_group', 'chunked', 'gather_cache', 'in_turn',
+           'stop_signals', 'any_signalled']
 
 # %% ../../nbs/runtime/distributed.ipynb #d39d07b3
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -113,13 +113,20 @@ def average_gradients(params: list, accelerator) -> None:
 
 # %% ../../nbs/runtime/distributed.ipynb #2fc707e4
 def batch_loader(cfg, dataset, num_processes: int = 1, rank: int = 0) -> torch.utils.data.DataLoader:
-    "Batches of `dataset` (this process's share of each global batch), loaded by `--max_data_loader_n_workers` workers."
+    """Batches of `dataset` (this process's share of each global batch), loaded by `--max_data_loader_n_workers` workers
+    (at most one per core), kept from epoch to epoch (see above), into pinned memory when there is a CUDA GPU."""
+    workers = min(cfg.max_data_loader_n_workers, os.cpu_count() or 1)
     return torch.utils.data.DataLoader(_ProcessRows(dataset), collate_fn=_collate_rows,
                                        batch_sampler=_ProcessBatches(BucketBatchSampler(dataset, cfg.seed, dataset.batch_size * num_processes), num_processes, rank),
-                                       num_workers=min(cfg.max_data_loader_n_workers, os.cpu_count() or 1),
-                                       persistent_workers=cfg.persistent_data_loader_workers and cfg.max_data_loader_n_workers > 0,
-                                       pin_memory=torch.cuda.is_available(),   # batches in page-locked memory: copies to the GPU overlap
+                                       num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                                        generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
+
+def close_loaders(loaders) -> None:
+    "Stop the kept worker processes of `loaders` (a finished run must not hold them while its state lives on)."
+    for dl in loaders:
+        it = getattr(dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"): it._shutdown_workers()
+        dl._iterator = None
 
 # %% ../../nbs/runtime/distributed.ipynb #ac0f38ef
 def loader_batches(loaders, epoch: int, skip: int = 0):

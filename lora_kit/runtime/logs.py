@@ -4,16 +4,18 @@
 
 # %% ../../nbs/runtime/logs.ipynb #3130d5c5
 from __future__ import annotations
-import csv, importlib.util
+import csv, importlib.util, math, os
 from pathlib import Path
 
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 
 # %% auto #0
-__all__ = ['SECRET_OPTIONS', 'setup_logging', 'tracker_init_kwargs', 'tracker_problems', 'init_trackers', 'learning_rates',
-           'log_to_trackers', 'loss_log_paths', 'write_loss_log', 'plot_loss']
+__all__ = ['SECRET_OPTIONS', 'MODEL_FILES', 'setup_logging', 'installed', 'tracker_init_kwargs', 'tracker_problems',
+           'init_trackers', 'learning_rates', 'log_to_trackers', 'loss_log_paths', 'write_loss_log', 'plot_loss',
+           'human_size', 'files_size', 'loading_line', 'loaded_line', 'StepBar']
 
 # %% ../../nbs/runtime/logs.ipynb #f7eaa563
 import logging, sys, tomllib
@@ -33,13 +35,21 @@ def setup_logging(cfg: TrainConfig):
     logging.root.addHandler(handler)
 
 # %% ../../nbs/runtime/logs.ipynb #25eaed19
+def installed(name: str) -> bool:
+    "Whether the package `name` can be imported (without importing it)."
+    try: return importlib.util.find_spec(name) is not None
+    except (ValueError, ImportError): return False       # a module set to None in sys.modules (as a test does to hide a package)
+
 def tracker_init_kwargs(cfg: TrainConfig) -> dict:
     "accelerate's `init_kwargs` for the trackers, as sd-scripts builds them."
     if cfg.log_tracker_config: return tomllib.loads(Path(cfg.log_tracker_config).read_text(encoding="utf-8"))
     return {"wandb": {"name": cfg.wandb_run_name}} if cfg.wandb_run_name else {}
 
 def tracker_problems(cfg: TrainConfig) -> list[str]:
-    "What is wrong with `--log_tracker_config`, if given."
+    "What is wrong with `--log_tracker_config`, if given, and a TensorBoard log asked for without the tensorboard package."
+    if cfg.logging_dir and cfg.log_with in (None, "tensorboard", "all") and not any(map(installed, ("tensorboard", "tensorboardX"))):
+        return [f"--logging_dir {cfg.logging_dir} writes TensorBoard logs, and the tensorboard package is not installed: "
+                "pip install tensorboard (or leave out --logging_dir)"]
     if not cfg.log_tracker_config: return []
     p = Path(cfg.log_tracker_config)
     if not p.is_file(): return [f"--log_tracker_config: {p} does not exist"]
@@ -98,8 +108,8 @@ def write_loss_log(state: "TrainState"):
 
 # %% ../../nbs/runtime/logs.ipynb #293e2438
 def plot_loss(history: list, path: Path):
-    "Save a loss-curve PNG (raw loss and moving average against steps)."
-    import matplotlib
+    "Save a loss-curve PNG (raw loss and moving average against steps): with matplotlib if installed, else with Pillow."
+    if not installed("matplotlib"): return _plot_loss_pil(history, path)
     from matplotlib.figure import Figure
     fig = Figure(figsize=(7, 3.5), dpi=100)
     ax = fig.subplots()
@@ -109,3 +119,81 @@ def plot_loss(history: list, path: Path):
         ax.plot(steps, [h[3] for h in history], label="average loss")
     ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend(loc="upper right"); fig.tight_layout()
     fig.savefig(path)
+
+def _plot_loss_pil(history: list, path: Path, size: tuple[int, int] = (700, 350)):
+    "The loss plot drawn with Pillow: both curves, the axes with their ranges, a legend."
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", size, "white"); d = ImageDraw.Draw(img)
+    (W, H), (l, t, r, b) = size, (70, 15, 15, 40)
+    d.rectangle([l, t, W - r, H - b], outline="black")
+    pts = [(h[0], v) for h in history for v in (h[2], h[3]) if math.isfinite(v)]
+    if pts:
+        (x0, x1), (y0, y1) = [(min(p[i] for p in pts), max(p[i] for p in pts)) for i in (0, 1)]
+        x1, y1 = x1 + (x1 == x0), y1 + (y1 == y0) * (abs(y1) or 1)
+        xy = lambda s, v: (l + (s - x0) / (x1 - x0) * (W - l - r), H - b - (v - y0) / (y1 - y0) * (H - t - b))
+        for col, colour in ((2, (160, 190, 230)), (3, (31, 119, 180))):
+            line = [xy(h[0], h[col]) for h in history if math.isfinite(h[col])]
+            if len(line) > 1: d.line(line, fill=colour, width=2)
+        for v, y in ((y1, t), (y0, H - b)): d.text((5, y - 6), f"{v:.4g}", fill="black")
+        for s, x in ((x0, l), (x1, W - r)): d.text((x - 10, H - b + 5), f"{s:g}", fill="black")
+    d.text((W // 2 - 12, H - 18), "step", fill="black"); d.text((5, H // 2), "loss", fill="black")
+    d.text((W - r - 150, t + 8), "loss", fill=(120, 160, 210)); d.text((W - r - 150, t + 22), "average loss", fill=(31, 119, 180))
+    img.save(path)
+
+# %% ../../nbs/runtime/logs.ipynb #4b181047
+MODEL_FILES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth", ".sft", ".gguf")
+
+def human_size(n: float) -> str:
+    "`n` bytes as people read them: 812 KB, 3.4 MB, 6.9 GB."
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB": return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
+        n /= 1000
+
+def files_size(path) -> int|None:
+    "Bytes of a model file, or of the model files in a folder (and its sub-folders); None for anything else (a built-in name)."
+    if not path or not os.path.exists(path): return None
+    if os.path.isfile(path): return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs if f.endswith(MODEL_FILES))
+
+def loading_line(cfg: TrainConfig) -> str:
+    "What is about to be loaded: the model and the files other flags name, with their size on disk."
+    names = [f for f in ("vae", "clip_l", "clip_g", "t5xxl", "ae") if getattr(cfg, f, None)]
+    paths = [cfg.pretrained_model_name_or_path, *(getattr(cfg, f) for f in names)]
+    sizes = [files_size(p) for p in paths]
+    shown = cfg.pretrained_model_name_or_path + "".join(f", --{f} {os.path.basename(str(getattr(cfg, f)))}" for f in names)
+    total = sum(s for s in sizes if s)
+    return f"loading {shown}" + (f" ({human_size(total)} on disk)" if total else " (built in)" if sizes[0] is None else "") + " ..."
+
+def loaded_line(comp, seconds: float) -> str:
+    "What was loaded: each model's parameters and the memory they take, and how long loading took."
+    models = [("denoiser", comp.denoiser), *((f"text encoder {i + 1}" if len(comp.text_encoders) > 1 else "text encoder", m)
+                                             for i, m in enumerate(comp.text_encoders) if m is not None), ("VAE", comp.vae)]
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    size = sum(p.numel() * p.element_size() for _, m in models for p in m.parameters())
+    return (f"loaded in {seconds:.1f} s: " + ", ".join(f"{n} {count(m) / 1e6:,.1f} M" for n, m in models) +
+            f" parameters, {human_size(size)} in memory")
+
+# %% ../../nbs/runtime/logs.ipynb #f0b6df50
+class StepBar(tqdm):
+    "The steps' bar: tqdm's, with an ETA that also counts the time still to come outside the steps (`pause`, `still_to_come`)."
+    def __init__(self, *args, still_to_come=(), **kwargs):
+        self.paused, self.still_to_come = 0.0, list(still_to_come)   # callables giving the seconds still to come outside the steps
+        super().__init__(*args, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{wall}<{eta}, {rate_fmt}{postfix}]", **kwargs)
+
+    def pause(self, seconds: float):
+        "`seconds` were spent outside the steps (sampling): the step rate leaves them out, the elapsed time keeps them."
+        if self.disable: return
+        self.paused += seconds; self.start_t += seconds; self.last_print_t += seconds
+        self.refresh()
+
+    def extra_seconds(self) -> float:
+        try: return sum(f() for f in self.still_to_come)
+        except Exception: return 0.0       # an estimate must never stop training
+
+    @property
+    def format_dict(self):
+        d = super().format_dict
+        steps, elapsed = d["n"] - (d["initial"] or 0), d["elapsed"] or 0
+        rate = d["rate"] or (steps / elapsed if steps and elapsed else None)
+        left = (d["total"] - d["n"]) / rate + self.extra_seconds() if rate and d["total"] else None
+        return {**d, "rate": rate, "wall": self.format_interval(elapsed + self.paused), "eta": "?" if left is None else self.format_interval(left)}

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/runtime/memos.ipynb #6c1df297
 from __future__ import annotations
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,8 +24,9 @@ def cache_outputs(cfg, comp, datasets, acc, placement: Placement, keep: set, pro
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         vae_id = vae_fingerprint(comp.vae)
         placement.only({"vae"})
+        workers = min(cfg.max_data_loader_n_workers, os.cpu_count() or 1)     # decode and shrink while the VAE encodes
         cache = lambda d, part: cache_latents(d, lambda px: fam.encode_images(comp, px), vae_id, cfg.cache_latents_to_disk, cfg.vae_batch_size,
-                                              fam.latents_suffix, cfg.skip_cache_check, progress, part)
+                                              fam.latents_suffix, cfg.skip_cache_check, progress, part, workers)
         for d in datasets: cache(d, part)
         if shared:
             acc.wait_for_everyone()
@@ -52,7 +54,8 @@ MEMO_BYTES = 2**30   # host memory each memo may fill
 class Memo:
     """Batch-first outputs of a frozen encoder kept in host memory per input key, up to `budget` bytes. First come, kept:
     training passes over the same inputs in turn, so replacing kept outputs would only trade one miss for another."""
-    def __init__(self, budget: int = MEMO_BYTES): self.rows, self.budget, self.used, self.full = {}, budget, 0, False
+    def __init__(self, budget: int = MEMO_BYTES, on_keep: Callable|None = None):   # on_keep(key): told of each key kept
+        self.rows, self.budget, self.used, self.full, self.on_keep = {}, budget, 0, False, on_keep
 
     def __call__(self, keys: list, encode: Callable[[list], dict], device) -> dict:
         """Outputs for `keys`: kept rows where there are; a new key is encoded alone (`encode([position])`), so what is kept
@@ -72,6 +75,7 @@ class Memo:
         if self.full: return
         self.rows[key] = {n: v.detach().to("cpu", copy=True) for n, v in row.items()}
         self.used += size
+        if self.on_keep: self.on_keep(key)
 
 @dataclass
 class Memos:
@@ -84,4 +88,11 @@ def frozen_memos(cfg, datasets: list, train_te: bool) -> Memos:
     latents_cached = cfg.cache_latents or cfg.cache_latents_to_disk
     texts_cached = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
     fixed = all(text_cacheable(s) for d in datasets for s in d.plan.spec.subsets)
-    return Memos(None if latents_cached else Memo(), Memo() if fixed and not (train_te or texts_cached) else None)
+    return Memos(None if latents_cached else Memo(on_keep=_mark_kept(datasets)), Memo() if fixed and not (train_te or texts_cached) else None)
+
+def _mark_kept(datasets: list) -> Callable:
+    "Tell the dataset of a `pixel_key` that its latents are kept: its loader workers then skip decoding that image."
+    by_uid = {d.uid: d for d in datasets}
+    def mark(key):
+        if (d := by_uid.get(key[0])) is not None: d.kept[key[1], int(key[2])] = True
+    return mark

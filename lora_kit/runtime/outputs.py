@@ -5,6 +5,7 @@
 # %% ../../nbs/runtime/outputs.ipynb #95368dff
 from __future__ import annotations
 import json, os, shutil
+from datetime import datetime
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from ..checkpoint import follow_umask
 from ..config import ConfigError, TrainConfig
 
 # %% auto #0
-__all__ = ['lora_filename', 'state_dirname', 'epoch_to_remove', 'step_to_remove', 'prune_saves', 'output_lock', 'save_state',
-           'load_state']
+__all__ = ['lora_filename', 'state_dirname', 'epoch_to_remove', 'step_to_remove', 'prune_saves', 'output_lock', 'lora_metadata',
+           'previous_run_notes', 'save_state', 'load_state']
 
 # %% ../../nbs/runtime/outputs.ipynb #b883636e
 def lora_filename(cfg: TrainConfig, epoch: int|None = None, step: int|None = None) -> Path:
@@ -87,6 +88,84 @@ def output_lock(cfg: TrainConfig, enabled: bool = True):
         os.write(fd, str(os.getpid()).encode()); os.close(fd)
         yield
     finally: path.unlink(missing_ok=True)
+
+# %% ../../nbs/runtime/outputs.ipynb #61701c28
+def lora_metadata(path) -> dict:
+    "The `__metadata__` of a .safetensors file, read from its header alone (no tensor is loaded); {} if unreadable."
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            return (json.loads(f.read(n)).get("__metadata__") or {}) if 0 < n < 100_000_000 else {}
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError): return {}
+
+_COMPARED = ("network_module", "network_dim", "network_alpha", "learning_rate", "seed", "sd_model_name")
+
+def _settings(cfg: TrainConfig) -> dict:
+    "The compared settings as this run writes them (`ss_*`, see `compat.metadata`); None: not known before training."
+    p = cfg.pretrained_model_name_or_path
+    return {"network_module": cfg.network_module, "network_dim": cfg.network_dim or 4, "network_alpha": cfg.network_alpha,
+            "learning_rate": cfg.learning_rate, "seed": cfg.seed,
+            "sd_model_name": os.path.basename(os.path.normpath(p)) if p and os.path.exists(p) else p}
+
+def _differences(cfg: TrainConfig, md: dict) -> list[str]:
+    "The compared settings in which the LoRA with metadata `md` differs from this run: `name X there, Y here`."
+    return [f"{k} {md[f'ss_{k}']} there, {v} here" for k, v in _settings(cfg).items()
+            if v is not None and md.get(f"ss_{k}") not in (None, "None", str(v))]
+
+def _started(md: dict, path: Path) -> str:
+    "When the run that wrote `path` started (its metadata), else when the file was written."
+    try: t = float(md["ss_training_started_at"])
+    except (KeyError, ValueError): t = path.stat().st_mtime
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
+
+# %% ../../nbs/runtime/outputs.ipynb #e4dde93f
+def _saves(cfg: TrainConfig) -> list[tuple[Path, str, int]]:
+    "The step and epoch saves (LoRA files and state folders) under this run's names: (path, 'step' or 'epoch', number)."
+    out, ext = Path(cfg.output_dir), "." + (cfg.save_model_as or "safetensors")
+    found = []
+    for kind, stem, digits in (("epoch", lora_filename(cfg, epoch=0).stem[:-6], 6), ("step", lora_filename(cfg, step=0).stem[:-8], 8)):
+        pattern = stem + "[0-9]" * digits
+        found += [(p, kind, int(p.stem[len(stem):])) for p in out.glob(pattern + ext)]
+        found += [(p, kind, int(p.name[len(stem):-6])) for p in out.glob(pattern + "-state") if p.is_dir()]
+    return sorted(found, key=lambda f: (f[1], f[2], f[0].name))
+
+def _resumed_point(cfg: TrainConfig) -> dict:
+    "`train_state.json` of the `--resume` state (`current_step`, `current_epoch`), {} without one."
+    try: return json.loads((Path(cfg.resume)/"train_state.json").read_text()) if cfg.resume else {}
+    except (OSError, ValueError): return {}
+
+def previous_run_notes(cfg: TrainConfig) -> list[str]:
+    """Lines to print before training about what earlier runs left under this run's names: the files it will replace
+    (it overwrites them, as sd-scripts does) and warnings for LoRA files of another run (other session or settings)."""
+    if not cfg.output_dir or not Path(cfg.output_dir).is_dir(): return []
+    out, name, lines = Path(cfg.output_dir), cfg.output_name or "last", []
+    final, point = lora_filename(cfg), _resumed_point(cfg)
+    replaced = [p for p in (final, out/f"{name}_loss.csv", out/f"{name}_loss.png") if p.exists()]
+    if replaced:
+        md = lora_metadata(final) if final.exists() else {}
+        what = [f"{p.name} ({_started(md, p)}, {md.get('ss_steps', '?')} steps)" if p == final else p.name for p in replaced]
+        lines.append(f"note: this run replaces {', '.join(what)} in {out} when it saves, as sd-scripts does "
+                     "(another --output_name keeps them)")
+        if final.exists() and (diff := _differences(cfg, md)) and not point:
+            lines.append(f"warning: {final} is the LoRA of another run with other settings ({'; '.join(diff)}): it will be overwritten")
+    samples = list((out/"sample").glob(f"{cfg.output_name}_*.png" if cfg.output_name else "*.png"))
+    if samples and not point:
+        lines.append(f"note: {out/'sample'} holds {len(samples)} images of an earlier run named {name}; this run's are added beside them")
+    mine = lambda kind, n: bool(point) and n <= point.get("current_step" if kind == "step" else "current_epoch", -1)
+    stale = [(p, kind, n) for p, kind, n in _saves(cfg) if not mine(kind, n)]
+    if stale:
+        loras = [p for p, _, _ in stale if p.is_file()]
+        mds = [lora_metadata(p) for p in loras]
+        runs = {md.get("ss_session_id", p.name) for md, p in zip(mds, loras)} or {"?"}
+        diff = sorted({d for md in mds for d in _differences(cfg, md)})
+        names = [p.name for p, _, _ in stale]
+        shown = ", ".join(names[:3]) + (f" … {names[-1]}" if len(names) > 3 else "")
+        when = f"written {_started(mds[0], loras[0])}" + (f" to {_started(mds[-1], loras[-1])}" if len(loras) > 1 else "") if loras else ""
+        lines.append(f"warning: {out} holds {len(stale)} step/epoch save{'s' * (len(stale) > 1)} of "
+                     f"{'another run' if len(runs) == 1 else f'{len(runs)} other runs'} ({shown}; {', '.join([when, *diff]).strip(', ')}): "
+                     "this run overwrites those it saves under the same names and leaves the others beside its own; move them away "
+                     "or use another --output_name")
+    return lines
 
 # %% ../../nbs/runtime/outputs.ipynb #350dc4f1
 def save_state(state: "TrainState", folder: Path) -> Path:

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/runtime/placement.ipynb #b3fdcfaf
 from __future__ import annotations
-import functools, gc, os, weakref
+import functools, gc, os, time, weakref
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -14,10 +14,22 @@ from ..lora import load_lora, merge_lora
 from .weights import store_in_fp8
 
 # %% auto #0
-__all__ = ['prepare_models', 'merge_base_weights', 'store_fp8', 'clean_memory', 'named_models', 'text_encoder_names',
+__all__ = ['attention', 'prepare_models', 'merge_base_weights', 'store_fp8', 'clean_memory', 'named_models', 'text_encoder_names',
            'train_modes', 'eval_mode', 'Placement', 'training_models', 'next_swapped', 'BlockSwap', 'block_swap',
-           'compile_models', 'free_cached_text_encoders', 'release_cached_models', 'models_used', 'free_cores',
-           'cpu_threads']
+           'compile_models', 'free_cached_text_encoders', 'release_cached_models', 'models_used', 'busy_cores',
+           'free_cores', 'cpu_threads']
+
+# %% ../../nbs/runtime/placement.ipynb #ecfc1065
+def attention(cfg) -> tuple[str, str|None]:
+    "The denoiser's attention for `cfg` ('sdpa', 'vanilla' or 'xformers') and a note when `--xformers` cannot be had."
+    if cfg.xformers:
+        import importlib.util
+        if importlib.util.find_spec("xformers") is None:
+            return "sdpa", "--xformers: the xformers package is not installed; using PyTorch's sdpa attention (--sdpa) instead, which saves the same memory"
+        if not torch.cuda.is_available():
+            return "sdpa", "--xformers needs a CUDA GPU; using PyTorch's sdpa attention (--sdpa) instead"
+        return "xformers", None
+    return cfg.attention or "sdpa", None
 
 # %% ../../nbs/runtime/placement.ipynb #14d38bfe
 def prepare_models(cfg, comp, dtype, train_te: bool, datasets):
@@ -30,10 +42,12 @@ def prepare_models(cfg, comp, dtype, train_te: bool, datasets):
     store_fp8(cfg, comp)
     if cfg.blocks_to_swap and not cfg.gradient_checkpointing:
         print("note: --blocks_to_swap turns on --gradient_checkpointing (a swapped block runs again in the backward pass instead of being kept)")
-    comp.family.configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn, cfg.gradient_checkpointing or bool(cfg.blocks_to_swap), train_te,
-                       [d.plan.spec.resolution for d in datasets])
+    how, note = attention(cfg)
+    if note: print("note:", note)
+    comp.family.configure_denoiser(comp, how != "vanilla", cfg.gradient_checkpointing or bool(cfg.blocks_to_swap), train_te,
+                                   [d.plan.spec.resolution for d in datasets])
     if _checkpointing(comp.denoiser): comp.denoiser.train()   # checkpointed layers act only in training mode (sd-scripts sets it too)
-    if cfg.xformers: comp.denoiser.enable_xformers_memory_efficient_attention()
+    if how == "xformers": comp.denoiser.enable_xformers_memory_efficient_attention()
 
 # %% ../../nbs/runtime/placement.ipynb #41047b36
 def merge_base_weights(cfg: TrainConfig, comp):
@@ -241,10 +255,31 @@ def models_used(callbacks) -> set[str]:
     return set().union(*(set(u) if isinstance(u, (set, frozenset)) else {"vae", "text_encoders"} if u else set() for u in used))
 
 # %% ../../nbs/runtime/placement.ipynb #5b30935d
-def free_cores() -> int:
-    "The cores this process may use that the 1-minute load average leaves free (at least 1)."
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, int(cores - os.getloadavg()[0] + 0.5)))
+def _cpu_times(path: str = "/proc/stat") -> dict[int, tuple[int, int]]:
+    "Per CPU of `/proc/stat`: (busy, total) jiffies since boot (busy: all but idle and iowait)."
+    out = {}
+    with open(path) as f:
+        for line in f:
+            name, *vals = line.split()
+            if not (name.startswith("cpu") and name[3:].isdigit()): continue
+            v = [int(x) for x in vals[:8]]
+            out[int(name[3:])] = (sum(v) - v[3] - v[4], sum(v))
+    return out
+
+def busy_cores(cores, seconds: float = 0.25) -> float:
+    "How many of `cores` (CPU numbers) other processes keep busy, from two readings of `/proc/stat` `seconds` apart (0 where it cannot be read)."
+    try:
+        a = _cpu_times(); time.sleep(seconds); b = _cpu_times()
+    except (OSError, ValueError): return 0.0
+    busy = 0.0
+    for c in cores:
+        if c in a and c in b and b[c][1] > a[c][1]: busy += (b[c][0] - a[c][0]) / (b[c][1] - a[c][1])
+    return busy
+
+def free_cores(seconds: float = 0.25) -> int:
+    "The cores this process may use that other processes leave free now (`busy_cores`; at least 1)."
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return max(1, min(len(cores), int(len(cores) - busy_cores(cores, seconds) + 0.5)))
 
 def cpu_threads(device, requested: int|None = None) -> int:
     "On a CPU: `requested` threads, else `OMP_NUM_THREADS`, else the free cores; returns the number of threads in use."

@@ -10,6 +10,7 @@ import os
 from typing import Optional, Sequence
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .. import buckets as B, captions as C
 from ..compat.dataset_schema import CN, FT
@@ -17,7 +18,7 @@ from ..compat.dataset_config import DatasetSpec, normalize_caption_extension
 from ..compat.registration import IMAGE_EXTENSIONS, get_image_size, glob_images, read_metadata
 
 # %% auto #0
-__all__ = ['mask_image_path', 'mask_problems', 'scan_dataset']
+__all__ = ['SCAN_BAR_MIN', 'mask_image_path', 'mask_problems', 'scan_dataset']
 
 # %% ../../nbs/runtime/scan.ipynb #a63829fb
 def _check_image(path: str, decode: bool) -> Optional[str]:
@@ -25,6 +26,7 @@ def _check_image(path: str, decode: bool) -> Optional[str]:
         with Image.open(path) as im:
             size = im.size
             if decode:
+                if im.format == "JPEG": im.draft(im.mode, (size[0] // 8, size[1] // 8))   # every byte is still decoded, 1/8 of the pixels made
                 im.load()
             else:
                 im.verify()
@@ -85,14 +87,16 @@ def mask_problems(image_paths: list[str], conditioning_data_dir: str, same_size:
     return out
 
 # %% ../../nbs/runtime/scan.ipynb #b95838bd
+SCAN_BAR_MIN = 500    # folders with this many images get a progress bar while they are checked
+
 def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_sizes: bool = True) -> list[str]:
     """Every input problem at once, each with its path, before any model is loaded.
 
-    Errors: missing image_dir, image_dir without images, unreadable/corrupt image (decode=True fully decodes each
+    Errors: missing image_dir, unreadable/corrupt image (decode=True fully decodes each
     image; False only checks headers), empty/non-UTF-8 caption file, missing/invalid metadata file, image sizes that
     crash sd-scripts (see _size_problem), no image at all. Lines starting with "warning:" are not fatal: images
-    without caption file (one line per subset), images below the smallest bucket (sd-scripts silently upscales),
-    subsets skipped by sd-scripts (num_repeats < 1, duplicates)."""
+    without caption file (one line per subset; they train with class_tokens or an empty caption), images below the smallest bucket (sd-scripts silently upscales),
+    subsets skipped by sd-scripts (num_repeats < 1, duplicates, no images)."""
     problems: list[str] = []
     total = 0
     for ds in datasets:
@@ -141,7 +145,8 @@ def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_
                     others = [n for n in os.listdir(sub.image_dir) if os.path.splitext(n)[1].lower() in
                               {e.lower() for e in IMAGE_EXTENSIONS}]
                     hint = f" ({len(others)} file(s) have an extension in unexpected case, e.g. {others[0]})" if others else ""
-                    problems.append(f"{sub.image_dir}: no images (.png .jpg .jpeg .webp .bmp) in this folder ({where}){hint}")
+                    problems.append(f"warning: {sub.image_dir}: no images (.png .jpg .jpeg .webp .bmp) in this folder ({where}){hint}; "
+                                    f"this subset is ignored, as sd-scripts ignores it ('ignore subset with image_dir=...: no images found')")
                     continue
                 missing = []
                 for p in paths:
@@ -150,11 +155,12 @@ def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_
                             missing.append(p)
                     except C.CaptionFileError as e:
                         problems.append(str(e))
-                if missing and sub.class_tokens is None:
-                    problems.append(f"{sub.image_dir}: {len(missing)} image(s) have no {sub.caption_extension} caption file and the "
+                if missing and sub.class_tokens is None:     # sd-scripts trains them with an empty caption and a warning
+                    problems.append(f"warning: {sub.image_dir}: {len(missing)} image(s) have no {sub.caption_extension} caption file and the "
                                     f"subset has no class_tokens ({where}): " + ", ".join(os.path.basename(m) for m in missing[:5])
                                     + (f" ... and {len(missing) - 5} more" if len(missing) > 5 else "")
-                                    + ". Set caption_extension (e.g. '.txt') or class_tokens.")
+                                    + "; they train with an EMPTY caption, as in sd-scripts. If that is not intended, set "
+                                    "caption_extension (e.g. '.txt') or class_tokens.")
                 elif missing:
                     fallback = f"class_tokens {sub.class_tokens!r}" if sub.class_tokens is not None else "an EMPTY caption"
                     problems.append(f"warning: {sub.image_dir}: {len(missing)} image(s) have no {sub.caption_extension} "
@@ -163,7 +169,7 @@ def scan_dataset(datasets: Sequence[DatasetSpec], *, decode: bool = True, check_
                 if ds.kind == CN and sub.conditioning_data_dir and not os.path.isdir(sub.conditioning_data_dir):
                     problems.append(f"{sub.conditioning_data_dir}: conditioning_data_dir not found ({where})")
                 elif ds.kind == CN: problems += mask_problems(paths, sub.conditioning_data_dir, ds.enable_bucket, where)
-            for p in paths:
+            for p in tqdm(paths, desc=f"checking images ({where})", disable=len(paths) < SCAN_BAR_MIN, leave=False):
                 err = _check_image(p, decode)
                 if err:
                     problems.append(err)

@@ -14,8 +14,8 @@ from PIL import Image
 from . import world as tw
 
 # %% auto #0
-__all__ = ['CONCEPT_PROMPTS', 'generate_images', 'toy_prompts', 'prompt_following', 'concept_rate', 'image_grid', 'load_toy',
-           'print_report', 'main']
+__all__ = ['CONCEPT_PROMPTS', 'generate_images', 'toy_prompts', 'prompt_following', 'concept_rate', 'image_grid', 'stack',
+           'load_toy', 'print_report', 'main']
 
 # %% ../../nbs/toy/model.ipynb #b9e13503
 CONCEPT_PROMPTS = ["a large red sks at the center", "a small blue sks at the top left",
@@ -57,14 +57,32 @@ def concept_rate(comp, prompts: list[str] = CONCEPT_PROMPTS, per_prompt: int = 8
     return shapes.count(tw.CONCEPT_SHAPE) / len(shapes), {s: shapes.count(s) for s in sorted(set(shapes))}, imgs
 
 # %% ../../nbs/toy/model.ipynb #2ce400df
-def image_grid(images: list, cols: int = 8, scale: int = 2) -> Image.Image:
-    "The images as one contact sheet (rows of `cols`), enlarged `scale` times without smoothing."
+def image_grid(images: list, cols: int = 8, scale: int = 2, title: str|None = None, row_labels: list[str]|None = None) -> Image.Image:
+    "The images as one contact sheet (rows of `cols`), enlarged `scale` times without smoothing; a `title` above, `row_labels` left of the rows."
+    from PIL import ImageDraw, ImageFont
     ims = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images]
     w, h = ims[0].size
     rows = (len(ims) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * w, rows * h), (0, 0, 0))
     for i, im in enumerate(ims): sheet.paste(im, ((i % cols) * w, (i // cols) * h))
-    return sheet.resize((cols * w * scale, rows * h * scale), Image.Resampling.NEAREST)
+    sheet = sheet.resize((cols * w * scale, rows * h * scale), Image.Resampling.NEAREST)
+    if not (title or row_labels): return sheet
+    font = ImageFont.load_default(size=14)
+    left = 12 + max((ImageDraw.Draw(sheet).textlength(l, font=font) for l in row_labels or []), default=-12)
+    top = 28 if title else 0
+    out = Image.new("RGB", (int(left) + sheet.width, top + sheet.height), "white")
+    out.paste(sheet, (int(left), top))
+    d = ImageDraw.Draw(out)
+    if title: d.text((6, 6), title, fill="black", font=font)
+    for r, label in enumerate(row_labels or []): d.text((6, top + (r + 0.5) * h * scale - 8), label, fill="black", font=font)
+    return out
+
+def stack(images: list[Image.Image], gap: int = 8) -> Image.Image:
+    "Images one below the other on white, `gap` pixels apart."
+    out = Image.new("RGB", (max(im.width for im in images), sum(im.height for im in images) + gap * (len(images) - 1)), "white")
+    y = 0
+    for im in images: out.paste(im, (0, y)); y += im.height + gap
+    return out
 
 # %% ../../nbs/toy/model.ipynb #983ecb42
 def load_toy(model: str = "toy-sd1", lora: str|Path|None = None, strength: float = 1.0):
