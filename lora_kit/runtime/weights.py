@@ -53,9 +53,10 @@ def store_in_fp8(model: nn.Module) -> int:
 
 # %% ../../nbs/runtime/weights.ipynb #22e83897
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    "The dtype an op on `x` computes in: autocast's, else `x`'s."
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    "The dtype an op on `x` computes in: autocast's, else (and on devices without autocast, e.g. meta) `x`'s."
+    try: on = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError: on = False
+    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
 
 class FP8Op(torch.autograd.Function):
     "A Linear or Conv2d layer's op on its float8 `weight` (cast to the compute dtype), keeping the float8 weight for the backward pass."
