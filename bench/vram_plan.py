@@ -335,14 +335,18 @@ def model_bytes(model, dtype: torch.dtype|None = None) -> int:
 
 def swapped_bytes(denoiser, blocks_to_swap: int) -> int:
     """Bytes `--blocks_to_swap N` keeps off the device: sd-scripts' last N joint blocks stay on the CPU and come to the
-    device one at a time, so the device holds the other blocks plus one block in transit."""
+    device one at a time, so the device holds the other blocks plus `SWAP_LIVE` swapped blocks (the one running and
+    the next, prefetched)."""
     if not blocks_to_swap: return 0
     blocks = list(getattr(denoiser, "transformer_blocks", []))
     if not blocks: raise SystemExit("--blocks_to_swap needs an SD3 MMDiT (joint blocks)")
     if blocks_to_swap > len(blocks) - 2:
         raise SystemExit(f"--blocks_to_swap {blocks_to_swap}: at most {len(blocks) - 2} of {len(blocks)} blocks (as sd-scripts)")
     sizes = [model_bytes(b) for b in blocks[-blocks_to_swap:]]
-    return sum(sizes) - max(sizes)
+    return sum(sizes) - SWAP_LIVE * max(sizes) if blocks_to_swap > SWAP_LIVE else 0
+
+
+SWAP_LIVE = 2    # swapped blocks on the device at once (`BlockSwap` prefetches the next while one runs)
 
 
 STATES = {"lion": 1, "sgdnesterov": 1, "prodigy": 4, "adamw": 2, "pagedadamw": 2, "pagedadamw32bit": 2}   # full-size states

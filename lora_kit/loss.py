@@ -10,6 +10,7 @@ import dataclasses, math, warnings
 from dataclasses import dataclass
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from .config import OPTIONS
+from .runtime.weights import weight_dtype
 
 # %% auto #0
 __all__ = ['HUBER_SCHEDULES', 'LOSS_TYPES', 'OBJECTIVES', 'DDPM_ONLY', 'WEIGHTING_SCHEMES', 'TIMESTEP_SAMPLINGS',
@@ -189,6 +190,7 @@ class DDPMObjective:
                           "signal; sd-scripts warns that training will be unexpected")
 
     def __call__(self, predict, latents: torch.Tensor, generator=None, mask: torch.Tensor|None = None) -> torch.Tensor:
+        if self.all_snr.device != latents.device: self.all_snr = self.all_snr.to(latents.device)   # once, not at every step
         return sd_loss(self.sched, predict, latents, generator, self.all_snr, mask, **self.options)
 
 # %% ../nbs/04_loss.ipynb #637f3e38
@@ -234,12 +236,14 @@ def loss_weight(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/04_loss.ipynb #4a967ec4
 def flow_loss(predict, latents: torch.Tensor, weighting_scheme: str = "uniform", logit_mean: float = 0.0,
               logit_std: float = 1.0, mode_scale: float = 1.29, training_shift: float = 1.0,
-              min_timestep: int|None = None, max_timestep: int|None = None, generator=None, mask: torch.Tensor|None = None) -> torch.Tensor:
-    "Per-image SD3 loss; `predict(noisy, timesteps)` is the model call, `mask` weights pixels. Draw order as sd-scripts: noise, then u."
+              min_timestep: int|None = None, max_timestep: int|None = None, generator=None, mask: torch.Tensor|None = None,
+              timestep_dtype: torch.dtype|None = None) -> torch.Tensor:
+    """Per-image SD3 loss; `predict(noisy, timesteps)` is the model call, `mask` weights pixels. Draw order as sd-scripts: noise, then u.
+    As sd-scripts: noise, noisy input and target in the latents' dtype (float32), timesteps and sigmas in `timestep_dtype` (the weight dtype)."""
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
     u = shift_u(sample_u(weighting_scheme, latents.shape[0], logit_mean, logit_std, mode_scale, generator, latents.device), training_shift)
     t_min, t_max = min_timestep or 0, 1000 if max_timestep is None else max_timestep
-    timesteps = (u * (t_max - t_min) + t_min).long().to(latents.dtype)
+    timesteps = (u * (t_max - t_min) + t_min).long().to(timestep_dtype or latents.dtype)
     sigmas = (timesteps / 1000).view(-1, *[1] * (latents.dim() - 1))
     noisy = sigmas * noise + (1 - sigmas) * latents
     x0 = predict(noisy, timesteps) * (-sigmas) + noisy
@@ -249,8 +253,9 @@ def flow_loss(predict, latents: torch.Tensor, weighting_scheme: str = "uniform",
 # %% ../nbs/04_loss.ipynb #a3fd4e5e
 class FlowObjective:
     "The rectified-flow objective (SD3's) from `--weighting_scheme`, `--logit_mean`, `--logit_std`, `--mode_scale`, `--training_shift`."
+    fp32_latents = True     # the step gives it float32 latents (noisy input and target stay float32, as in sd-scripts)
     def __init__(self, cfg):
-        self.kw = dict(weighting_scheme=cfg.weighting_scheme, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+        self.kw = dict(timestep_dtype=weight_dtype(cfg), weighting_scheme=cfg.weighting_scheme, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
                        mode_scale=cfg.mode_scale, training_shift=cfg.training_shift,
                        min_timestep=cfg.min_timestep, max_timestep=cfg.max_timestep)
 

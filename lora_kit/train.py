@@ -5,7 +5,7 @@
 # %% ../nbs/06_train.ipynb #ff5628eb
 from __future__ import annotations
 import errno, functools, math, random, time, uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,14 +25,14 @@ from .runtime.weights import weight_dtype
 from .optim import is_schedule_free, optimizer_from_config, optimizer_type, scheduler_from_config
 from .compat.metadata import training_metadata
 from .runtime.checks import check_all, start_problem
-from .runtime.distributed import allow_fp16_gradients, any_signalled, average_gradients, batch_loader, close_loaders, loader_batches
+from .runtime.distributed import allow_fp16_gradients, any_signalled, average_gradients, batch_loader, close_loaders, in_turn, loader_batches
 from .runtime.distributed import make_accelerator, rows_loss, stop_signals
 from .runtime.logs import StepBar, init_trackers, learning_rates, loaded_line, loading_line, log_to_trackers, setup_logging
 from .runtime.logs import write_loss_log
 from .runtime.memos import Memos, cache_outputs, frozen_memos
 from .runtime.outputs import load_state, lora_filename, output_lock, prune_saves, save_state, state_dirname
 from .runtime.placement import BlockSwap, Placement, block_swap, compile_models, cpu_threads, models_used
-from .runtime.placement import prepare_models, release_cached_models, training_models
+from .runtime.placement import eval_mode, prepare_models, release_cached_models, train_modes, training_models
 from .runtime.validation import Validation
 
 # %% auto #0
@@ -57,15 +57,18 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
     set_seed(cfg.seed)
     cpu_threads(acc.device, cfg.num_cpu_threads_per_process)
     with output_lock(cfg, acc.is_main_process), stop_signals(acc.num_processes > 1) as signalled:
+        run = None
         try:
             owned = comp is None       # loaded here: free to release models the caches replace
             if comp: comp.family = comp.family.with_options(cfg)
-            else: comp = _load(cfg, acc, progress)
+            else: comp = in_turn(acc, lambda: _load(cfg, acc, progress))    # processes one after the other: bounded host memory
             run = Run(datasets, val_datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [], signalled, owned, progress)
             state = _start(cfg, comp, acc, run)
             _loop(state)
             return _finish(state)
-        finally: acc.end_training()
+        finally:
+            if run and run.swap: run.swap.remove()    # ended or stopped: swapped blocks stay in host memory
+            acc.end_training()
 
 def _load(cfg: TrainConfig, acc: Accelerator, progress: bool):
     "`load_components`, with a line before (what, its size on disk) and after (parameters, time) when `progress` is on."
@@ -129,20 +132,21 @@ def _step(state: TrainState, batch: dict) -> torch.Tensor:
 def batch_loss(state: TrainState, batch: dict, objective, num_processes: int = 1) -> torch.Tensor:
     "This process's part of the loss of one (global) batch under `objective`, weighted so that the `num_processes` parts average to the batch mean."
     comp, acc = state.comp, state.accelerator
-    latents = batch_latents(state, batch).to(acc.device, state.dtype)
+    dtype = torch.float32 if getattr(objective, "fp32_latents", False) else state.dtype   # the flow objective: float32 (sd-scripts)
+    latents = batch_latents(state, batch).to(acc.device, dtype, non_blocking=True)   # (pinned batches: asynchronous)
     cond = batch_conditioning(state, batch)
     offset, n = batch["rows"]
     with acc.autocast():
-        mask = batch["alpha_masks"].unsqueeze(1).to(acc.device) if "alpha_masks" in batch else None
+        mask = batch["alpha_masks"].unsqueeze(1).to(acc.device, non_blocking=True) if "alpha_masks" in batch else None
         per_sample = rows_loss(objective, lambda noisy, t: comp.family.predict(comp, noisy, t, cond, batch), latents, offset, n, mask)
-    return (per_sample * batch["loss_weights"].to(per_sample.device)).sum() * num_processes / n
+    return (per_sample * batch["loss_weights"].to(per_sample.device, non_blocking=True)).sum() * num_processes / n
 
 # %% ../nbs/06_train.ipynb #3eea0e9d
 def batch_latents(state: TrainState, batch: dict) -> torch.Tensor:
     "Latents of the batch's images: cached ones, else drawn from the VAE's distribution of each image (kept per `pixel_key` by the image memo)."
     if "latents" in batch: return batch["latents"]
     comp, device, memo, pixels = state.comp, state.accelerator.device, state.memos.images, batch["pixels"]
-    if memo is None: return comp.family.encode_images(comp, pixels.to(device))
+    if memo is None: return comp.family.encode_images(comp, pixels.to(device, non_blocking=True))
     moments = memo(batch["pixel_keys"], lambda rows: {"moments": image_moments(comp.vae, pixels[rows].to(device))}, device)
     return comp.family.sample_latents(comp, moments["moments"])
 
@@ -151,7 +155,7 @@ def batch_conditioning(state: TrainState, batch: dict) -> dict:
     cfg, comp, acc, memo = state.cfg, state.comp, state.accelerator, state.memos.texts
     fam, captions = comp.family, batch["captions"]
     if "text_cond" in batch:
-        cond = {k: v.to(acc.device, state.dtype) for k, v in batch["text_cond"].items()}
+        cond = {k: v.to(acc.device, state.dtype, non_blocking=True) for k, v in batch["text_cond"].items()}
         if state.train_te:    # a partial cache (the frozen encoders' outputs cached): the trained encoders run on top of it
             with acc.autocast(): cond = fam.encode_text(comp, captions, cfg.clip_skip, cfg.max_token_length, cached=cond, batch=batch)
         return cond
@@ -224,7 +228,6 @@ def _finish(state: TrainState) -> TrainState:
     if cfg.save_state or cfg.save_state_on_train_end: save_state(state, state_dirname(cfg))
     _save(state, lora_filename(cfg))
     _emit(state, "on_train_end")
-    if state.run.swap: state.run.swap.remove()
     return state
 
 # %% ../nbs/06_train.ipynb #d6ed27bf
@@ -243,6 +246,7 @@ def _start(cfg: TrainConfig, comp, acc: Accelerator, run: Run) -> TrainState:
     dtype, train_te, data = weight_dtype(cfg), not cfg.network_train_unet_only, [*run.datasets, *run.val_datasets]
     prepare_models(cfg, comp, dtype, train_te, run.datasets)   # in a function: no local here keeps a model alive
     network, optimizer = _lora_and_optimizer(cfg, comp, acc.device, dtype)
+    train_modes(comp, network)                          # only text encoders with LoRA modules train (T5 has dropout)
     run.loaders = [batch_loader(cfg, d, acc.num_processes, acc.process_index) for d in run.datasets]
     memos = frozen_memos(cfg, data, train_te)
     run.validation = Validation(cfg, run.val_datasets, acc, comp.family.objective, batch_loss)
@@ -253,7 +257,8 @@ def _start(cfg: TrainConfig, comp, acc: Accelerator, run: Run) -> TrainState:
     steps, epochs = count_steps(global_batches, cfg)
     if cfg.save_n_epoch_ratio: cfg.save_every_n_epochs = math.floor(epochs / cfg.save_n_epoch_ratio) or 1
     scheduler = scheduler_from_config(cfg, optimizer, steps, acc.num_processes)
-    run.model, optimizer, scheduler = acc.prepare(network, optimizer, scheduler)
+    run.model = acc.prepare_model(network, evaluation_mode=True)   # no DDP wrapper: never called, average_gradients syncs
+    optimizer, scheduler = acc.prepare(optimizer, scheduler)
     run.trainable = [p for p in run.model.parameters() if p.requires_grad]     # once, not at every step
     if cfg.full_fp16: allow_fp16_gradients(acc.scaler)
     objective = OBJECTIVES[comp.family.objective](cfg)
@@ -331,7 +336,7 @@ class Run:
     signalled: object = None                      # `stop_signals`' flag (several processes: a stop signal arrived)
     owned: bool = False                           # `train` loaded the models: it may free those the caches replace
     progress: bool = True                         # show a tqdm bar
-    model: torch.nn.Module = None                 # the LoRA as accelerate prepared it (DDP-wrapped with several processes)
+    model: torch.nn.Module = None                 # the LoRA as accelerate prepared it (never DDP-wrapped: average_gradients syncs)
     trainable: list = field(default_factory=list)   # its trained parameters
     loaders: list = field(default_factory=list)     # this process's share of each dataset's batches
     validation: Validation = None
@@ -361,10 +366,12 @@ class TrainingStopped(RuntimeError):
 
 # %% ../nbs/06_train.ipynb #c275291a
 def _emit(state: TrainState, event: str, *args):
-    "Call `event` on every callback (with the averaged weights of a schedule-free optimizer); a failing callback is reported and training goes on."
+    """Call `event` on every callback (with the averaged weights of a schedule-free optimizer; the models in eval mode for a
+    callback that runs them: sampling without dropout); a failing callback is reported and training goes on."""
     with state.averaged_weights():
         for cb in state.run.callbacks:
-            try: getattr(cb, event)(state, *args)
+            try:
+                with eval_mode(state.comp) if getattr(cb, "uses_models", True) else nullcontext(): getattr(cb, event)(state, *args)
             except (KeyboardInterrupt, TrainingStopped): raise
             except Exception as e: print(f"warning: {type(cb).__name__}.{event} failed ({type(e).__name__}: {e}); training continues")
 

@@ -81,3 +81,36 @@ def test_validation_with_two_processes(tmp_path):
     ev = EventAccumulator(str(runs[0] / "network_train")); ev.Reload()
     assert [e.step for e in ev.Scalars("loss/validation/step_average")] == [1, 2, 3]
     assert load_lora(tmp_path / "out" / "run.safetensors")[1]["ss_num_validation_images"] == "1"
+    # Each process validates its share of the (global) validation batch: the values are those of one process.
+    from lora_kit.config import make_config
+    from lora_kit.train import train
+    torch.set_num_threads(1)
+    state = train(make_config([*ARGS, "--train_data_dir", str(d), "--train_batch_size", "2", "--validation_split", "0.2",
+                               "--validate_every_n_steps", "1", "--output_dir", str(tmp_path / "single")]), progress=False)
+    single = [v for _, _, kind, v in state.validation if kind == "step"]
+    assert [e.value for e in ev.Scalars("loss/validation/step_average")] == pytest.approx(single, rel=1e-5)
+
+
+def _exchange(rank, world, port, out):
+    "One of two gloo processes: each has its half of a cache and exchanges it in chunks of two items."
+    from lora_kit.runtime.distributed import gather_cache
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    class Acc: num_processes, process_index = world, rank
+    cache = {f"cap{i}": {"context": torch.full((100,), float(i))} for i in range(rank, 7, world)}   # 4 and 3 items
+    rounds = gather_cache(Acc(), cache, chunk_bytes=2 * 400)
+    torch.save({"rounds": rounds, "cache": cache}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_cache_exchange_in_chunks_over_gloo(tmp_path):
+    "The in-memory caches are exchanged in bounded chunks (host memory, gloo): every process ends with every item."
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    mp.spawn(_exchange, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert got["rounds"] == 2                                  # 4 items of 400 bytes, 2 per chunk
+        assert sorted(got["cache"]) == [f"cap{i}" for i in range(7)]
+        assert all(torch.equal(v["context"], torch.full((100,), float(k[3:]))) for k, v in got["cache"].items())

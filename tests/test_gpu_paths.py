@@ -234,3 +234,21 @@ def test_fp8_base_with_block_swap_and_caches_stays_close_to_bf16(data):
         train(_cfg(data, "tiny-sd3", *flags, *extra, "--output_name", name, steps=3), progress=False)
         losses[name] = [float(r["loss"]) for r in csv.DictReader(open(data / "out" / f"{name}_loss.csv"))]
     assert losses["e"] != losses["b"] and losses["e"] == pytest.approx(losses["b"], rel=0.1)
+
+
+def test_sd3_partial_cache_encodes_t5_in_eval_mode(data):
+    """SD3's partial cache (--cache_text_encoder_outputs while CLIP-L/G train) with --gradient_checkpointing: T5 carries no
+    LoRA and stays in eval mode, so its cached outputs are those of an eval-mode encode, not one random dropout mask
+    (T5's dropout is 0.1) frozen per caption for the whole run."""
+    got = {}
+    class Grab(Callback):                                           # (callbacks see every model in eval mode)
+        def on_train_start(self, state):
+            cap, cached = next(iter(state.run.datasets[0].text_cond.items()))
+            with torch.no_grad(): want = state.comp.family.encode_text(state.comp, [cap])["context"][0]
+            got.update(cached=cached["context"], want=want, t5=state.comp.text_encoders[2])
+        def on_step_end(self, state): got["training"] = [te.training for te in state.comp.text_encoders]
+    train(_cfg(data, "tiny-sd3", "--gradient_checkpointing", "--cache_text_encoder_outputs"), [Grab()], progress=False)
+    assert got["t5"].config.dropout_rate > 0
+    torch.testing.assert_close(got["cached"], got["want"], rtol=1e-4, atol=1e-5)
+    assert got["training"] == [False] * 3                           # as a callback sees them, ...
+    assert not got["t5"].training                                   # ... and T5 after training: eval mode all along

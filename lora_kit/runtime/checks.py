@@ -19,7 +19,7 @@ from ..optim import optim_problems, optimizer_from_config
 from .logs import tracker_problems
 
 # %% auto #0
-__all__ = ['lora_file_problems', 'check_all', 'machine_problems', 'compile_problems', 'fp16_optimizer_problems',
+__all__ = ['lora_file_problems', 'check_all', 'machine_problems', 'compile_problems', 'gpu_problems', 'fp16_optimizer_problems',
            'resume_problems']
 
 # %% ../../nbs/runtime/checks.ipynb #95681ebd
@@ -57,7 +57,7 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     if cfg.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
         out.append(f"--log_with {cfg.log_with}: the wandb package is not installed (pip install wandb), or use --log_with tensorboard")
     if cfg.log_with in ("tensorboard", "all") and not cfg.logging_dir: out.append(f"--log_with {cfg.log_with} needs --logging_dir <folder>")
-    return out + tracker_problems(cfg) + compile_problems(cfg)
+    return out + tracker_problems(cfg) + compile_problems(cfg) + gpu_problems(cfg)
 
 # %% ../../nbs/runtime/checks.ipynb #fbe98cda
 def compile_problems(cfg: TrainConfig) -> list[str]:
@@ -68,6 +68,20 @@ def compile_problems(cfg: TrainConfig) -> list[str]:
     if cfg.dynamo_backend.lower() in known: return []
     return [f"--dynamo_backend {cfg.dynamo_backend}: not a torch.compile backend of this PyTorch; use one of inductor (the default), "
             f"aot_eager, eager, {', '.join(b for b in torch._dynamo.list_backends() if b != 'inductor')}"]
+
+# %% ../../nbs/runtime/checks.ipynb #d059ac84
+def gpu_problems(cfg: TrainConfig) -> list[str]:
+    "Options this CUDA GPU cannot run well (see above; nothing without CUDA)."
+    if not torch.cuda.is_available(): return []
+    cc, name = torch.cuda.get_device_capability(), torch.cuda.get_device_name()
+    out, here = [], f"this GPU ({name}) has compute capability {cc[0]}.{cc[1]}"
+    if cfg.mixed_precision == "bf16" and cc < (8, 0):
+        out.append(f"--mixed_precision bf16: {here}, below 8.0, and no bfloat16 arithmetic (PyTorch emulates it, several times "
+                   "slower); use --mixed_precision fp16" + (" (and --full_fp16 instead of --full_bf16)" if cfg.full_bf16 else ""))
+    if cfg.torch_compile and fp8_flag(cfg) and cfg.dynamo_backend.lower() == "inductor" and cc < (8, 9):
+        out.append(f"--torch_compile with {fp8_flag(cfg)}: {here}, below 8.9, where Triton has no float8 e4m3 and compilation "
+                   f"fails; drop --torch_compile or {fp8_flag(cfg)}")
+    return out
 
 # %% ../../nbs/runtime/checks.ipynb #74851b2b
 def fp16_optimizer_problems(cfg: TrainConfig) -> list[str]:

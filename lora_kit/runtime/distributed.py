@@ -10,17 +10,18 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import gather_object
 
 from ..config import TrainConfig
 from ..data import BucketBatchSampler
 from ..data import collate
 
 # %% auto #0
-__all__ = ['make_accelerator', 'allow_fp16_gradients', 'process_share', 'rows_loss', 'average_gradients', 'batch_loader',
-           'close_loaders', 'loader_batches', 'gather_cache', 'stop_signals', 'any_signalled']
+__all__ = ['CHUNK_BYTES', 'make_accelerator', 'allow_fp16_gradients', 'process_share', 'rows_loss', 'average_gradients',
+           'batch_loader', 'close_loaders', 'loader_batches', 'cpu_group', 'chunked', 'gather_cache', 'in_turn',
+           'stop_signals', 'any_signalled']
 
 # %% ../../nbs/runtime/distributed.ipynb #d39d07b3
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -107,7 +108,7 @@ def average_gradients(params: list, accelerator) -> None:
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
     flat = accelerator.reduce(torch.cat([*grads, has]), "sum")
     total, has = flat[:-len(params)] / n, flat[-len(params):]
-    for p, g, h in zip(params, total.split([p.numel() for p in params]), has):
+    for p, g, h in zip(params, total.split([p.numel() for p in params]), has.tolist()):   # one device sync, not one per tensor
         p.grad = g.view_as(p).to(p.dtype) if h > 0 else None
 
 # %% ../../nbs/runtime/distributed.ipynb #2fc707e4
@@ -135,10 +136,51 @@ def loader_batches(loaders, epoch: int, skip: int = 0):
         dl.batch_sampler.skip, skip = min(skip, len(dl)), max(0, skip - len(dl))
     for dl in loaders: yield from dl
 
-# %% ../../nbs/runtime/distributed.ipynb #4fc8d4db
-def gather_cache(acc, cache: dict):
-    "Merge every process's part of a dict cache into `cache` (in place)."
-    for part in gather_object([cache]): cache.update(part)
+# %% ../../nbs/runtime/distributed.ipynb #6e19e7d7
+CHUNK_BYTES = 256 * 2**20     # a process's share of one exchange round
+
+_gloo = {}
+def cpu_group():
+    "A gloo process group for host-memory objects: the default group if that is gloo, else one made once (all processes call this)."
+    if dist.get_backend() == "gloo": return None
+    if "group" not in _gloo: _gloo["group"] = dist.new_group(backend="gloo")
+    return _gloo["group"]
+
+def _nbytes(v) -> int:
+    if isinstance(v, torch.Tensor): return v.numel() * v.element_size()
+    if isinstance(v, dict): return sum(map(_nbytes, v.values()))
+    if isinstance(v, (list, tuple)): return sum(map(_nbytes, v))
+    return 64
+
+def chunked(items: dict, chunk_bytes: int = CHUNK_BYTES) -> list[dict]:
+    "`items` in dicts of about `chunk_bytes` each (at least one item per dict)."
+    out, size = [{}], 0
+    for k, v in items.items():
+        if out[-1] and size + _nbytes(v) > chunk_bytes: out.append({}); size = 0
+        out[-1][k] = v; size += _nbytes(v)
+    return [c for c in out if c]
+
+def gather_cache(acc, cache: dict, chunk_bytes: int = CHUNK_BYTES) -> int:
+    "Merge every process's part of a dict cache (host tensors) into `cache`, in place, over gloo in chunks; returns the rounds."
+    if acc.num_processes == 1: return 0
+    group, chunks = cpu_group(), chunked(cache, chunk_bytes)
+    counts = [None] * acc.num_processes
+    dist.all_gather_object(counts, len(chunks), group=group)
+    for r in range(max(counts)):
+        parts = [None] * acc.num_processes
+        dist.all_gather_object(parts, chunks[r] if r < len(chunks) else {}, group=group)
+        for rank, part in enumerate(parts):
+            if rank != acc.process_index: cache.update(part)
+    return max(counts)
+
+def in_turn(acc, fn):
+    "`fn()` in each process of a machine one after the other (all wait for each); its result."
+    n = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+    if acc.num_processes == 1: return fn()
+    for r in range(n):
+        if r == acc.local_process_index: out = fn()
+        acc.wait_for_everyone()
+    return out
 
 # %% ../../nbs/runtime/distributed.ipynb #90b0fda8
 @contextmanager

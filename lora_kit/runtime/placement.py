@@ -5,7 +5,7 @@
 # %% ../../nbs/runtime/placement.ipynb #b3fdcfaf
 from __future__ import annotations
 import functools, gc, os, time, weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -15,8 +15,9 @@ from .weights import store_in_fp8
 
 # %% auto #0
 __all__ = ['attention', 'prepare_models', 'merge_base_weights', 'store_fp8', 'clean_memory', 'named_models', 'text_encoder_names',
-           'Placement', 'training_models', 'BlockSwap', 'block_swap', 'compile_models', 'free_cached_text_encoders',
-           'release_cached_models', 'models_used', 'busy_cores', 'free_cores', 'cpu_threads']
+           'train_modes', 'eval_mode', 'Placement', 'training_models', 'next_swapped', 'BlockSwap', 'block_swap',
+           'compile_models', 'free_cached_text_encoders', 'release_cached_models', 'models_used', 'busy_cores',
+           'free_cores', 'cpu_threads']
 
 # %% ../../nbs/runtime/placement.ipynb #ecfc1065
 def attention(cfg) -> tuple[str, str|None]:
@@ -33,7 +34,7 @@ def attention(cfg) -> tuple[str, str|None]:
 # %% ../../nbs/runtime/placement.ipynb #14d38bfe
 def prepare_models(cfg, comp, dtype, train_te: bool, datasets):
     """Frozen base models in their dtypes (the VAE in float32, the others in the weight dtype; each cast once, directly), with the
-    base weights merged and the attention/checkpointing options. They stay where they are: `Placement` moves them."""
+    base weights merged and the attention/checkpointing options (the text encoders' modes: `train_modes`). They stay where they are: `Placement` moves them."""
     for m in [comp.denoiser, comp.vae, *comp.text_encoders]: m.requires_grad_(False).eval()
     merge_base_weights(cfg, comp)
     for m, want in [(comp.denoiser, dtype), (comp.vae, torch.float32), *((te, dtype) for te in comp.text_encoders)]:
@@ -45,8 +46,7 @@ def prepare_models(cfg, comp, dtype, train_te: bool, datasets):
     if note: print("note:", note)
     comp.family.configure_denoiser(comp, how != "vanilla", cfg.gradient_checkpointing or bool(cfg.blocks_to_swap), train_te,
                                    [d.plan.spec.resolution for d in datasets])
-    for m in [comp.denoiser, *comp.text_encoders]:   # checkpointed layers act only in training mode (sd-scripts sets it too)
-        if _checkpointing(m): m.train()
+    if _checkpointing(comp.denoiser): comp.denoiser.train()   # checkpointed layers act only in training mode (sd-scripts sets it too)
     if how == "xformers": comp.denoiser.enable_xformers_memory_efficient_attention()
 
 # %% ../../nbs/runtime/placement.ipynb #41047b36
@@ -88,6 +88,26 @@ def text_encoder_names(comp, indices=None) -> set[str]:
     idx = range(len(comp.text_encoders)) if indices is None else indices
     return {f"text_encoder{i + 1}" for i in idx if comp.text_encoders[i] is not None}
 
+# %% ../../nbs/runtime/placement.ipynb #7dc9e718
+def train_modes(comp, network) -> list[int]:
+    "Text encoders in training mode where they carry `network`'s modules and checkpoint, else eval; returns the indices of those in training mode."
+    wrapped = {id(m) for lm in network.modules() for m in getattr(lm, "_org", [])}
+    on = [i for i, te in enumerate(comp.text_encoders)
+          if te is not None and _checkpointing(te) and any(id(m) in wrapped for m in te.modules())]
+    for i, te in enumerate(comp.text_encoders):
+        if te is not None: te.train(i in on)
+    return on
+
+@contextmanager
+def eval_mode(comp):
+    "Within this block every loaded model is in eval mode; afterwards each in its mode before."
+    before = {n: m.training for n, m in named_models(comp).items()}
+    for m in named_models(comp).values(): m.eval()
+    try: yield
+    finally:
+        for n, m in named_models(comp).items():
+            if n in before: m.train(before[n])
+
 # %% ../../nbs/runtime/placement.ipynb #1f6f75b1
 class Placement:
     "Which of the models are on the device; `only` and `also` move them (`empty_cache=False`: sd-scripts' `--highvram`)."
@@ -122,35 +142,77 @@ def training_models(cfg, comp) -> set[str]:
     return names | text_encoder_names(comp, [i for i in range(len(comp.text_encoders)) if not (te_cached and i in cached)])
 
 # %% ../../nbs/runtime/placement.ipynb #20943715
+def next_swapped(i: int, n: int, backward: bool, grad: bool = True) -> int:
+    "Which of `n` swapped blocks runs after block `i` (see above): the order of a checkpointed training step, or of a forward pass without gradients."
+    if backward: return max(i - 1, 0)
+    return i + 1 if i + 1 < n else (i if grad else 0)
+
+def _in_backward() -> bool:
+    "Whether autograd's backward pass is running (a checkpointed block recomputes inside it)."
+    return torch._C._current_graph_task_id() != -1
+
 class BlockSwap:
-    "Keep the last `n` of `blocks` in CPU memory; each comes to `device` only while it runs (see above)."
-    def __init__(self, blocks, n: int, device):
+    "Keep the last `n` of `blocks` in CPU memory; each comes to `device` only while it runs, the next one prefetched (`prefetch`: default on CUDA; see above)."
+    def __init__(self, blocks, n: int, device, prefetch: bool|None = None):
         self.device, self.live, self.peak = torch.device(device), 0, 0    # device copies of tensors that exist now / at most
-        self.swapped = list(blocks)[len(blocks) - n:]
-        for b in self.swapped:
+        self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
+        self.stream = torch.cuda.Stream(self.device) if self.prefetch and self.device.type == "cuda" else None
+        self.ready, self.trace = {}, None     # prefetched: block -> (copies, CUDA event); a list records ("run"/"fetch"/"copy", block)
+        self.swapped, self.homes = list(blocks)[len(blocks) - n:], []
+        for i, b in enumerate(self.swapped):
             b.to("cpu")
             if self.device.type == "cuda": b._apply(lambda t: t.pin_memory())
             slots = [(d, k) for m in b.modules() for d in (m._parameters, m._buffers) for k, v in d.items() if v is not None]
-            b.forward = functools.partial(self._run, b.forward, slots, [d[k] for d, k in slots])
+            self.homes.append([d[k] for d, k in slots])
+            b.forward = functools.partial(self._run, i, b.forward, slots)
             b._apply = lambda fn, recurse=True, b=b: b     # moving the whole model to the device leaves this block where it is
 
-    def _run(self, forward, slots, home, *args, **kwargs):
-        "The block's forward with device copies of its weights (put back even when checkpointing stops a recomputation early)."
-        for (d, k), t in zip(slots, home):
-            d[k] = copy = t.detach().to(self.device, non_blocking=True, copy=True)
-            self.live += 1; weakref.finalize(copy, self._freed)
+    def _copies(self, i: int) -> list:
+        "Device copies of block `i`'s tensors (on the current stream), counted while they live."
+        copies = [t.detach().to(self.device, non_blocking=True, copy=True) for t in self.homes[i]]
+        for c in copies: self.live += 1; weakref.finalize(c, self._freed)
         self.peak = max(self.peak, self.live)
+        return copies
+
+    def _fetch(self, i: int):
+        "Start copying block `i` to the device (on the side stream on CUDA), unless it is already on its way."
+        if i in self.ready: return
+        if self.trace is not None: self.trace.append(("fetch", i))
+        with torch.cuda.stream(self.stream) if self.stream else nullcontext():
+            copies = self._copies(i)
+            event = torch.cuda.Event() if self.stream else None
+            if event: event.record(self.stream)
+        self.ready[i] = (copies, event)
+
+    def _take(self, i: int) -> list:
+        "Block `i`'s device copies: the prefetched ones (once their copy is done), else made now."
+        if i not in self.ready:
+            if self.trace is not None: self.trace.append(("copy", i))
+            return self._copies(i)
+        copies, event = self.ready.pop(i)
+        if event:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            for c in copies: c.record_stream(stream)    # made on the side stream, used (and freed) on this one
+        return copies
+
+    @torch.compiler.disable    # `--torch_compile` leaves swapped blocks out (a graph break), not a recompilation per block
+    def _run(self, i, forward, slots, *args, **kwargs):
+        "The block's forward with device copies of its weights (put back even when checkpointing stops a recomputation early)."
+        if self.trace is not None: self.trace.append(("run", i))
+        for (d, k), c in zip(slots, self._take(i)): d[k] = c
+        if self.prefetch: self._fetch(next_swapped(i, len(self.swapped), _in_backward(), torch.is_grad_enabled()))
         try: return forward(*args, **kwargs)
         finally:
-            for (d, k), t in zip(slots, home): d[k] = t
+            for (d, k), t in zip(slots, self.homes[i]): d[k] = t
 
     def _freed(self): self.live -= 1
 
     def remove(self):
-        "Stop swapping: every block back on the device for good."
-        for b in self.swapped:
-            del b.forward, b._apply
-            b.to(self.device)
+        """Stop swapping: the blocks stay in CPU memory (bringing them all to the device would need the memory the swap
+        saved, at the end of exactly the runs that needed it); `model.to(device)` now moves them too."""
+        self.ready.clear()
+        for b in self.swapped: del b.forward, b._apply
 
 # %% ../../nbs/runtime/placement.ipynb #9477f639
 def block_swap(cfg, comp, device) -> BlockSwap|None:

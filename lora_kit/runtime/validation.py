@@ -31,7 +31,7 @@ class Validation:
     "The validation loss of a run: when it is due, and its value (`batch_loss`: the loop's loss of a batch, `train.batch_loss`)."
     def __init__(self, cfg: TrainConfig, datasets, acc, objective: str, batch_loss: Callable):
         self.cfg, self.acc, self.batch_loss = cfg, acc, batch_loss
-        self.loaders = [batch_loader(cfg, d) for d in datasets] if acc.is_main_process else []
+        self.loaders = [batch_loader(cfg, d, acc.num_processes, acc.process_index) for d in datasets]   # each process its share
         self.num_images = sum(d.plan.images.num_train_images for d in datasets)
         self.objectives = [OBJECTIVES[objective](dataclasses.replace(cfg, min_timestep=t, max_timestep=t))   # one per fixed timestep
                            for t in validation_timesteps(cfg)] if self.loaders else []
@@ -50,7 +50,10 @@ class Validation:
         state.network.eval()
         try:
             with seeded(cfg.seed if cfg.validation_seed is None else cfg.validation_seed, acc.device):
-                with state.averaged_weights(): losses = [self.batch_loss(state, b, o).item() for b in batches for o in self.objectives]
+                with state.averaged_weights():
+                    parts = [self.batch_loss(state, b, o, acc.num_processes).detach() for b in batches for o in self.objectives]
+            parts = torch.stack(parts)
+            losses = (acc.reduce(parts, "mean") if acc.num_processes > 1 else parts).tolist()     # one device sync
         finally: state.network.train()
         return sum(losses) / len(losses)
 

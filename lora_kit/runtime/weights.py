@@ -4,13 +4,16 @@
 
 # %% ../../nbs/runtime/weights.ipynb #f89796ac
 from __future__ import annotations
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainConfig
 
 # %% auto #0
-__all__ = ['FP8', 'FP8_KEEP', 'MissingWeightsError', 'weight_dtype', 'fp8_layers', 'fp8_weight_names', 'store_in_fp8',
+__all__ = ['FP8', 'FP8_KEEP', 'MissingWeightsError', 'weight_dtype', 'fp8_layers', 'fp8_weight_names', 'store_in_fp8', 'FP8Op',
            'assign_weights']
 
 # %% ../../nbs/runtime/weights.ipynb #9bb78540
@@ -37,14 +40,47 @@ def fp8_weight_names(model: nn.Module) -> set[str]:
     return {f"{name}.{p}" for name, m in fp8_layers(model).items() for p, _ in m.named_parameters()}
 
 def store_in_fp8(model: nn.Module) -> int:
-    "`--fp8_base`: the weights of the model's `fp8_layers` stored in float8; returns the bytes saved."
+    "`--fp8_base`: the weights of the model's `fp8_layers` stored in float8, their ops through `FP8Op`; returns the bytes saved."
     nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
     saved = 0
     for m in fp8_layers(model).values():
         before = nbytes(m)
         m.to(FP8)
         saved += before - nbytes(m)
+        if isinstance(m, nn.Linear) or (m.padding_mode == "zeros" and not isinstance(m.padding, str)):
+            m.forward = functools.partial(_fp8_forward, m)
     return saved
+
+# %% ../../nbs/runtime/weights.ipynb #22e83897
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    "The dtype an op on `x` computes in: autocast's, else (and on devices without autocast, e.g. meta) `x`'s."
+    try: on = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError: on = False
+    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
+
+class FP8Op(torch.autograd.Function):
+    "A Linear or Conv2d layer's op on its float8 `weight` (cast to the compute dtype), keeping the float8 weight for the backward pass."
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        dtype = _compute_dtype(x)
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        ctx.layer, ctx.dtype, ctx.x_dtype, ctx.x_shape = layer, dtype, x.dtype, x.shape
+        ctx.save_for_backward(weight)
+        return F.linear(x, w, b) if isinstance(layer, nn.Linear) else layer._conv_forward(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]: return None, None, None, None
+        (weight,), m = ctx.saved_tensors, ctx.layer
+        w, grad = weight.to(ctx.dtype), grad.to(ctx.dtype)
+        gx = grad @ w if isinstance(m, nn.Linear) else \
+             torch.nn.grad.conv2d_input(ctx.x_shape, w, grad, m.stride, m.padding, m.dilation, m.groups)
+        return gx.to(ctx.x_dtype), None, None, None
+
+def _fp8_forward(layer, x):
+    "The forward of a layer `store_in_fp8` stored: its op through `FP8Op` while its weight is float8."
+    if layer.weight.dtype != FP8: return type(layer).forward(layer, x)
+    return FP8Op.apply(x, layer.weight, layer.bias, layer)
 
 # %% ../../nbs/runtime/weights.ipynb #7c6ca885
 def assign_weights(model: nn.Module, state_dict: dict) -> nn.Module:
