@@ -5,10 +5,12 @@ peak device memory of each phase (loading, caching, training, sampling), for an 
         --mixed_precision bf16 --cache_latents --cache_text_encoder_outputs --network_train_unet_only \\
         --gradient_checkpointing --blocks_to_swap 16
     PYTHONPATH=. python bench/vram_plan.py --readme        # the full-size estimates in bench/README.md
-    PYTHONPATH=. python bench/vram_plan.py --check [sdxl]  # the estimate against real CPU runs (RSS, torch.autocast)
+    PYTHONPATH=. python bench/vram_plan.py --check [sdxl|flux]  # the estimate against real CPU runs (RSS, torch.autocast)
+    PYTHONPATH=. python bench/vram_plan.py --tiers flux  # sd-scripts' FLUX.1 VRAM tiers against lora_kit's plan
 
 `--pretrained_model_name_or_path` takes a model lora_kit loads (a diffusers folder, a single file, a built-in tiny model)
-or a shape name: sd15, sd21, sd3-medium, sd35-medium, sd35-large, sdxl, mid (bench/common.py), sdxl-mid. Nothing is loaded and nothing
+or a shape name: sd15, sd21, sd3-medium, sd35-medium, sd35-large, sdxl, flux1-dev, flux1-schnell, mid (bench/common.py), sdxl-mid,
+flux-mid (bench/vram_flux.py). Nothing is loaded and nothing
 is allocated: the models are built from their configs on PyTorch's meta device, the LoRA is injected by lora_kit's own
 `build_network`, and lora_kit's own training step (`batch_loss` + backward), text and image encoders and denoiser run
 on meta tensors while `LiveBytes` follows every tensor they create and when it is freed. Its peak is the exact peak of
@@ -31,6 +33,7 @@ from lora_kit.runtime.weights import weight_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, bench_components, peak_rss_mb, reset_peak_rss, rss_mb, write_dataset
+from vram_flux import FLUX_CHECK_RUNS, flux_shape_components, is_flux_shape, tier_table
 
 GiB, MiB = 2**30, 2**20
 
@@ -302,7 +305,8 @@ def is_sdxl(name: str) -> bool:
 
 
 def bench_model(model: str):
-    "The `--check` model: bench/common.py's, or `sdxl-mid`."
+    "The `--check` model: bench/common.py's, `sdxl-mid` or `flux-mid`."
+    if model == "flux-mid": return flux_shape_components(model)
     return sdxl_model(model) if model == "sdxl-mid" else bench_components(model)
 
 
@@ -313,6 +317,7 @@ def components_for(cfg):
     name = cfg.pretrained_model_name_or_path
     if name == "mid": return bench_components("mid")
     if is_sdxl(name): return sdxl_model(name)
+    if is_flux_shape(name): return flux_shape_components(name, cfg)
     if name in SD_SHAPES: return sd_from_configs(SD_SHAPES[name], CONFIGS/SD_SHAPES[name])
     if name in SD3_SHAPES:
         from diffusers import SD3Transformer2DModel
@@ -333,17 +338,26 @@ def model_bytes(model, dtype: torch.dtype|None = None) -> int:
     return tensor_bytes([*model.parameters(), *model.buffers()], dtype)
 
 
-def swapped_bytes(denoiser, blocks_to_swap: int) -> int:
-    """Bytes `--blocks_to_swap N` keeps off the device: sd-scripts' last N joint blocks stay on the CPU and come to the
-    device one at a time, so the device holds the other blocks plus `SWAP_LIVE` swapped blocks (the one running and
-    the next, prefetched)."""
+def swapped_blocks(comp, blocks_to_swap: int) -> list:
+    """The blocks `--blocks_to_swap N` keeps on the CPU: the last ones of each of the family's block lists, as many as
+    `Family.swap_split` says (SD3: the last N joint blocks; FLUX: N//2 double and 2·(N − N//2) single blocks)."""
+    split = comp.family.swap_split(comp, blocks_to_swap)
+    if not split: raise SystemExit("--blocks_to_swap needs a transformer denoiser (SD3's MMDiT, FLUX's DiT)")
+    for blocks, k in split:
+        if k > len(blocks) - 2:
+            raise SystemExit(f"--blocks_to_swap {blocks_to_swap}: {k} of a list of {len(blocks)} blocks; sd-scripts swaps at most "
+                             f"{len(blocks) - 2} of them")
+    from lora_kit.runtime.placement import swapped_blocks as swapped
+    return swapped(comp, blocks_to_swap)
+
+
+def swapped_bytes(comp, blocks_to_swap: int) -> int:
+    """Bytes `--blocks_to_swap N` keeps off the device: the `swapped_blocks` stay on the CPU and come to the device one
+    at a time, so the device holds the other blocks plus `SWAP_LIVE` swapped blocks (the one running and the next,
+    prefetched)."""
     if not blocks_to_swap: return 0
-    blocks = list(getattr(denoiser, "transformer_blocks", []))
-    if not blocks: raise SystemExit("--blocks_to_swap needs an SD3 MMDiT (joint blocks)")
-    if blocks_to_swap > len(blocks) - 2:
-        raise SystemExit(f"--blocks_to_swap {blocks_to_swap}: at most {len(blocks) - 2} of {len(blocks)} blocks (as sd-scripts)")
-    sizes = [model_bytes(b) for b in blocks[-blocks_to_swap:]]
-    return sum(sizes) - SWAP_LIVE * max(sizes) if blocks_to_swap > SWAP_LIVE else 0
+    sizes = [model_bytes(b) for b in swapped_blocks(comp, blocks_to_swap)]
+    return sum(sizes) - SWAP_LIVE * max(sizes) if len(sizes) > SWAP_LIVE else 0
 
 
 SWAP_LIVE = 2    # swapped blocks on the device at once (`BlockSwap` prefetches the next while one runs)
@@ -464,6 +478,7 @@ class Plan:
     swapped: int            # denoiser bytes --blocks_to_swap keeps off the device
     peaks: dict             # what runs -> peak live bytes
     notes: list = field(default_factory=list)
+    cache_only: tuple = ()  # text encoders a partial cache replaces (`Family.cache_only_encoders`)
 
 
 def main_dtype(model) -> torch.dtype:
@@ -489,8 +504,8 @@ def make_plan(cfg) -> Plan:
     notes = (option_notes(cfg) + ["--xformers is counted as --sdpa (both fused attention)"] * bool(cfg.xformers)
              + [f"--optimizer_type {cfg.optimizer_type}: its state is counted as AdamW's"] * (not modelled))
     return Plan(cfg, models, (len(network.loras), sum(p.numel() for p in params), params[0].dtype, tensor_bytes(params)),
-                optimizer_state_bytes(cfg.optimizer_type, params), swapped_bytes(comp.denoiser, cfg.blocks_to_swap),
-                peaks, notes)
+                optimizer_state_bytes(cfg.optimizer_type, params), swapped_bytes(comp, cfg.blocks_to_swap),
+                peaks, notes, comp.family.cache_only_encoders)
 
 
 # --- Phases: which weights are on the device, and what runs
@@ -502,7 +517,7 @@ def step_encoders(plan) -> list[str]:
     "Text encoders the training step runs: all without a text cache; with one, those that train (SD3: CLIP-L/G over cached T5)."
     cfg, tes = plan.cfg, _encoders(plan)
     if not _cached(cfg)[1]: return tes
-    return tes[:2] if _train_te(cfg) and len(tes) == 3 else []
+    return [t for i, t in enumerate(tes) if i not in plan.cache_only] if _train_te(cfg) else []
 
 
 TRAINING, SAMPLING = ("LoRA", "optimizer state", "train step"), ("LoRA", "optimizer state", "sample step")
@@ -644,7 +659,7 @@ def train_bench_model(model: str, res: int, extra: list[str], tmp: Path) -> floa
     from lora_kit.config import make_config
     from lora_kit.train import Callback, train
     argv = check_argv(model, res, write_dataset(tmp/f"data_{res}", n=4, res=res), tmp/"out", extra)
-    cfg = make_config([a if a not in ("mid", "sdxl-mid") else "tiny-sd1" for a in argv])   # the bench model itself is passed in as `comp`
+    cfg = make_config([{"mid": "tiny-sd1", "sdxl-mid": "tiny-sd1", "flux-mid": "tiny-flux"}.get(a, a) for a in argv])   # the bench model itself is passed in as `comp`
     class StepPeaks(Callback):
         uses_models = False
         def __init__(self): self.peaks = []
@@ -723,7 +738,8 @@ def main(argv=None):
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if argv[:1] == ["--worker"]: return measure_worker(json.loads(argv[1]))
     if argv[:1] == ["--readme"]: return readme_table()
-    if argv[:1] == ["--check"]: return check(SDXL_CHECK_RUNS if argv[1:2] == ["sdxl"] else CHECK_RUNS)
+    if argv[:1] == ["--check"]: return check({"sdxl": SDXL_CHECK_RUNS, "flux": FLUX_CHECK_RUNS}.get(argv[1] if argv[1:] else "", CHECK_RUNS))
+    if argv[:1] == ["--tiers"]: return tier_table(*argv[2:3])
     if not argv or argv[0] in ("-h", "--help"): print(__doc__); return
     from lora_kit.config import make_config
     print(report(make_plan(make_config(argv, check=False))))

@@ -101,6 +101,13 @@ class Family:
         "(text encoder or list of them, denoiser) as sd-scripts passes them to another module's `create_network` (same module paths)."
         return comp.text_encoders[0], comp.denoiser
     def swap_blocks(self, comp: Components) -> list[nn.ModuleList]: return []
+    def swap_split(self, comp: Components, n: int) -> list[tuple[nn.ModuleList, int]]:
+        "`--blocks_to_swap n`: (block list, how many of its last blocks swap) per `swap_blocks` list: the last `n` of the lists joined (the first list takes what is left, even more than it has)."
+        out = []
+        for blocks in reversed(self.swap_blocks(comp)):
+            k = min(n, len(blocks)); out.insert(0, (blocks, k)); n -= k
+        if out: out[0] = (out[0][0], out[0][1] + n)
+        return out
 
     # sampling and saving
     def pipeline(self, comp: Components): raise NotImplementedError

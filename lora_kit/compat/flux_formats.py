@@ -4,7 +4,7 @@
 
 # %% ../../nbs/compat/flux_formats.ipynb #caf84ca6
 from __future__ import annotations
-import re, warnings
+import itertools, re, warnings
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ __all__ = ['FLUX_TYPE_DIMS', 'FLUX_NETWORK_ARGS', 'IN_FILTERS', 'flux_layers', '
 def _split(kind: str, layers: list) -> list:
     "The lora_up rows each diffusers layer takes: consecutive slices of the fused layer's outputs, swapped halves, or all."
     if kind == "fused":
-        ends = torch.tensor([m.out_features for m in layers]).cumsum(0).tolist()
+        ends = list(itertools.accumulate(m.out_features for m in layers))   # no tensor: the plan builds on meta
         return [torch.arange(e - m.out_features, e) for e, m in zip(ends, layers)]
     if kind == "swap":
         h = layers[0].out_features // 2

@@ -203,6 +203,11 @@ class FluxFamily(Family):
         "`--blocks_to_swap`: the double blocks, then the single blocks (the order they run, and sd-scripts' two lists)."
         return [comp.denoiser.transformer_blocks, comp.denoiser.single_transformer_blocks]
 
+    def swap_split(self, comp: Components, n: int) -> list:
+        "sd-scripts' split (`Flux.enable_block_swap`): the last n//2 double blocks and the last 2·(n − n//2) single blocks (a double block is about two single ones)."
+        double, single = self.swap_blocks(comp)
+        return [(double, n // 2), (single, 2 * (n - n // 2))]
+
     def pipeline(self, comp: Components) -> FluxPipeline:
         (te1, te2), (tok1, tok2) = comp.text_encoders, comp.tokenizers
         return FluxPipeline(transformer=comp.denoiser, scheduler=comp.scheduler, vae=comp.vae, text_encoder=te1, tokenizer=tok1,

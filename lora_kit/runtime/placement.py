@@ -15,9 +15,9 @@ from .weights import store_in_fp8
 
 # %% auto #0
 __all__ = ['attention', 'prepare_models', 'merge_base_weights', 'store_fp8', 'clean_memory', 'named_models', 'text_encoder_names',
-           'train_modes', 'eval_mode', 'Placement', 'training_models', 'next_swapped', 'BlockSwap', 'block_swap',
-           'compile_models', 'free_cached_text_encoders', 'release_cached_models', 'models_used', 'busy_cores',
-           'free_cores', 'cpu_threads']
+           'train_modes', 'eval_mode', 'Placement', 'training_models', 'next_swapped', 'BlockSwap', 'swapped_blocks',
+           'block_swap', 'compile_models', 'free_cached_text_encoders', 'release_cached_models', 'models_used',
+           'busy_cores', 'free_cores', 'cpu_threads']
 
 # %% ../../nbs/runtime/placement.ipynb #ecfc1065
 def attention(cfg) -> tuple[str, str|None]:
@@ -215,12 +215,21 @@ class BlockSwap:
         for b in self.swapped: del b.forward, b._apply
 
 # %% ../../nbs/runtime/placement.ipynb #9477f639
+def swapped_blocks(comp, n: int) -> list:
+    """The blocks `--blocks_to_swap n` keeps in host memory, in the order they run: the last `k` of each of the family's block
+    lists, as `Family.swap_split` says (SD3: the last `n` joint blocks; FLUX: sd-scripts' `n//2` double, `2·(n − n//2)` single)."""
+    split = comp.family.swap_split(comp, n)
+    if any(k > len(blocks) for blocks, k in split):
+        has = " and ".join(str(len(b)) for b, _ in split)
+        asks = f" ({' and '.join(str(k) for _, k in split)} of them)" if len(split) > 1 else ""
+        print(f"note: --blocks_to_swap {n}: this model has {has} blocks{asks}; swapping them all")
+    return [b for blocks, k in split for b in list(blocks)[len(blocks) - min(k, len(blocks)):]]
+
 def block_swap(cfg, comp, device) -> BlockSwap|None:
-    "`--blocks_to_swap` on the family's block lists (`Family.swap_blocks`, in order): the last `n` blocks of them swap."
+    "`--blocks_to_swap` on the family's block lists (`Family.swap_blocks`, split by `Family.swap_split`)."
     if not cfg.blocks_to_swap: return None
-    blocks = [b for group in comp.family.swap_blocks(comp) for b in group]
-    if cfg.blocks_to_swap > len(blocks): print(f"note: --blocks_to_swap {cfg.blocks_to_swap}: this model has {len(blocks)} blocks; swapping them all")
-    return BlockSwap(blocks, min(cfg.blocks_to_swap, len(blocks)), device)
+    blocks = swapped_blocks(comp, cfg.blocks_to_swap)
+    return BlockSwap(blocks, len(blocks), device)
 
 # %% ../../nbs/runtime/placement.ipynb #c37daff6
 def compile_models(cfg, comp, train_te: bool) -> list:
