@@ -403,7 +403,8 @@ def prepare(cfg, comp, res):
     for m in [comp.denoiser, *comp.text_encoders]: m.to(dtype=dtype)
     comp.vae.to(dtype=torch.float32)
     store_fp8(cfg, comp)
-    comp.family.configure_denoiser(comp, cfg.sdpa or cfg.mem_eff_attn or cfg.xformers, cfg.gradient_checkpointing, _train_te(cfg), [res])
+    from lora_kit.runtime.placement import attention
+    comp.family.configure_denoiser(comp, attention(cfg)[0] != "vanilla", cfg.gradient_checkpointing, _train_te(cfg), [res])   # as training chooses it
     for m in [comp.denoiser, *comp.text_encoders]:
         if getattr(m, "is_gradient_checkpointing", False): m.train()
     with torch.device(comp.denoiser.device): network = build_network(cfg, comp)
@@ -640,7 +641,8 @@ def readme_table():
 
 # --- The estimate against a real CPU run
 
-CHECK_RUNS = [("tiny", 256, []), ("mid", 256, []), ("mid", 256, ["--gradient_checkpointing"])]   # (bench model, px, flags)
+VANILLA = ["--attention", "vanilla"]   # the check measures sd-scripts' default attention (its activations are what the plan models most)
+CHECK_RUNS = [("tiny", 256, VANILLA), ("mid", 256, VANILLA), ("mid", 256, [*VANILLA, "--gradient_checkpointing"])]   # (bench model, px, flags)
 SDXL_CHECK_RUNS = [("sdxl-mid", 256, []), ("sdxl-mid", 256, ["--gradient_checkpointing"])]         # `--check sdxl`
 
 

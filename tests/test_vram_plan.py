@@ -50,11 +50,16 @@ def test_autocast_emulation_matches_torch_autocast(run):
 
 
 def test_block_swap_keeps_all_but_two_of_the_last_blocks_off_the_device():
+    from types import SimpleNamespace
+    from lora_kit.family import Family
+    class OneList(Family):     # a family whose denoiser has one block list (as SD3's joint blocks)
+        def swap_blocks(self, comp): return [comp.denoiser.transformer_blocks]
     model = nn.Module()
     model.transformer_blocks = nn.ModuleList(nn.Linear(10, 10, bias=False) for _ in range(6))   # 100 params each
-    assert vram_plan.swapped_bytes(model.to(torch.bfloat16), 0) == 0
-    assert vram_plan.swapped_bytes(model.to(torch.bfloat16), 3) == 1 * 100 * 2       # 3 swapped: 1 running, 1 prefetched
-    with pytest.raises(SystemExit): vram_plan.swapped_bytes(model.to(torch.bfloat16), 5)   # sd-scripts: at most blocks - 2
+    comp = SimpleNamespace(denoiser=model.to(torch.bfloat16), family=OneList())
+    assert vram_plan.swapped_bytes(comp, 0) == 0
+    assert vram_plan.swapped_bytes(comp, 3) == 1 * 100 * 2       # 3 swapped: 1 running, 1 prefetched
+    with pytest.raises(SystemExit): vram_plan.swapped_bytes(comp, 5)   # sd-scripts: at most blocks - 2
 
 
 def test_optimizer_state_sizes():
