@@ -272,14 +272,14 @@ def sdxl_components(unet, vae, te1, te2):
 def sdxl_model(name: str, seed: int = 0):
     "`sdxl` (SDXL 1.0 base, the bundled configs), `sdxl-mid` (`SDXL_MID_*`, seeded), an SDXL file or folder (its configs), on the current device."
     from diffusers import AutoencoderKL
-    from lora_kit.compat.sdxl_files import (TE1_CONFIGS, TE2_CONFIGS, UNET_CONFIGS, VAE_CONFIGS, _CLIP, _te1, _te2, _unet, _vae,
+    from lora_kit.compat.sdxl_files import (TE1_CONFIGS, TE2_CONFIGS, UNET_CONFIGS, VAE_CONFIGS, SDXL_CLIP, _te1, _te2, _unet, _vae,
                                             bundled_config, sdxl_file_kind)
     from lora_kit.families.sd import TINY_VAE
     if name == "sdxl": return sdxl_components(*(f(bundled_config(s)) for f, s in ((_unet, "unet"), (_vae, "vae"),
                                                                                    (_te1, "text_encoder"), (_te2, "text_encoder_2"))))
     if name == "sdxl-mid":
         torch.manual_seed(seed)
-        return sdxl_components(_unet(SDXL_MID_UNET), AutoencoderKL(**TINY_VAE), _te1(dict(_CLIP, **SDXL_MID_TE1)), _te2(dict(_CLIP, **SDXL_MID_TE2)))
+        return sdxl_components(_unet(SDXL_MID_UNET), AutoencoderKL(**TINY_VAE), _te1(dict(SDXL_CLIP, **SDXL_MID_TE1)), _te2(dict(SDXL_CLIP, **SDXL_MID_TE2)))
     p = Path(name)
     if p.is_dir():
         from diffusers import UNet2DConditionModel

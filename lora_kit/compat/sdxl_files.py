@@ -19,12 +19,12 @@ from ..family import HUB_ID, ModelNotFoundError, resolve_hub_id, seeded
 from ..runtime.weights import FP8, MissingWeightsError, assign_weights, fp8_weight_names, weight_dtype
 
 # %% auto #0
-__all__ = ['SDXL_PREFIXES', 'REFINER_TE', 'CONFIG_DIR', 'TINY_SDXL_UNET', 'TINY_SDXL_VAE', 'TINY_SDXL_TE1', 'TINY_SDXL_TE2',
-           'UNET_CONFIGS', 'VAE_CONFIGS', 'TE1_CONFIGS', 'TE2_CONFIGS', 'KIND_PROBLEMS', 'ADD_EMBEDDING', 'LOGIT_SCALE',
-           'SDXL_SUBFOLDERS', 'bundled_config', 'tiny_sdxl_models', 'sdxl_tokenizers', 'sdxl_file_kind',
-           'to_sdxl_checkpoint', 'sdxl_unet', 'sdxl_vae', 'sdxl_text_encoders', 'training_scheduler', 'read_weights',
-           'check_sdxl_file', 'load_sdxl_file', 'load_sdxl_vae', 'sdxl_folder', 'is_sdxl_folder', 'load_sdxl_folder',
-           'check_sdxl_model', 'load_sdxl']
+__all__ = ['SDXL_PREFIXES', 'REFINER_TE', 'CONFIG_DIR', 'SDXL_CLIP', 'TINY_SDXL_TE1', 'TINY_SDXL_TE2', 'TINY_SDXL_UNET',
+           'TINY_SDXL_VAE', 'UNET_CONFIGS', 'VAE_CONFIGS', 'TE1_CONFIGS', 'TE2_CONFIGS', 'KIND_PROBLEMS',
+           'ADD_EMBEDDING', 'LOGIT_SCALE', 'SDXL_SUBFOLDERS', 'bundled_config', 'tiny_sdxl_models', 'sdxl_tokenizers',
+           'sdxl_file_kind', 'to_sdxl_checkpoint', 'sdxl_unet', 'sdxl_vae', 'sdxl_text_encoders', 'training_scheduler',
+           'read_weights', 'check_sdxl_file', 'load_sdxl_file', 'load_sdxl_vae', 'sdxl_folder', 'is_sdxl_folder',
+           'load_sdxl_folder', 'check_sdxl_model', 'load_sdxl']
 
 # %% ../../nbs/compat/sdxl_files.ipynb #fc2d8679
 SDXL_PREFIXES = {"unet": "model.diffusion_model.", "te1": "conditioner.embedders.0.transformer.",
@@ -39,20 +39,22 @@ def bundled_config(sub: str) -> dict:
     return json.loads((CONFIG_DIR/sub/name).read_text())
 
 # %% ../../nbs/compat/sdxl_files.ipynb #ce444016
-_CLIP = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-TINY_SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+SDXL_CLIP = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407)
+# the tiny SDXL model (`tiny-sdxl`): the one home of its configs, so that a tiny-sdxl single file loads back
+TINY_SDXL_TE1 = dict(SDXL_CLIP, hidden_size=32, intermediate_size=64, num_hidden_layers=12, num_attention_heads=4,
+                     hidden_act="quick_gelu", pad_token_id=49407)
+TINY_SDXL_TE2 = dict(SDXL_CLIP, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     hidden_act="gelu", projection_dim=64, pad_token_id=0)
+TINY_SDXL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128),
                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                      transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), cross_attention_dim=96,
-                      norm_num_groups=16, use_linear_projection=True, addition_embed_type="text_time",
-                      addition_time_embed_dim=8, projection_class_embeddings_input_dim=64 + 6 * 8)
+                      transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4),
+                      cross_attention_dim=TINY_SDXL_TE1["hidden_size"] + TINY_SDXL_TE2["hidden_size"], use_linear_projection=True,
+                      addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=TINY_SDXL_TE2["projection_dim"] + 6 * 256, norm_num_groups=16)
 TINY_SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                     norm_num_groups=16, sample_size=128, scaling_factor=0.13025, force_upcast=True)
-TINY_SDXL_TE1 = dict(_CLIP, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     projection_dim=32, hidden_act="quick_gelu")
-TINY_SDXL_TE2 = dict(_CLIP, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                     projection_dim=64, hidden_act="gelu")
+                     norm_num_groups=16, sample_size=64, scaling_factor=0.13025)
 
 UNET_CONFIGS = [bundled_config("unet"), TINY_SDXL_UNET]
 VAE_CONFIGS = [bundled_config("vae"), TINY_SDXL_VAE]

@@ -20,34 +20,27 @@ from ..family import Components, Family, seeded
 from ..lora import BlockLayout
 from ..runtime.caches import TextDiskCache, weights_fingerprint
 from ..compat.sdxl_formats import sai_unet_view, sdxl_lora_targets
+from ..compat.sdxl_files import SDXL_CLIP, TINY_SDXL_TE1, TINY_SDXL_TE2, TINY_SDXL_UNET, TINY_SDXL_VAE
 
 SDXL_BLOCKS = BlockLayout(9, 3, 23, True)   # sd-scripts' 23 SDXL blocks (SAI names): embeddings, 9 input, 3 middle, 9 output, out
 
 # %% auto #0
-__all__ = ['SDXL_BLOCKS', 'VAE_SCALE_FACTOR', 'TINY_TE1', 'TINY_TE2', 'TIME_DIM', 'TINY_UNET', 'TINY_VAE', 'TINY_NAMES',
+__all__ = ['SDXL_BLOCKS', 'VAE_SCALE_FACTOR', 'TIME_DIM', 'TINY_TE1', 'TINY_TE2', 'TINY_UNET', 'TINY_VAE', 'TINY_NAMES',
            'SIZE_KEYS', 'SDXL_TE_ARRAYS', 'clip_config', 'tokenizers', 'training_scheduler', 'tiny_models',
            'pool_first_eos', 'encode_sdxl', 'size_time_ids', 'size_embeddings', 'SDXLFamily', 'tiny_sdxl_components',
            'sdxl_text_disk_cache', 'claims_sdxl', 'check_sdxl', 'load_sdxl']
 
 # %% ../../nbs/families/sdxl.ipynb #f74b1edc
 VAE_SCALE_FACTOR = 0.13025                     # sdxl_model_util.VAE_SCALE_FACTOR
-TINY_TE1 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=12, num_attention_heads=4, hidden_act="quick_gelu", pad_token_id=49407)
-TINY_TE2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, hidden_act="gelu", projection_dim=64, pad_token_id=0)
 TIME_DIM = 256                                 # sinusoids per size number (SDXL's addition_time_embed_dim)
-TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1, 2),
-                 attention_head_dim=(2, 4, 4), cross_attention_dim=TINY_TE1["hidden_size"] + TINY_TE2["hidden_size"], use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
-                 projection_class_embeddings_input_dim=TINY_TE2["projection_dim"] + 6 * TIME_DIM, norm_num_groups=16)
-TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=16,
-                sample_size=64, scaling_factor=VAE_SCALE_FACTOR)
+# the tiny model's configs live with the SDXL loader's candidate configs (compat.sdxl_files), so its single files load back
+TINY_TE1, TINY_TE2, TINY_UNET, TINY_VAE = TINY_SDXL_TE1, TINY_SDXL_TE2, TINY_SDXL_UNET, TINY_SDXL_VAE
 TINY_NAMES = ("tiny-sdxl",)
 
 # %% ../../nbs/families/sdxl.ipynb #df08025a
 def clip_config(cfg: dict) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, layer_norm_eps=1e-5, **cfg)
+    "A CLIP text encoder's config: SDXL's vocabulary, 77 positions and BOS/EOS ids, updated with `cfg`."
+    return CLIPTextConfig(**{**SDXL_CLIP, **cfg})
 
 def tokenizers() -> list:
     "[CLIP-L tokenizer, bigG tokenizer] (77 tokens; bigG pads with '!', id 0): the SDXL loader's bundled ones."
