@@ -122,7 +122,19 @@ MID_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=
                 cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32)
 MID_TEXT = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, vocab_size=49408,
                 max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-RESOLUTION = {"tiny": 64, "mid": 256}
+# The mid-size SDXL-shaped model: SDXL's UNet layout (no attention at the first level, 1/2/2 transformer layers,
+# pooled text + size conditioning) at 64/128/256 channels, a 4-layer CLIP-L-like and a 4-layer bigG-like encoder.
+MID_SDXL_TE1 = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, hidden_act="quick_gelu",
+                    pad_token_id=49407)
+MID_SDXL_TE2 = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, hidden_act="gelu",
+                    projection_dim=256, pad_token_id=0)
+MID_SDXL_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256),
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 2),
+                     attention_head_dim=(2, 4, 8), cross_attention_dim=512, use_linear_projection=True,
+                     addition_embed_type="text_time", addition_time_embed_dim=256,
+                     projection_class_embeddings_input_dim=256 + 6 * 256, norm_num_groups=32)
+RESOLUTION = {"tiny": 64, "mid": 256, "sdxl-tiny": 64, "sdxl-mid": 256}
 # Stable Diffusion 1.5's VAE and CLIP-L text encoder configs (runwayml/stable-diffusion-v1-5).
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
@@ -131,9 +143,13 @@ SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, 
                  hidden_act="quick_gelu", max_position_embeddings=77, vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
+def is_sdxl(model: str) -> bool: return model.startswith("sdxl")
+
+
 def bench_components(model: str, seed: int = 0):
-    "lora_kit `Components` of the benchmark model `tiny` (lora_kit's tiny-sd1) or `mid`, seeded random weights."
+    "lora_kit `Components` of the benchmark model `tiny` (lora_kit's tiny-sd1), `mid`, `sdxl-tiny` (tiny-sdxl) or `sdxl-mid`, seeded random weights."
     import torch
+    if is_sdxl(model): return _sdxl_components(model, seed)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from lora_kit.config import ASSETS
@@ -144,6 +160,18 @@ def bench_components(model: str, seed: int = 0):
     tok = CLIPTokenizer.from_pretrained(ASSETS/"clip_tokenizer", model_max_length=77)
     return Components(SD_VARIANTS["sd1"], UNet2DConditionModel(**MID_UNET), AutoencoderKL(**TINY_VAE),
                       [CLIPTextModel(CLIPTextConfig(**MID_TEXT))], [tok], DDPMScheduler(**SCHEDULER), source="mid")
+
+
+def _sdxl_components(model: str, seed: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from lora_kit.families import sdxl
+    from lora_kit.family import Components
+    if model == "sdxl-tiny": return sdxl.tiny_sdxl_components(seed=seed)
+    with sdxl.seeded(seed):
+        unet, vae = UNet2DConditionModel(**MID_SDXL_UNET), AutoencoderKL(**sdxl.TINY_VAE)
+        tes = [CLIPTextModel(sdxl.clip_config(MID_SDXL_TE1)), CLIPTextModelWithProjection(sdxl.clip_config(MID_SDXL_TE2))]
+    return Components(sdxl.SDXLFamily(), unet, vae, tes, sdxl.tokenizers(), sdxl.training_scheduler(), source=model)
 
 
 def write_dataset(root: Path, n: int, res: int, repeats: int = 10) -> Path:

@@ -1,12 +1,15 @@
 """lora_kit's training step against a minimal hand-written diffusers + peft LoRA loop on the same model and data.
 
     python bench/overhead.py --model tiny mid --rounds 2
+    python bench/overhead.py --model sdxl-mid --rounds 2 --sdpa     # SDXL: sdxl_train_network against diffusers + peft
 
 Both train a rank-8 LoRA on the UNet's attention blocks and the text encoder's attention/MLP layers (the layers
 sd-scripts' `networks.lora` targets), AdamW, batch 2, max_grad_norm 1.0, fp32, on the same seeded random model and
 the same toy-world images. Each variant runs in its own subprocess (clean peak RSS), variants alternate (A B A B …)
 so machine load hits both alike; after `--warmup` steps, `--steps` steps are timed (wall clock and this process's CPU
-time, which load inflates much less). Each pair of runs gives a lora_kit / bare ratio of the median step times; printed
+time, which load inflates much less). The SDXL models (`sdxl-tiny`, `sdxl-mid`) train LoRA on the UNet and both
+text encoders; the bare loop conditions the UNet as SDXL does (CLIP-L ⧺ bigG penultimate states, bigG pooled
+vector, original size / crop / target size ids). Each pair of runs gives a lora_kit / bare ratio of the median step times; printed
 are the median of those ratios and their spread (min–max), and the peak RSS ratio (target ≤ 1.05×). Not a test: numbers
 depend on the machine."""
 from __future__ import annotations
@@ -14,7 +17,7 @@ import argparse, sys, tempfile, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESOLUTION, bench_components, load_now, median, peak_rss_mb, run_worker, worker_result,
+from common import (RESOLUTION, bench_components, is_sdxl, load_now, median, peak_rss_mb, run_worker, worker_result,
                     write_dataset)
 
 BATCH, RANK, ALPHA, LR = 2, 8, 8, 1e-4
@@ -44,7 +47,7 @@ def lora_kit_worker(a) -> dict:
         lora_kit.train.frozen_memos = lambda *args: Memos()
     comp = bench_components(a.model)
     out = tempfile.mkdtemp(prefix="lk_overhead_")
-    argv = ["--pretrained_model_name_or_path", "tiny-sd1", "--train_data_dir", a.data, "--caption_extension", ".txt",
+    argv = ["--pretrained_model_name_or_path", "tiny-sdxl" if is_sdxl(a.model) else "tiny-sd1", "--train_data_dir", a.data, "--caption_extension", ".txt",
             "--resolution", str(RESOLUTION[a.model]), "--train_batch_size", str(BATCH), "--network_module", "networks.lora",
             "--network_dim", str(RANK), "--network_alpha", str(ALPHA), "--optimizer_type", "AdamW", "--learning_rate", str(LR),
             "--max_train_steps", str(a.warmup + a.steps), "--seed", "0", "--max_data_loader_n_workers", "0",
@@ -70,12 +73,12 @@ def bare_worker(a) -> dict:
     torch.manual_seed(0)
 
     comp = bench_components(a.model)
-    unet, vae, te, tok = comp.denoiser, comp.vae, comp.text_encoders[0], comp.tokenizers[0]
-    for m in (unet, vae, te): m.requires_grad_(False).eval()
+    unet, vae, tes, toks = comp.denoiser, comp.vae, comp.text_encoders, comp.tokenizers
+    for m in (unet, vae, *tes): m.requires_grad_(False).eval()
     if not a.sdpa: unet.set_attn_processor(AttnProcessor())     # lora_kit's default attention (no --sdpa)
     inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=UNET_LORA_RE), unet)
-    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TE_LORA_RE), te)
-    params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+    for te in tes: inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TE_LORA_RE), te)
+    params = [p for m in (unet, *tes) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     images = sorted(Path(a.data).rglob("*.png"))
@@ -95,17 +98,25 @@ def bare_worker(a) -> dict:
     for step in range(a.warmup + a.steps):
         paths = next(it)
         with torch.no_grad(): latents = vae.encode(pixels(paths)).latent_dist.sample() * vae.config.scaling_factor
-        ids = tok([captions[p] for p in paths], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        cond = te(ids)[0]
+        ids = [tok([captions[p] for p in paths], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+               for tok in toks]
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (latents.shape[0],))
-        loss = F.mse_loss(unet(sched.add_noise(latents, noise, t), t, cond).sample.float(), noise.float())
+        noisy = sched.add_noise(latents, noise, t)
+        if len(tes) == 1: pred = unet(noisy, t, tes[0](ids[0])[0]).sample
+        else:        # SDXL: penultimate states of both encoders, bigG's projected pooled vector, size / crop ids
+            out1, out2 = (te(i, output_hidden_states=True) for te, i in zip(tes, ids))
+            cond = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+            h, w = noisy.shape[-2] * 8, noisy.shape[-1] * 8
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]] * noisy.shape[0])
+            pred = unet(noisy, t, cond, added_cond_kwargs={"text_embeds": out2.text_embeds, "time_ids": time_ids}).sample
+        loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(); opt.zero_grad(set_to_none=True)
         loss.item()
         times.append(time.perf_counter()); cpu.append(time.process_time())
-    n_layers = sum(1 for m in (unet, te) for n, _ in m.named_modules() if n.endswith(".lora_A"))
+    n_layers = sum(1 for m in (unet, *tes) for n, _ in m.named_modules() if n.endswith(".lora_A"))
     return {"step_times": _deltas(times)[a.warmup:], "cpu_times": _deltas(cpu)[a.warmup:], "peak_rss": peak_rss_mb(),
             "peak_rss_end": peak_rss_mb(), "threads": torch.get_num_threads(),
             "lora_layers": n_layers, "lora_params": sum(p.numel() for p in params)}
@@ -125,7 +136,7 @@ def ratio_line(label: str, ratios: list[float], target: str) -> str:
 
 def compare(a, model: str, data: Path) -> None:
     "Alternate the two variants for `a.rounds` rounds on `model`; print times, RSS and ratios."
-    steps, warmup = a.steps or (30 if model == "tiny" else 8), a.warmup or (5 if model == "tiny" else 2)
+    steps, warmup = a.steps or (30 if model.endswith("tiny") else 8), a.warmup or (5 if model.endswith("tiny") else 2)
     res = {k: [] for k in WORKERS}
     for r in range(a.rounds):
         order = list(WORKERS) if r % 2 == 0 else list(WORKERS)[::-1]
@@ -154,7 +165,7 @@ def compare(a, model: str, data: Path) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
+    p.add_argument("--model", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid", "sdxl-tiny", "sdxl-mid"])
     p.add_argument("--rounds", type=int, default=4, help="pairs of runs: A B, then B A, …")
     p.add_argument("--steps", type=int, default=0, help="timed steps per run (default 30 tiny, 8 mid)")
     p.add_argument("--warmup", type=int, default=0, help="untimed first steps (default 5 tiny, 2 mid)")
