@@ -223,35 +223,7 @@ def sd_model(name: str):
     return sd_from_configs(family, config_dir_for(family, read_shapes(what)))
 
 
-# --- SDXL: the family lora_kit trains it with, or (until it is there) a stand-in that runs the same computation
-
-def sdxl_family():
-    """The SDXL family (`lora_kit.families.sdxl`); without it a stand-in with the same step: the UNet on the concatenated CLIP-L
-    (hidden_states[11]) and bigG (hidden_states[-2]) states, `y` = bigG's pooled vector and the six size embeddings."""
-    try:
-        from lora_kit.families.sdxl import SDXLFamily
-        return SDXLFamily()
-    except ImportError: pass
-    from lora_kit.families.sd import SDFamily
-
-    class SDXLStandIn(SDFamily):
-        default_resolution = 1024
-        def encode_text(self, comp, captions, clip_skip=None, max_token_length=None, cached=None, batch=None):
-            (te1, te2), (tok1, tok2) = comp.text_encoders, comp.tokenizers
-            ids = [t(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(te1.device)
-                   for t in (tok1, tok2)]
-            h1 = te1(ids[0], output_hidden_states=True).hidden_states[-2]
-            out2 = te2(ids[1], output_hidden_states=True)
-            return {"context": torch.cat([h1, out2.hidden_states[-2]], dim=-1), "pooled": out2.text_embeds}
-        def predict(self, comp, noisy, timesteps, cond, batch=None):
-            n, (h, w) = noisy.shape[0], noisy.shape[-2:]
-            if batch and "original_sizes_hw" in batch:
-                ids = torch.cat([batch[k] for k in ("original_sizes_hw", "crop_top_lefts", "target_sizes_hw")], dim=1)
-            else: ids = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]]).expand(n, 6)
-            return comp.denoiser(noisy, timesteps, cond["context"], added_cond_kwargs={"text_embeds": cond["pooled"],
-                                 "time_ids": ids.to(noisy.device, noisy.dtype)}).sample
-    return SDXLStandIn("sdxl")
-
+# --- SDXL: lora_kit.families.sdxl's step on the bundled SDXL configs, a mid-size model or a file's / folder's shapes
 
 # a mid-size SDXL-shaped model for `--check` (SDXL's structure, 256 px -> 32x32 latents with the tiny VAE)
 SDXL_MID_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256),
@@ -265,8 +237,9 @@ SDXL_MID_TE2 = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4
 
 def sdxl_components(unet, vae, te1, te2):
     from lora_kit.compat.sdxl_files import sdxl_tokenizers, training_scheduler
+    from lora_kit.families.sdxl import SDXLFamily
     from lora_kit.family import Components
-    return Components(sdxl_family(), unet, vae, [te1, te2], sdxl_tokenizers(), training_scheduler(), source="sdxl")
+    return Components(SDXLFamily(), unet, vae, [te1, te2], sdxl_tokenizers(), training_scheduler(), source="sdxl")
 
 
 def sdxl_model(name: str, seed: int = 0):
