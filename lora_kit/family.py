@@ -100,6 +100,9 @@ class Family:
     def network_models(self, comp: Components) -> tuple:
         "(text encoder or list of them, denoiser) as sd-scripts passes them to another module's `create_network` (same module paths)."
         return comp.text_encoders[0], comp.denoiser
+    def lora_from_file(self, comp: Components, state: dict) -> dict:
+        "A `--network_weights` state dict under the module names `lora_targets` gives (SDXL: diffusers-named UNet modules -> SAI names)."
+        return state
     def swap_blocks(self, comp: Components) -> list[nn.ModuleList]: return []
     def swap_split(self, comp: Components, n: int) -> list[tuple[nn.ModuleList, int]]:
         "`--blocks_to_swap n`: (block list, how many of its last blocks swap) per `swap_blocks` list: the last `n` of the lists joined (the first list takes what is left, even more than it has)."
