@@ -277,7 +277,7 @@ def _lora_network(cfg, comp, nargs: dict) -> LoRANetwork:
     dim, alpha, conv_dim, conv_alpha = cfg.network_dim or 4, cfg.network_alpha, nargs.get("conv_dim"), nargs.get("conv_alpha")
     if dylora and conv_dim: conv_alpha = alpha                         # sd-scripts gives DyLoRA's convs the network's alpha
     if cfg.network_weights:
-        state, _ = load_lora(cfg.network_weights)
+        state = comp.family.lora_from_file(comp, load_lora(cfg.network_weights)[0])
         dims, alphas = dims_from_state(state)
         targets = comp.family.lora_targets(comp, conv=any(n in dims for n in _conv_names(comp)), network_args=nargs)
         net = LoRANetwork(targets, dims=dims, alphas=alphas, **kw)
