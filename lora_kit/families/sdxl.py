@@ -19,7 +19,7 @@ from ..config import TrainConfig
 from ..family import Components, Family, seeded
 from ..lora import BlockLayout
 from ..runtime.caches import TextDiskCache, weights_fingerprint
-from ..compat.sdxl_formats import sai_unet_view, sdxl_lora_targets
+from ..compat.sdxl_formats import lora_to_sai, sai_unet_view, sdxl_lora_targets
 from ..compat.sdxl_files import SDXL_CLIP, TINY_SDXL_TE1, TINY_SDXL_TE2, TINY_SDXL_UNET, TINY_SDXL_VAE
 
 SDXL_BLOCKS = BlockLayout(9, 3, 23, True)   # sd-scripts' 23 SDXL blocks (SAI names): embeddings, 9 input, 3 middle, 9 output, out
@@ -167,6 +167,10 @@ class SDXLFamily(Family):
     def network_models(self, comp: Components) -> tuple:
         "What sdxl_train_network.py hands another `--network_module` (LyCORIS): `[CLIP-L, bigG]` and the UNet under its SAI paths."
         return list(comp.text_encoders), sai_unet_view(comp.denoiser)
+
+    def lora_from_file(self, comp: Components, state: dict) -> dict:
+        "A `--network_weights` LoRA whose UNet modules carry diffusers' names (other trainers' files) under SAI names, as sd-scripts renames them."
+        return lora_to_sai(state, comp.denoiser)
 
     def configure_denoiser(self, comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool, resolutions=()):
         "Apply `--sdpa` and `--gradient_checkpointing` (the UNet works at any bucket size)."
