@@ -267,7 +267,7 @@ def overview(width: int|None = None) -> str:
     scripts = ", ".join(f"{n}.py" for n in names[:-1]) + f" or {names[-1]}.py" if len(names) > 1 else f"{names[0]}.py"
     out = ["usage: lora-kit <command> [options]", "", textwrap.fill(
         "LoRA training for Stable Diffusion with kohya-ss sd-scripts' command lines: put `lora-kit` in front of a "
-        f"{scripts} command. New here? Run `lora-kit demo`: it trains a LoRA on the "
+        f"{scripts} command.", width, break_on_hyphens=False), textwrap.fill("New here? Run `lora-kit demo`: it trains a LoRA on the "
         "built-in toy model in minutes on a CPU and shows what it learned.", width, break_on_hyphens=False), "", "commands:"]
     out += [textwrap.fill(line, width, initial_indent=f"  {name:<{col - 2}}", subsequent_indent=" " * col)
             for name, (_, line) in COMMANDS.items()]
