@@ -12,11 +12,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from diffusers import AutoencoderKL
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .config import OPTIONS, TrainConfig
 
 # %% auto #0
-__all__ = ['HUB_ID', 'Components', 'image_moments', 'seeded', 'Family', 'registered', 'scripts', 'family_for',
+__all__ = ['HUB_ID', 'Components', 'image_moments', 'configure_unet', 'seeded', 'Family', 'registered', 'scripts', 'family_for',
            'foreign_option_problems', 'check_model', 'model_warnings', 'load_components', 'ModelNotFoundError',
            'hub_cache_dir', 'resolve_hub_id']
 
@@ -42,6 +44,15 @@ class Components:
 def image_moments(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     "The VAE's latent distributions of images in [-1, 1] (B, 3, H, W): means and log-variances stacked on the channels."
     return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
+
+# %% ../nbs/02_family.ipynb #unet0001
+def configure_unet(comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool):
+    "A UNet family's `configure_denoiser`: `--sdpa` (else sd-scripts' vanilla attention) and `--gradient_checkpointing` (the text encoders' too when they train)."
+    comp.denoiser.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
+    if gradient_checkpointing:
+        comp.denoiser.enable_gradient_checkpointing()
+        if train_text_encoder:
+            for te in comp.text_encoders: te.gradient_checkpointing_enable()
 
 # %% ../nbs/02_family.ipynb #5eed0002
 @contextlib.contextmanager
@@ -87,7 +98,11 @@ class Family:
     def encode_images(self, comp: Components, pixels: torch.Tensor) -> torch.Tensor:
         "Latents of images in [-1, 1] (B, 3, H, W), as the denoiser expects them."
         return self.sample_latents(comp, image_moments(comp.vae, pixels))
-    def sample_latents(self, comp: Components, moments: torch.Tensor) -> torch.Tensor: raise NotImplementedError
+    @torch.no_grad()
+    def sample_latents(self, comp: Components, moments: torch.Tensor) -> torch.Tensor:
+        "Latents drawn from the VAE's distributions `moments` (`image_moments`), minus its `shift_factor` (if any), times its `scaling_factor`."
+        z, vae = DiagonalGaussianDistribution(moments).sample(), comp.vae.config
+        return (z - vae.shift_factor) * vae.scaling_factor if getattr(vae, "shift_factor", None) is not None else z * vae.scaling_factor
     def encode_text(self, comp: Components, captions: list[str], clip_skip: int|None = None, max_token_length: int|None = None,
                     cached: dict|None = None, batch: dict|None = None) -> dict: raise NotImplementedError
     def text_disk_cache(self, comp: Components): return None

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
@@ -177,12 +176,6 @@ class FluxFamily(Family):
     def text_disk_cache(self, comp: Components) -> TextDiskCache:
         "`--cache_text_encoder_outputs_to_disk` in sd-scripts' `<image stem>_flux_te.npz` files."
         return flux_text_disk_cache(self, comp)
-
-    @torch.no_grad()
-    def sample_latents(self, comp: Components, moments: torch.Tensor) -> torch.Tensor:
-        "Latents drawn from the AE's distributions `moments`, shifted and scaled as FLUX's AE does: (z − 0.1159)·0.3611."
-        z = DiagonalGaussianDistribution(moments).sample()
-        return (z - comp.vae.config.shift_factor) * comp.vae.config.scaling_factor
 
     def predict(self, comp: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict|None = None) -> torch.Tensor:
         return flux_predict(comp.denoiser, noisy, timesteps, cond["t5_out"], cond["pooled"], self.guidance_scale, cond.get("t5_mask"))

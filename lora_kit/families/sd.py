@@ -12,14 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..captions import apply_token_weights, encode_chunked, get_input_ids, get_weighted_input_ids
 from ..checkpoint import PREFIXES, load_state_dict, read_shapes, save_checkpoint, take_weights, to_ldm_checkpoint
 from ..config import ASSETS, TrainConfig
-from ..family import HUB_ID, Components, Family, ModelNotFoundError, image_moments, resolve_hub_id
+from ..family import HUB_ID, Components, Family, ModelNotFoundError, configure_unet, image_moments, resolve_hub_id
 from ..runtime.weights import MissingWeightsError, assign_weights, weight_dtype
 
 # %% auto #0
@@ -81,11 +79,6 @@ class SDFamily(Family):
             return {"encoder_hidden_states": encode_chunked(ids, hidden)}
         return {"encoder_hidden_states": hidden(self.tokenize(tok, captions).to(te.device))}
 
-    @torch.no_grad()
-    def sample_latents(self, comp: Components, moments: torch.Tensor) -> torch.Tensor:
-        "Latents drawn from the VAE's distributions `moments` (`image_moments`), scaled for the UNet."
-        return DiagonalGaussianDistribution(moments).sample() * comp.vae.config.scaling_factor
-
     def predict(self, comp: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict|None = None) -> torch.Tensor:
         return comp.denoiser(noisy, timesteps, cond["encoder_hidden_states"]).sample
 
@@ -115,11 +108,7 @@ class SDFamily(Family):
     def configure_denoiser(self, comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool,
                            resolutions=()):
         "Apply `--sdpa` and `--gradient_checkpointing` to the models (the UNet works at any resolution: `resolutions` is not needed)."
-        comp.denoiser.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
-        if gradient_checkpointing:
-            comp.denoiser.enable_gradient_checkpointing()
-            if train_text_encoder:
-                for te in comp.text_encoders: te.gradient_checkpointing_enable()
+        configure_unet(comp, sdpa, gradient_checkpointing, train_text_encoder)
 
     @property
     def base_model_version(self) -> str:

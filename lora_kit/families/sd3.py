@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
 from safetensors import safe_open
@@ -206,12 +205,6 @@ class SD3Family(Family):
     def text_disk_cache(self, comp: Components) -> TextDiskCache:
         "`--cache_text_encoder_outputs_to_disk` in sd-scripts' `<image stem>_sd3_te.npz` files."
         return sd3_text_disk_cache(self, comp)
-
-    @torch.no_grad()
-    def sample_latents(self, comp: Components, moments: torch.Tensor) -> torch.Tensor:
-        "Latents drawn from the VAE's distributions `moments` (`image_moments`), shifted and scaled for the MMDiT."
-        z = DiagonalGaussianDistribution(moments).sample()
-        return (z - comp.vae.config.shift_factor) * comp.vae.config.scaling_factor
 
     def predict(self, comp: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict|None = None) -> torch.Tensor:
         return comp.denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["context"],

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..captions import apply_token_weights, get_input_ids, get_weighted_input_ids
 from ..config import TrainConfig
-from ..family import Components, Family, seeded
+from ..family import Components, Family, configure_unet, seeded
 from ..lora import BlockLayout
 from ..runtime.caches import TextDiskCache, weights_fingerprint
 from ..compat.sdxl_formats import lora_to_sai, sai_unet_view, sdxl_lora_targets
@@ -149,11 +147,6 @@ class SDXLFamily(Family):
         "`--cache_text_encoder_outputs_to_disk` in sd-scripts' `<image stem>_te_outputs.npz` files (hidden_state1, hidden_state2, pool2)."
         return sdxl_text_disk_cache(self, comp, self.max_token_length)
 
-    @torch.no_grad()
-    def sample_latents(self, comp: Components, moments: torch.Tensor) -> torch.Tensor:
-        "Latents drawn from the VAE's distributions `moments` (`image_moments`), scaled by 0.13025."
-        return DiagonalGaussianDistribution(moments).sample() * comp.vae.config.scaling_factor
-
     def predict(self, comp: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict|None = None) -> torch.Tensor:
         "The UNet's prediction with the text context, the pooled vector and each image's size conditioning (`size_time_ids`)."
         added = {"text_embeds": cond["pooled"], "time_ids": size_time_ids(batch, noisy)}
@@ -174,11 +167,7 @@ class SDXLFamily(Family):
 
     def configure_denoiser(self, comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool, resolutions=()):
         "Apply `--sdpa` and `--gradient_checkpointing` (the UNet works at any bucket size)."
-        comp.denoiser.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
-        if gradient_checkpointing:
-            comp.denoiser.enable_gradient_checkpointing()
-            if train_text_encoder:
-                for te in comp.text_encoders: te.gradient_checkpointing_enable()
+        configure_unet(comp, sdpa, gradient_checkpointing, train_text_encoder)
 
     def pipeline(self, comp: Components) -> StableDiffusionXLPipeline:
         "diffusers' SDXL pipeline on the components; an empty negative prompt is encoded, as sd-scripts does, not zeroed."
