@@ -106,7 +106,7 @@ ddp_static_graph ddp_timeout
 """.split())
 
 # %% ../nbs/00_config.ipynb #98fb7c8d
-SUPPORTED |= {"torch_compile", "dynamo_backend"}
+SUPPORTED |= {"torch_compile", "dynamo_backend", "cpu_offload_checkpointing"}
 
 # %% ../nbs/00_config.ipynb #f1a8c0de
 SUPPORTED |= set("ae guidance_scale timestep_sampling sigmoid_scale model_prediction_type discrete_flow_shift "

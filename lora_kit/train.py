@@ -31,7 +31,8 @@ from .runtime.logs import StepBar, init_trackers, learning_rates, loaded_line, l
 from .runtime.logs import write_loss_log
 from .runtime.memos import Memos, cache_outputs, frozen_memos
 from .runtime.outputs import load_state, lora_filename, output_lock, prune_saves, save_state, state_dirname
-from .runtime.placement import BlockSwap, Placement, block_swap, compile_models, cpu_threads, models_used
+from .runtime.placement import BlockSwap, OffloadingCheckpoint, Placement, block_swap, checkpoint_offload, compile_models
+from .runtime.placement import cpu_threads, models_used
 from .runtime.placement import eval_mode, prepare_models, release_cached_models, train_modes, training_models
 from .runtime.validation import Validation
 
@@ -68,6 +69,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
             return _finish(state)
         finally:
             if run and run.swap: run.swap.remove()    # ended or stopped: swapped blocks stay in host memory
+            if run and run.offload: run.offload.remove(comp.denoiser)
             acc.end_training()
 
 def _load(cfg: TrainConfig, acc: Accelerator, progress: bool):
@@ -275,6 +277,7 @@ def _start(cfg: TrainConfig, comp, acc: Accelerator, run: Run) -> TrainState:
                                              session, state.started, run.datasets, acc.num_processes, run.validation.num_images)
     if acc.is_main_process and acc.log_with: init_trackers(acc, cfg)
     run.swap = block_swap(cfg, comp, acc.device)        # first: the swapped blocks must not come to the device with the rest
+    run.offload = checkpoint_offload(cfg, comp, acc.device, run.swap.swapped if run.swap else ())
     placement.only(training_models(cfg, comp))
     compile_models(cfg, comp, train_te)
     _emit(state, "on_train_start")                      # (sampling encodes its prompts here, if the text encoders do not train)
@@ -342,6 +345,7 @@ class Run:
     validation: Validation = None
     metadata: Callable[[], dict] = dict           # the `ss_*`/`modelspec.*` metadata of a save now
     swap: BlockSwap|None = None                   # `--blocks_to_swap`
+    offload: OffloadingCheckpoint|None = None     # checkpointed inputs in host memory (`--cpu_offload_checkpointing`, swapped blocks)
     first_epoch: int = 0                          # where the loop starts (counted from 0) …
     done_in_epoch: int = 0                        # … and the optimizer steps of that epoch trained before
     bar: object = None                            # the tqdm progress bar

@@ -385,3 +385,16 @@ def test_tracker_and_console_log_options(data, tmp_path, monkeypatch):
         logging.root.handlers[:] = saved[0]; logging.root.setLevel(saved[1])
     with pytest.raises(ConfigError, match="--log_tracker_config: .* does not exist"):
         run(data, tmp_path, "--log_tracker_config", str(tmp_path / "none.toml"), steps=1)
+
+
+def test_cpu_offload_checkpointing_needs_transformer_blocks(tmp_path):
+    "UNet families refuse --cpu_offload_checkpointing before loading; SD3 (joint blocks) takes it."
+    from lora_kit.config import ConfigError
+    from lora_kit.runtime.checks import check_all
+    write_folder(tmp_path / "img" / "1_sks", n=1, seed=0)
+    argv = lambda model, module: ["--pretrained_model_name_or_path", model, "--network_module", module, "--train_data_dir",
+                                  str(tmp_path / "img"), "--resolution", "64", "--output_dir", str(tmp_path / "out"),
+                                  "--gradient_checkpointing", "--cpu_offload_checkpointing"]
+    with pytest.raises(ConfigError) as e: check_all(make_config(argv("tiny-sd1", "networks.lora"), check=False))
+    assert "--cpu_offload_checkpointing: " in str(e.value) and "drop it" in str(e.value)
+    check_all(make_config(argv("tiny-sd3", "networks.lora_sd3")))

@@ -16,8 +16,9 @@ from .weights import store_in_fp8
 # %% auto #0
 __all__ = ['attention', 'prepare_models', 'merge_base_weights', 'store_fp8', 'clean_memory', 'named_models', 'text_encoder_names',
            'train_modes', 'eval_mode', 'Placement', 'training_models', 'next_swapped', 'BlockSwap', 'swapped_blocks',
-           'block_swap', 'compile_models', 'free_cached_text_encoders', 'release_cached_models', 'models_used',
-           'busy_cores', 'free_cores', 'cpu_threads']
+           'block_swap', 'HostSavedInputs', 'OffloadingCheckpoint', 'checkpoint_offload', 'compile_models',
+           'free_cached_text_encoders', 'release_cached_models', 'models_used', 'busy_cores', 'free_cores',
+           'cpu_threads']
 
 # %% ../../nbs/runtime/placement.ipynb #ecfc1065
 def attention(cfg) -> tuple[str, str|None]:
@@ -230,6 +231,59 @@ def block_swap(cfg, comp, device) -> BlockSwap|None:
     if not cfg.blocks_to_swap: return None
     blocks = swapped_blocks(comp, cfg.blocks_to_swap)
     return BlockSwap(blocks, len(blocks), device)
+
+# %% ../../nbs/runtime/placement.ipynb #d79040a3
+class HostSavedInputs:
+    """`pack`/`unpack` for `torch.autograd.graph.saved_tensors_hooks`: a saved tensor waits in host memory (on CUDA: pinned,
+    copied over a side stream) and comes back to its device when the backward pass needs it. Tensors under `min_bytes`
+    (a timestep embedding) stay where they are; on the meta device (the memory plan) only the shape is kept."""
+    def __init__(self, device, min_bytes: int = 2**20):
+        self.device, self.min_bytes = torch.device(device), min_bytes
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def pack(self, t: torch.Tensor):
+        if t.numel() * t.element_size() < self.min_bytes: return t
+        if t.device.type == "meta": return (None, None, t.shape, t.dtype)
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.stream is not None)
+        if self.stream is None: return (host.copy_(t), None, t.device, None)
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))     # the tensor is complete before it is copied
+        with torch.cuda.stream(self.stream): host.copy_(t, non_blocking=True)
+        t.record_stream(self.stream)                                       # its memory is not reused before the copy is done
+        done = torch.cuda.Event(); done.record(self.stream)
+        return (host, done, t.device, None)
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor): return packed
+        host, done, where, dtype = packed
+        if host is None: return torch.empty(where, dtype=dtype, device="meta")
+        if done is not None: torch.cuda.current_stream(where).wait_event(done)
+        return host.to(where, non_blocking=done is not None)
+
+class OffloadingCheckpoint:
+    """diffusers' `gradient_checkpointing_func`: torch's non-reentrant checkpoint (diffusers' default), with the inputs it keeps
+    for `blocks` in host memory (`hooks`). `remove(model)` restores diffusers' default."""
+    def __init__(self, blocks, hooks: HostSavedInputs):
+        self.blocks, self.hooks = {id(b) for b in blocks}, hooks
+
+    def __call__(self, block, *args):
+        offload = id(block) in self.blocks
+        with torch.autograd.graph.saved_tensors_hooks(self.hooks.pack, self.hooks.unpack) if offload else nullcontext():
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+    def remove(self, model): model.enable_gradient_checkpointing()
+
+def checkpoint_offload(cfg, comp, device, swapped=()) -> OffloadingCheckpoint|None:
+    """Checkpointed blocks' inputs in host memory (see above): all of the family's blocks with `--cpu_offload_checkpointing`,
+    the `swapped` ones (`--blocks_to_swap`) otherwise. Needs `--gradient_checkpointing`; nothing to do on a CPU."""
+    blocks = [b for bl in comp.family.swap_blocks(comp) for b in bl] if cfg.cpu_offload_checkpointing else list(swapped)
+    if not blocks: return None
+    if not _checkpointing(comp.denoiser):
+        if cfg.cpu_offload_checkpointing: print("note: --cpu_offload_checkpointing has no effect without --gradient_checkpointing (as in sd-scripts)")
+        return None
+    if torch.device(device).type == "cpu": return None
+    offload = OffloadingCheckpoint(blocks, HostSavedInputs(device))
+    comp.denoiser.enable_gradient_checkpointing(offload)
+    return offload
 
 # %% ../../nbs/runtime/placement.ipynb #c37daff6
 def compile_models(cfg, comp, train_te: bool) -> list:
