@@ -62,7 +62,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
             owned = comp is None       # loaded here: free to release models the caches replace
             if comp: comp.family = comp.family.with_options(cfg)
             else: comp = in_turn(acc, lambda: _load(cfg, acc, progress))    # processes one after the other: bounded host memory
-            run = Run(datasets, val_datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [], signalled, owned, progress)
+            run = Run(datasets, val_datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [cb for cb in callbacks if cb.all_processes], signalled, owned, progress)
             state = _start(cfg, comp, acc, run)
             _loop(state)
             return _finish(state)
@@ -351,6 +351,7 @@ class Callback:
     "Base class: override the events you need."
     uses_models = True   # which of the VAE and text encoders it runs: True (both), False, or a set of "vae"/"text_encoders"
                          # (what no callback runs, training frees once it is cached)
+    all_processes = False   # with several processes: False, called in the main process only; True, in every process
     def on_train_start(self, state: TrainState): pass
     def on_step_end(self, state: TrainState): pass
     def on_epoch_end(self, state: TrainState): pass
