@@ -132,6 +132,7 @@ class FluxFamily(Family):
     objective = "flux_flow"                    # `loss.FluxFlowObjective`
     network_args = FLUX_NETWORK_ARGS
     network_modules = ("networks.lora_flux",)  # and networks.lora, which means the same for FLUX
+    text_encoder_lr_prefixes = ("lora_te1", "lora_te3")   # --text_encoder_lr CLIP-L [T5]
     only_own_networks = True
     sample_sampler = False                     # FLUX samples with its flow-matching Euler scheduler
     default_resolution = 1024
