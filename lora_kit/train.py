@@ -236,8 +236,7 @@ def _lora_and_optimizer(cfg: TrainConfig, comp, device, dtype):
     network = build_network(cfg, comp)
     network.to(device).train()
     if cfg.full_bf16 or cfg.full_fp16: network.to(dtype)          # LoRA weights and gradients in bf16/fp16
-    te_lr = (cfg.text_encoder_lr or [None])[0]
-    groups = network.param_groups({"lora_te": te_lr, "lora_unet": cfg.unet_lr}, cfg.learning_rate)
+    groups = network.param_groups({**comp.family.text_encoder_lrs(cfg), "lora_unet": cfg.unet_lr}, cfg.learning_rate)
     if not groups: raise ConfigError(["nothing to train: every LoRA part has learning rate 0"])
     return network, optimizer_from_config(cfg, groups)
 
