@@ -428,9 +428,6 @@ def check_flux(cfg: TrainConfig) -> list[str]:
     if cfg.model_prediction_type not in MODEL_PREDICTION_TYPES: out.append(f"--model_prediction_type must be one of {', '.join(MODEL_PREDICTION_TYPES)}")
     if cfg.weighting_scheme not in WEIGHTING_SCHEMES: out.append(f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}")
     if cfg.discrete_flow_shift <= 0: out.append("--discrete_flow_shift must be positive")
-    if len(set(cfg.text_encoder_lr or [])) > 1:
-        out.append(f"--text_encoder_lr {' '.join(map(str, cfg.text_encoder_lr))}: lora_kit trains CLIP-L and T5 with one learning rate "
-                   "(sd-scripts: one each); give one value")
     caching = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
     if caching and not cfg.network_train_unet_only and _trains_t5(cfg):
         out.append("--network_args train_t5xxl=True with --cache_text_encoder_outputs: a trained T5 cannot be cached (sd-scripts "
