@@ -84,6 +84,7 @@ class Family:
     fp8_text_encoders: tuple = ()  # text encoders `--fp8_base` stores in float8
     extra_options: tuple = ()      # options of other scripts this family implements as well
     lora_blocks = None             # its UNet's `lora.BlockLayout` for block-wise network_args (None: `lora.SD_BLOCKS`)
+    text_encoder_lr_prefixes: tuple = ()   # its own LoRA's text-encoder prefixes, taking `--text_encoder_lr` values in turn
 
     # what a model is, and loading it
     def claims(self, name: str) -> bool: raise NotImplementedError
@@ -118,6 +119,16 @@ class Family:
     def lora_from_file(self, comp: Components, state: dict) -> dict:
         "A `--network_weights` state dict under the module names `lora_targets` gives (SDXL: diffusers-named UNet modules -> SAI names)."
         return state
+    def separate_text_encoder_lrs(self, cfg: TrainConfig) -> tuple:
+        "The prefixes that take `--text_encoder_lr` values in turn: `text_encoder_lr_prefixes` with the family's own LoRA, else none."
+        own = cfg.network_module in (None, "networks.lora", *self.network_modules)
+        return self.text_encoder_lr_prefixes if own else ()
+    def text_encoder_lrs(self, cfg: TrainConfig) -> dict:
+        """`--text_encoder_lr` per LoRA prefix (for `LoRANetwork.param_groups`; None: `--learning_rate`): value i for the i-th
+        of `separate_text_encoder_lrs`, the last value for those past the end; without them, the first for all."""
+        lrs, order = list(cfg.text_encoder_lr or []), self.separate_text_encoder_lrs(cfg)
+        if not order or not lrs: return {"lora_te": lrs[0] if lrs else None}
+        return {p: lrs[min(i, len(lrs) - 1)] for i, p in enumerate(order)}
     def swap_blocks(self, comp: Components) -> list[nn.ModuleList]: return []
     def swap_split(self, comp: Components, n: int) -> list[tuple[nn.ModuleList, int]]:
         "`--blocks_to_swap n`: (block list, how many of its last blocks swap) per `swap_blocks` list: the last `n` of the lists joined (the first list takes what is left, even more than it has)."
@@ -184,7 +195,17 @@ def check_model(cfg: TrainConfig, script: str = "train_network") -> list[str]:
 
 def model_warnings(cfg: TrainConfig, script: str = "train_network") -> list[str]:
     "Options of `cfg` the model's family ignores with a warning, as sd-scripts does (e.g. `--clip_skip` on SD3)."
-    return family_for(cfg.pretrained_model_name_or_path, script).warnings(cfg)
+    fam = family_for(cfg.pretrained_model_name_or_path, script)
+    return fam.warnings(cfg) + _text_encoder_lr_warnings(fam, cfg)
+
+def _text_encoder_lr_warnings(fam: Family, cfg: TrainConfig) -> list[str]:
+    "`--text_encoder_lr` values no text encoder takes (sd-scripts ignores them silently)."
+    lrs, order = list(cfg.text_encoder_lr or []), fam.separate_text_encoder_lrs(cfg)
+    if len(lrs) <= max(len(order), 1): return []
+    used = (f"the first {len(order)} for {', '.join(order)}" if order else
+            f"the first for every text encoder ({cfg.network_module or 'networks.lora'}; sd-scripts: the same)")
+    return [f"--text_encoder_lr {' '.join(map(str, lrs))}: {fam.title} takes {used}; "
+            f"{' '.join(map(str, lrs[max(len(order), 1):]))} ignored"]
 
 def load_components(cfg: TrainConfig, script: str = "train_network") -> Components:
     "Load `--pretrained_model_name_or_path` (and the files other flags name) offline, with its family carrying the run's options."

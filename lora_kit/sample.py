@@ -16,6 +16,7 @@ import diffusers
 from diffusers.image_processor import VaeImageProcessor
 
 from .lora import atomic_path
+from .runtime.distributed import gather_objects, prompt_share
 from .runtime.placement import text_encoder_names
 from .train import Callback, TrainingStopped, TrainState
 
@@ -104,17 +105,19 @@ def decode_latents(vae, latents: torch.Tensor):
 
 # %% ../nbs/07_sample.ipynb #8a75e4b3
 def generate(comp, prompts: list[SamplePrompt], sampler: str = "ddim", default_seed: int = 0, clip_skip: int|None = None,
-             autocast=nullcontext, conditioning: list[dict]|None = None, on_prompt=None) -> list:
-    "PIL images for `prompts` with the model as it is now (LoRA applied), under `autocast`; `conditioning`: cached embeddings; `on_prompt(i)` before each."
+             autocast=nullcontext, conditioning: list[dict]|None = None, on_prompt=None, numbers: list[int]|None = None) -> list:
+    """PIL images for `prompts` with the model as it is now (LoRA applied), under `autocast`; `conditioning`: cached embeddings;
+    `numbers`: the prompts' numbers in the prompt file (default 0, 1, …): a prompt without `--d` gets seed `default_seed + number`;
+    `on_prompt(number)` before each."""
     pipe = comp.family.pipeline(comp)
     if comp.family.sample_sampler: pipe.scheduler = sample_scheduler(sampler, comp.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     device = comp.denoiser.device
     out = []
-    for i, p in enumerate(prompts):
-        if on_prompt: on_prompt(i)
+    for i, (p, num) in enumerate(zip(prompts, range(len(prompts)) if numbers is None else numbers)):
+        if on_prompt: on_prompt(num)
         cond = conditioning[i] if conditioning else prompt_conditioning(comp, pipe, p, clip_skip, autocast)
-        g = torch.Generator(device="cpu").manual_seed(p.seed if p.seed is not None else default_seed + i)
+        g = torch.Generator(device="cpu").manual_seed(p.seed if p.seed is not None else default_seed + num)
         with torch.no_grad(), autocast():
             latents = comp.family.pipeline_latents(pipe, {k: v.to(device) for k, v in cond.items()}, p, g)   # a family that samples its own way
             if latents is None: latents = pipe(**{k: v.to(device) for k, v in cond.items()}, width=p.width, height=p.height, num_inference_steps=p.sample_steps,
@@ -129,13 +132,16 @@ def sample_filename(output_name: str|None, tag: str, index: int, timestamp: str,
 
 # %% ../nbs/07_sample.ipynb #de5ffd97
 class SampleCallback(Callback):
-    "Generate `--sample_prompts` images at the configured points of training."
+    "Generate `--sample_prompts` images at the configured points of training (with several processes, each draws its share)."
+    all_processes = True
+
     def __init__(self, cfg):
         from lora_kit.config import parse_resolution
         w, h = parse_resolution(cfg.resolution) if cfg.resolution else (512, 512)
         self.prompts = read_prompts(cfg.sample_prompts, w, h) if cfg.sample_prompts else []
-        self.conditioning: list[dict]|None = None      # the prompts' embeddings, when the text encoders do not train
-        self.images: list[tuple[int, Path]] = []      # (step, path) of every image written
+        self.conditioning: list[dict]|None = None      # this process's prompts' embeddings, when the text encoders do not train
+        self.images: list[tuple[int, Path]] = []      # (step, path) of every image written (by any process)
+        self.drawn: list[tuple[int, int]] = []        # (step, prompt number) of the images this process drew
         self.failed: list[int] = []                    # steps whose sampling failed
         self.seconds: float|None = None                # how long the last sampling took
 
@@ -144,47 +150,65 @@ class SampleCallback(Callback):
         if not self.prompts: return set()
         return {"vae"} if self.conditioning is not None else {"vae", "text_encoders"}
 
+    def share(self, acc) -> list[int]:
+        "The numbers of the prompts this process draws."
+        return prompt_share(len(self.prompts), acc.num_processes, acc.process_index)
+
     def encode_prompts(self, state: TrainState):
-        """Encode the prompts at the start, with the text encoders on the device meanwhile: kept when no text encoder trains,
-        else a trial; a prompt that cannot be encoded stops the run here (`TrainingStopped`), before the first step."""
-        comp = state.comp
+        """Encode this process's prompts at the start, with the text encoders on the device meanwhile: kept when no text
+        encoder trains, else a trial; a prompt that cannot be encoded stops the run here (`TrainingStopped`, in every process),
+        before the first step."""
+        comp, acc = state.comp, state.accelerator
         if not self.prompts or None in comp.text_encoders: return
-        pipe = comp.family.pipeline(comp)
+        mine, cond, error = self.share(acc), [], None
         try:
-            with state.placement.also(text_encoder_names(comp)):
-                cond = [prompt_conditioning(state.comp, pipe, p, state.cfg.clip_skip, state.accelerator.autocast) for p in self.prompts]
-        except Exception as e:
+            if mine:
+                pipe = comp.family.pipeline(comp)
+                with state.placement.also(text_encoder_names(comp)):
+                    cond = [prompt_conditioning(comp, pipe, self.prompts[i], state.cfg.clip_skip, acc.autocast) for i in mine]
+        except Exception as e: error = e
+        problems = [e for e in gather_objects(acc, error and f"{type(error).__name__}: {error}") if e]
+        if problems:
             raise TrainingStopped(f"sampling cannot work, stopped before the first step: --sample_prompts {state.cfg.sample_prompts}: encoding "
-                                  f"the prompts failed ({type(e).__name__}: {e}); fix the prompt file or remove --sample_prompts") from e
+                                  f"the prompts failed ({problems[0]}); fix the prompt file or remove --sample_prompts") from error
         if not state.network.modules_with("lora_te"): self.conditioning = cond
 
     def sample(self, state: TrainState, tag: str):
-        if not self.prompts or not state.accelerator.is_main_process: return
-        comp, cfg = state.comp, state.cfg
-        needs = {"vae"} | (set() if self.conditioning else text_encoder_names(comp))
-        was, folder, t0, n = state.network.training, Path(cfg.output_dir)/"sample", time.time(), len(self.prompts)
-        state.network.eval()
-        line = lambda i: f"sampling prompt {i + 1}/{n} at step {state.step} → {folder}"
-        show = tqdm(total=n, desc=line(0), leave=False, bar_format="{desc} [{elapsed}]", disable=not (state.run and state.run.progress))
-        try:
-            with state.placement.also(needs):
-                imgs = generate(comp, self.prompts, cfg.sample_sampler, cfg.seed or 0, cfg.clip_skip, state.accelerator.autocast, self.conditioning,
-                                on_prompt=lambda i: show.set_description_str(line(i)))
-        except Exception as e:
-            self.failed.append(state.step)
-            print(f"error: sampling at step {state.step} failed ({type(e).__name__}: {e}): no sample images for this point; "
-                  "training goes on and saves the LoRA as usual", file=sys.stderr)
-            return
+        if not self.prompts: return
+        comp, cfg, acc = state.comp, state.cfg, state.accelerator
+        mine, n, main = self.share(acc), len(self.prompts), acc.is_main_process
+        folder, t0 = Path(cfg.output_dir)/"sample", time.time()
+        ts = gather_objects(acc, datetime.now().strftime("%Y%m%d%H%M%S"))[0]    # one time stamp for the point: the main process's
+        procs = f" ({acc.num_processes} processes)" if acc.num_processes > 1 else ""
+        line = lambda i: f"sampling prompt {i + 1}/{n} at step {state.step} → {folder}{procs}"
+        show = tqdm(total=n, desc=line(mine[0] if mine else 0), leave=False, bar_format="{desc} [{elapsed}]",
+                    disable=not (main and state.run and state.run.progress))
+        written, error, was = [], None, state.network.training
+        try:                                       # no exception leaves before the processes meet below
+            if mine:
+                state.network.eval()
+                with state.placement.also({"vae"} | (set() if self.conditioning is not None else text_encoder_names(comp))):
+                    imgs = generate(comp, [self.prompts[i] for i in mine], cfg.sample_sampler, cfg.seed or 0, cfg.clip_skip, acc.autocast,
+                                    self.conditioning, on_prompt=lambda i: show.set_description_str(line(i)), numbers=mine)
+                for i, img in zip(mine, imgs):
+                    path = folder/sample_filename(cfg.output_name, tag, i, ts, self.prompts[i].seed)
+                    with atomic_path(path) as tmp: img.save(tmp, format="PNG")
+                    written.append((i, path)); self.drawn.append((state.step, i))
+        except Exception as e: error = f"{type(e).__name__}: {e}"
         finally: state.network.train(was); show.close()
-        ts = datetime.now().strftime("%Y%m%d%H%M%S")
-        for i, img in enumerate(imgs):
-            path = folder/sample_filename(cfg.output_name, tag, i, ts, self.prompts[i].seed)
-            with atomic_path(path) as tmp: img.save(tmp, format="PNG")
-            self.images.append((state.step, path))
+        parts = gather_objects(acc, (written, error))     # what every process wrote; all wait here for the slowest
+        self.images += [(state.step, path) for _, path in sorted(w for ws, _ in parts for w in ws)]
+        if errors := [(r, e) for r, (_, e) in enumerate(parts) if e]:
+            self.failed.append(state.step)
+            if main:
+                for r, e in errors:
+                    print(f"error: sampling at step {state.step} failed{f' in process {r}' if procs else ''} ({e}): no sample images for "
+                          f"{'this point' if not procs else 'its prompts'}; training goes on and saves the LoRA as usual", file=sys.stderr)
+            return
         self.seconds = time.time() - t0
-        if state.run and state.run.progress:
+        if main and state.run and state.run.progress:
             tqdm.write(f"sampled {n} prompt{'s' * (n > 1)} at step {state.step} in {self.seconds:.1f} s → {folder}", file=sys.stderr)
-        if state.run and state.run.bar is not None and hasattr(state.run.bar, "pause"): state.run.bar.pause(self.seconds)
+        if main and state.run and state.run.bar is not None and hasattr(state.run.bar, "pause"): state.run.bar.pause(self.seconds)
 
     def seconds_to_come(self, state: TrainState) -> float:
         "The time the samplings still ahead will take, at the last one's time (0 before the first)."
@@ -196,7 +220,7 @@ class SampleCallback(Callback):
         return (events + 1) * self.seconds            # and the sampling at the end of training
 
     def on_train_start(self, state):
-        if state.accelerator.is_main_process: self.encode_prompts(state)
+        self.encode_prompts(state)
         if state.cfg.sample_at_first: self.sample(state, f"{0:06d}")
     def on_step_end(self, state):
         n = state.cfg.sample_every_n_steps

@@ -63,7 +63,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
             owned = comp is None       # loaded here: free to release models the caches replace
             if comp: comp.family = comp.family.with_options(cfg)
             else: comp = in_turn(acc, lambda: _load(cfg, acc, progress))    # processes one after the other: bounded host memory
-            run = Run(datasets, val_datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [], signalled, owned, progress)
+            run = Run(datasets, val_datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [cb for cb in callbacks if cb.all_processes], signalled, owned, progress)
             state = _start(cfg, comp, acc, run)
             _loop(state)
             return _finish(state)
@@ -238,8 +238,7 @@ def _lora_and_optimizer(cfg: TrainConfig, comp, device, dtype):
     network = build_network(cfg, comp)
     network.to(device).train()
     if cfg.full_bf16 or cfg.full_fp16: network.to(dtype)          # LoRA weights and gradients in bf16/fp16
-    te_lr = (cfg.text_encoder_lr or [None])[0]
-    groups = network.param_groups({"lora_te": te_lr, "lora_unet": cfg.unet_lr}, cfg.learning_rate)
+    groups = network.param_groups({**comp.family.text_encoder_lrs(cfg), "lora_unet": cfg.unet_lr}, cfg.learning_rate)
     if not groups: raise ConfigError(["nothing to train: every LoRA part has learning rate 0"])
     return network, optimizer_from_config(cfg, groups)
 
@@ -355,6 +354,7 @@ class Callback:
     "Base class: override the events you need."
     uses_models = True   # which of the VAE and text encoders it runs: True (both), False, or a set of "vae"/"text_encoders"
                          # (what no callback runs, training frees once it is cached)
+    all_processes = False   # with several processes: False, called in the main process only; True, in every process
     def on_train_start(self, state: TrainState): pass
     def on_step_end(self, state: TrainState): pass
     def on_epoch_end(self, state: TrainState): pass

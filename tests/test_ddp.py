@@ -114,3 +114,51 @@ def test_cache_exchange_in_chunks_over_gloo(tmp_path):
         assert got["rounds"] == 2                                  # 4 items of 400 bytes, 2 per chunk
         assert sorted(got["cache"]) == [f"cap{i}" for i in range(7)]
         assert all(torch.equal(v["context"], torch.full((100,), float(k[3:]))) for k, v in got["cache"].items())
+
+
+def _train_and_sample(rank, world, port, args, out):
+    "One of two gloo processes training (`train` in this process, as torchrun would start it) with sample prompts."
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from lora_kit.config import make_config
+    from lora_kit.sample import SampleCallback
+    from lora_kit.train import train
+    cfg = make_config(args)
+    cb = SampleCallback(cfg)
+    train(cfg, [cb], progress=False)
+    torch.save({"drawn": cb.drawn, "images": [(s, p.name) for s, p in cb.images], "failed": cb.failed}, f"{out}/{rank}.pt")
+
+
+def test_sample_prompts_shared_between_two_processes(tmp_path, data):
+    """Each of 2 processes draws its share of 3 sample prompts (process 0: prompts 0 and 2, process 1: prompt 1, as
+    sd-scripts' `prompts[rank::2]`), each prompt once; the files are those one process writes: same names (up to the time
+    stamp) and, before the first step, the same bytes. Prompt 1 has no `--d`: its seed is `--seed` + 1 in both runs."""
+    import torch.multiprocessing as mp, socket
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red sks --w 64 --h 64 --s 2 --d 5\na blue sks --w 64 --h 64 --s 2\n# a comment\na green sks --w 64 --h 64 --s 2 --d 9\n")
+    args = [*ARGS[:ARGS.index("--max_train_steps")], *ARGS[ARGS.index("--max_train_steps") + 2:], "--max_train_steps", "1",
+            "--train_data_dir", str(data), "--output_name", "run", "--sample_prompts", str(prompts), "--sample_at_first"]
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    mp.spawn(_train_and_sample, args=(2, port, [*args, "--train_batch_size", "1", "--output_dir", str(tmp_path / "ddp")], str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    drawn = [g["drawn"] for g in got]
+    assert drawn == [[(0, 0), (0, 2), (1, 0), (1, 2)], [(0, 1), (1, 1)]], drawn
+    assert got[0]["images"] == got[1]["images"] and not got[0]["failed"]     # every process knows all 6 images
+
+    from lora_kit.config import make_config
+    from lora_kit.sample import SampleCallback
+    from lora_kit.train import train
+    torch.set_num_threads(1)
+    cfg = make_config([*args, "--train_batch_size", "2", "--output_dir", str(tmp_path / "single")])
+    cb = SampleCallback(cfg)
+    train(cfg, [cb], progress=False)
+    key = lambda p: "_".join(p.stem.split("_")[:3] + p.stem.split("_")[4:])     # the name without its time stamp
+    ddp = {key(p): p for p in (tmp_path / "ddp" / "sample").iterdir()}
+    single = {key(p): p for p in (tmp_path / "single" / "sample").iterdir()}
+    assert sorted(ddp) == sorted(single) == ["run_000000_00_5", "run_000000_01", "run_000000_02_9",
+                                             "run_000001_00_5", "run_000001_01", "run_000001_02_9"], sorted(ddp)
+    assert [s for s, _ in got[0]["images"]] == [0, 0, 0, 1, 1, 1]
+    for k in ddp:
+        if k.startswith("run_000000"): assert ddp[k].read_bytes() == single[k].read_bytes(), k   # the same LoRA (untrained): the same image
+    assert len({ddp[k].read_bytes() for k in ddp if k.startswith("run_000000")}) == 3             # (three different images)

@@ -30,7 +30,7 @@ def training_metadata(cfg: TrainConfig, family, summary, steps: int, epochs: int
     opt_args = "(" + ",".join(cfg.optimizer_args or []) + ")" if cfg.optimizer_args else ""
     md = {f"ss_{n}": getattr(cfg, n) for n in _SS_FROM_CFG}
     md.update({"ss_session_id": session_id, "ss_training_started_at": started, "ss_output_name": cfg.output_name,
-               "ss_text_encoder_lr": (cfg.text_encoder_lr or [None])[0], "ss_num_train_images": summary.num_train_images,
+               "ss_text_encoder_lr": cfg.text_encoder_lr if family.separate_text_encoder_lrs(cfg) else (cfg.text_encoder_lr or [None])[0], "ss_num_train_images": summary.num_train_images,
                "ss_num_validation_images": num_validation_images, "ss_num_reg_images": summary.num_reg_images,
                "ss_num_batches_per_epoch": summary.batches_per_epoch, "ss_num_epochs": epochs, "ss_max_train_steps": steps,
                "ss_network_dim": cfg.network_dim or 4, "ss_v2": bool(family.v2), "ss_base_model_version": family.base_model_version,

@@ -132,6 +132,7 @@ class FluxFamily(Family):
     objective = "flux_flow"                    # `loss.FluxFlowObjective`
     network_args = FLUX_NETWORK_ARGS
     network_modules = ("networks.lora_flux",)  # and networks.lora, which means the same for FLUX
+    text_encoder_lr_prefixes = ("lora_te1", "lora_te3")   # --text_encoder_lr CLIP-L [T5]
     only_own_networks = True
     sample_sampler = False                     # FLUX samples with its flow-matching Euler scheduler
     default_resolution = 1024
@@ -427,9 +428,6 @@ def check_flux(cfg: TrainConfig) -> list[str]:
     if cfg.model_prediction_type not in MODEL_PREDICTION_TYPES: out.append(f"--model_prediction_type must be one of {', '.join(MODEL_PREDICTION_TYPES)}")
     if cfg.weighting_scheme not in WEIGHTING_SCHEMES: out.append(f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}")
     if cfg.discrete_flow_shift <= 0: out.append("--discrete_flow_shift must be positive")
-    if len(set(cfg.text_encoder_lr or [])) > 1:
-        out.append(f"--text_encoder_lr {' '.join(map(str, cfg.text_encoder_lr))}: lora_kit trains CLIP-L and T5 with one learning rate "
-                   "(sd-scripts: one each); give one value")
     caching = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
     if caching and not cfg.network_train_unet_only and _trains_t5(cfg):
         out.append("--network_args train_t5xxl=True with --cache_text_encoder_outputs: a trained T5 cannot be cached (sd-scripts "

@@ -165,6 +165,7 @@ class SD3Family(Family):
     objective = "flow"             # the rectified flow (`loss.FlowObjective`)
     network_args = SD3_NETWORK_ARGS
     network_modules = ("networks.lora_sd3",)   # and networks.lora, which means the same for SD3
+    text_encoder_lr_prefixes = ("lora_te1", "lora_te2", "lora_te3")   # --text_encoder_lr CLIP-L [CLIP-G [T5]]
     only_own_networks = True
     external_networks = True       # LyCORIS & co. get sd-scripts' MMDiT (`network_models`)
     sample_sampler = False         # SD3 always samples with its flow-matching Euler scheduler

@@ -21,7 +21,7 @@ from ..data import collate
 # %% auto #0
 __all__ = ['CHUNK_BYTES', 'make_accelerator', 'allow_fp16_gradients', 'process_share', 'rows_loss', 'average_gradients',
            'batch_loader', 'close_loaders', 'loader_batches', 'cpu_group', 'chunked', 'gather_cache', 'in_turn',
-           'stop_signals', 'any_signalled']
+           'prompt_share', 'gather_objects', 'stop_signals', 'any_signalled']
 
 # %% ../../nbs/runtime/distributed.ipynb #d39d07b3
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -180,6 +180,18 @@ def in_turn(acc, fn):
     for r in range(n):
         if r == acc.local_process_index: out = fn()
         acc.wait_for_everyone()
+    return out
+
+# %% ../../nbs/runtime/distributed.ipynb #aebcc73b
+def prompt_share(n: int, num_processes: int = 1, rank: int = 0) -> list[int]:
+    "The numbers of the `n` sample prompts process `rank` draws: every N-th from `rank` on, as sd-scripts' `prompts[rank::N]`."
+    return list(range(rank, n, num_processes))
+
+def gather_objects(acc, obj) -> list:
+    "Every process's `obj` (small and picklable), in rank order, over gloo; `[obj]` with one process. All processes call it."
+    if acc.num_processes == 1: return [obj]
+    out = [None] * acc.num_processes
+    dist.all_gather_object(out, obj, group=cpu_group())
     return out
 
 # %% ../../nbs/runtime/distributed.ipynb #90b0fda8
