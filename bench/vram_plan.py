@@ -585,11 +585,14 @@ SD3 = ["--network_module", "networks.lora_sd3", "--resolution", "1024", "--mixed
        "--gradient_checkpointing"]
 SDXL = ["sdxl", "--network_module", "networks.lora", "--resolution", "1024", "--mixed_precision", "bf16", "--sdpa",
         "--cache_text_encoder_outputs", "--gradient_checkpointing"]     # docs/train_SDXL-en.md's 8 GB recipe (dim 16 here)
+VANILLA = ["--attention", "vanilla"]   # sd-scripts' default attention: the check measures it (its activations are what the plan models most)
+
+
 README_RUNS = {
     "SD1.5 512 px fp16, `--sdpa --gradient_checkpointing`": [*SD15, "--sdpa", "--gradient_checkpointing"],
     "SD1.5 512 px fp16, `--sdpa`": [*SD15, "--sdpa"],
-    "SD1.5 512 px fp16, `--gradient_checkpointing` (vanilla attention)": [*SD15, "--gradient_checkpointing"],
-    "SD1.5 512 px fp16 (vanilla attention)": SD15,
+    "SD1.5 512 px fp16, `--gradient_checkpointing` (vanilla attention)": [*SD15, "--gradient_checkpointing", *VANILLA],
+    "SD1.5 512 px fp16 (vanilla attention)": [*SD15, *VANILLA],
     "SD3.5 Medium 1024 px bf16": ["sd35-medium", *SD3],
     "SDXL 1024 px bf16, `--gradient_checkpointing`": SDXL,
     "SDXL 1024 px bf16, `--gradient_checkpointing --fp8_base`": [*SDXL, "--fp8_base"],
@@ -616,7 +619,6 @@ def readme_table():
 
 # --- The estimate against a real CPU run
 
-VANILLA = ["--attention", "vanilla"]   # the check measures sd-scripts' default attention (its activations are what the plan models most)
 CHECK_RUNS = [("tiny", 256, VANILLA), ("mid", 256, VANILLA), ("mid", 256, [*VANILLA, "--gradient_checkpointing"])]   # (bench model, px, flags)
 SDXL_CHECK_RUNS = [("sdxl-mid", 256, []), ("sdxl-mid", 256, ["--gradient_checkpointing"])]         # `--check sdxl`
 
