@@ -79,6 +79,7 @@ class Family:
     external_networks = False      # with only_own_networks: still take importable modules (LyCORIS), through network_models
     sample_sampler = True          # `--sample_sampler` chooses the sampling scheduler
     default_resolution = 512       # `modelspec.resolution` without `--resolution`
+    pixel_multiple = 8             # image sides must be multiples of it (the VAE's 8×; ×2 where latents are cut in 2×2 patches)
     latents_suffix = "_sd"         # latent cache files `<stem>_WxH<suffix>.npz`, as sd-scripts names them
     cache_only_encoders: tuple = ()  # text encoders a partial cache replaces while the others train
     fp8_text_encoders: tuple = ()  # text encoders `--fp8_base` stores in float8

@@ -170,6 +170,7 @@ class SD3Family(Family):
     external_networks = True       # LyCORIS & co. get sd-scripts' MMDiT (`network_models`)
     sample_sampler = False         # SD3 always samples with its flow-matching Euler scheduler
     default_resolution = 1024
+    pixel_multiple = 16            # the MMDiT cuts latents into 2×2 patches
     cache_only_encoders = (2,)     # T5-XXL: with a partial cache (CLIP trained) its outputs come from the cache
     fp8_text_encoders = (2,)       # `--fp8_base`: T5-XXL in float8, CLIP-L/G in the weight dtype (as sd-scripts)
     latents_suffix = "_sd3"        # latent cache files `<stem>_WxH_sd3.npz`, as sd-scripts names them

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, TrainConfig, fp8_flag, validate
-from ..compat.dataset_config import DatasetError
-from ..data import load_datasets
+from ..compat.dataset_config import DatasetError, dataset_specs
+from ..data import cli_values, load_datasets
 from ..networks import network_problems
 from ..loss import ddpm_only_problems
 from ..family import Family, check_model, family_for
@@ -19,8 +19,8 @@ from ..optim import optim_problems, optimizer_from_config
 from .logs import tracker_problems
 
 # %% auto #0
-__all__ = ['lora_file_problems', 'check_all', 'machine_problems', 'compile_problems', 'gpu_problems', 'fp16_optimizer_problems',
-           'resume_problems']
+__all__ = ['lora_file_problems', 'check_all', 'grid_problems', 'machine_problems', 'compile_problems', 'gpu_problems',
+           'fp16_optimizer_problems', 'resume_problems']
 
 # %% ../../nbs/runtime/checks.ipynb #95681ebd
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
@@ -35,7 +35,7 @@ def check_all(cfg: TrainConfig):
     if not cfg.output_dir and not cfg.debug_dataset: problems.append("--output_dir is required: where the LoRA files are written")
     fam = family_for(cfg.pretrained_model_name_or_path)
     if fam.objective != "ddpm": problems += ddpm_only_problems(cfg, fam.name)
-    problems += network_problems(cfg, fam)
+    problems += network_problems(cfg, fam) + grid_problems(cfg, fam)
     if cfg.cpu_offload_checkpointing and type(fam).swap_blocks is Family.swap_blocks:
         problems.append(f"--cpu_offload_checkpointing: {fam.name} has no transformer blocks whose checkpointed inputs lora_kit moves to "
                         "host memory (SD3 and FLUX.1 have); drop it")
@@ -45,6 +45,21 @@ def check_all(cfg: TrainConfig):
         except DatasetError as e: problems += e.problems
     if problems: raise ConfigError(problems)
     return data
+
+# %% ../../nbs/runtime/checks.ipynb #63a5b268
+def grid_problems(cfg: TrainConfig, fam) -> list[str]:
+    "Datasets whose image sides would not be multiples of `fam.pixel_multiple` (a fixed resolution, or bucket_reso_steps)."
+    try: specs = dataset_specs(cli_values(cfg), cfg.dataset_config, warn=lambda w: None)
+    except Exception: return []                   # load_datasets reports what is wrong with them
+    m, out = fam.pixel_multiple, []
+    need = f"{fam.title} needs image sides that are multiples of {m} pixels"
+    for s in specs:
+        if s.enable_bucket and s.bucket_reso_steps % m:
+            out.append(f"dataset {s.index}: bucket_reso_steps {s.bucket_reso_steps}: {need}; use {max(m, s.bucket_reso_steps // m * m)} or 64")
+        elif not s.enable_bucket and s.resolution and any(r % m for r in s.resolution):
+            near = "x".join(str(-(-r // m) * m) for r in s.resolution)     # rounded up
+            out.append(f"dataset {s.index}: resolution {'x'.join(map(str, s.resolution))}: {need}; use {near} (or --enable_bucket)")
+    return out
 
 # %% ../../nbs/runtime/checks.ipynb #8c2d765c
 def machine_problems(cfg: TrainConfig) -> list[str]:
