@@ -221,12 +221,13 @@ def prepare(self: LiveView, samples: SampleCallback|None = None, what: str = "pr
 
 @patch
 def on_phase(self: LiveView, state: TrainState|None, name: str, detail: str, count: tuple[int, int]|None = None):
-    "Show the phase `train` tells: before the run state exists as part of `preparing`; a new run's first phase resets the view."
+    "Show the phase `train` tells: until the steps start as part of `preparing` (`--sample_at_first` too); a new run's first phase resets the view."
     if not self.running and name == "checking": self.prepare(self.samples, self.preparing)
     text = detail[:-4] + "…" if detail.endswith(" ...") else detail
+    before = self._training is None
     if name == "training": self._training = text
     self._phase, self._phase_step = name, state.step if state is not None else 0
-    self.phase(f"{self.preparing}: {text}" if state is None else text)
+    self.phase(f"{self.preparing}: {text}" if before and name != "training" else text)
 
 @patch
 def on_train_start(self: LiveView, state: TrainState):
