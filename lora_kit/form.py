@@ -18,7 +18,8 @@ from .optim import OPTIMIZERS, SCHEDULERS
 
 # %% auto #0
 __all__ = ['GROUP_ORDER', 'DEPRECATED', 'FORM_EXCLUDED', 'SUGGESTIONS', 'BASICS', 'PRESET_KINDS', 'GPU_SIZES', 'FAMILY_PRESETS',
-           'option_widget', 'read_field', 'show_field', 'preset', 'ConfigForm', 'planned_memory']
+           'ADVANCED_TOPICS', 'option_widget', 'read_field', 'show_field', 'preset', 'advanced_topic', 'ConfigForm',
+           'planned_memory']
 
 # %% ../nbs/08a_form.ipynb #2bca6726
 GROUP_ORDER = ("basics", "model", "dataset", "network", "optimizer", "saving", "sampling", "logging", "advanced")
@@ -140,6 +141,43 @@ def preset(script: str, kind: str, gpu_gb: int) -> dict:
     return {n: (v.lower() == "true") if OPTIONS[n].kind == "bool" else convert(OPTIONS[n], v.split() if OPTIONS[n].kind == "list" else v)
             for n, v in raw.items()}
 
+# %% ../nbs/08a_form.ipynb #feb310b8
+ADVANCED_TOPICS = {
+    "captions": "caption_separator keep_tokens_separator secondary_separator enable_wildcard caption_prefix caption_suffix "
+                "caption_dropout_rate caption_dropout_every_n_epochs caption_tag_dropout_rate token_warmup_min token_warmup_step "
+                "weighted_captions max_token_length in_json",
+    "images and caches": "face_crop_aug_range resize_interpolation alpha_mask masked_loss debug_dataset vae_batch_size skip_cache_check "
+                         "cache_text_encoder_outputs cache_text_encoder_outputs_to_disk text_encoder_batch_size cache_info dataset_class",
+    "model files": "ae model_type base_weights base_weights_multiplier disable_mmap_load_safetensors controlnet_model_name_or_path",
+    "text encoders": "clip_skip t5xxl_max_token_length apply_lg_attn_mask apply_t5_attn_mask clip_l_dropout_rate clip_g_dropout_rate "
+                     "t5_dropout_rate pos_emb_random_crop_rate enable_scaled_pos_embed",
+    "noise and timesteps": "noise_offset noise_offset_random_strength multires_noise_iterations multires_noise_discount ip_noise_gamma "
+                           "ip_noise_gamma_random_strength adaptive_noise_scale zero_terminal_snr min_timestep max_timestep",
+    "flow matching (SD3, FLUX)": "timestep_sampling sigmoid_scale discrete_flow_shift training_shift model_prediction_type guidance_scale "
+                                 "weighting_scheme logit_mean logit_std mode_scale",
+    "loss": "loss_type huber_schedule huber_c huber_scale min_snr_gamma scale_v_pred_loss_like_noise_pred v_pred_like_loss "
+            "debiased_estimation_loss on_nan_loss",
+    "optimizer and schedule": "lr_scheduler_type lr_scheduler_args lr_decay_steps lr_scheduler_timescale lr_scheduler_min_lr_ratio "
+                              "scale_weight_norms fused_backward_pass",
+    "memory and speed": "sdpa xformers mem_eff_attn attention torch_compile dynamo_backend full_fp16 full_bf16 fp8_base fp8_base_unet "
+                        "highvram blocks_to_swap cpu_offload_checkpointing num_cpu_threads_per_process ddp_timeout",
+    "start, resume and save": "initial_step initial_epoch skip_until_initial_step save_n_epoch_ratio save_last_n_epochs_state "
+                              "save_last_n_steps_state save_state_on_train_end",
+    "validation": "validation_split validation_seed validate_every_n_steps validate_every_n_epochs max_validation_steps",
+    "logging": "console_log_file console_log_simple log_tracker_name log_tracker_config wandb_run_name wandb_api_key",
+    "metadata": "metadata_title metadata_author metadata_description metadata_license metadata_tags metadata_usage_hint "
+                "metadata_thumbnail metadata_merged_from metadata_trigger_phrase metadata_preprocessor metadata_is_negative_embedding",
+    "Hugging Face upload": "huggingface_repo_id huggingface_repo_type huggingface_path_in_repo huggingface_token "
+                           "huggingface_repo_visibility save_state_to_huggingface resume_from_huggingface async_upload",
+    "DeepSpeed": "deepspeed zero_stage offload_optimizer_device offload_optimizer_nvme_path offload_param_device offload_param_nvme_path "
+                 "zero3_init_flag zero3_save_16bit_model fp16_master_weights_and_gradients",
+}
+_TOPIC_OF = {n: t for t, names in ADVANCED_TOPICS.items() for n in names.split()}
+
+def advanced_topic(name: str) -> str:
+    "The section of the advanced tab option `name` goes in (`other`: no topic lists it)."
+    return _TOPIC_OF.get(name, "other")
+
 # %% ../nbs/08a_form.ipynb #bc898245
 class ConfigForm:
     "An ipywidgets form for a `TrainConfig`: a basics tab with presets, tabs by group, validation messages, TOML load/save, command line."
@@ -159,9 +197,14 @@ class ConfigForm:
         self.family_line, self.memory_line = W.HTML(), W.HTML()
         basics = W.VBox([W.HBox([self.preset_kind, self.preset_gpu, apply, plan]), self.family_line, self.memory_line]
                         + [self.rows[n] for n in BASICS if n in self.rows])
-        grid = lambda g: W.GridBox([self.rows[n] for n in self.fields if OPTIONS[n].group == g and n not in BASICS],
-                                   layout=W.Layout(grid_template_columns="repeat(auto-fill, 610px)"))
-        self.tabs = W.Tab(children=[basics] + [grid(g) for g in self.groups[1:]], titles=self.groups)
+        in_tab = lambda g: [n for n in self.fields if OPTIONS[n].group == g and n not in BASICS]
+        grid = lambda names: W.GridBox([self.rows[n] for n in names], layout=W.Layout(grid_template_columns="repeat(auto-fill, 610px)"))
+        topics = {}
+        for n in in_tab("advanced"): topics.setdefault(advanced_topic(n), []).append(n)
+        self.sections = {t: (topics[t], grid(topics[t])) for t in [*ADVANCED_TOPICS, "other"] if t in topics}   # the advanced tab's
+        self.advanced = W.Accordion()
+        self.tabs = W.Tab(children=[basics] + [self.advanced if g == "advanced" else grid(in_tab(g)) for g in self.groups[1:]],
+                          titles=self.groups)
         self.messages, self.command = W.HTML(), W.Textarea(layout=W.Layout(width="100%", height="90px", display="none"))
         self.toml_path = W.Text(placeholder="config.toml", description="TOML file", layout=W.Layout(width="360px"))
         buttons = [W.Button(description=d, tooltip=t) for d, t in [
@@ -214,9 +257,19 @@ def show_family(self: ConfigForm):
         o = OPTIONS[n]
         own = not o.scripts or fam.script in o.scripts or "lora_kit" in o.scripts or n in fam.extra_options
         row.layout.display = None if own else "none"
+    self.show_sections()
     hidden = sum(r.layout.display == "none" for r in self.rows.values())
     self.family_line.value = (f'<span style="color:#555">model family: <b>{html.escape(fam.title)}</b> '
                               f"(sd-scripts' {fam.script}.py; {hidden} options of other families hidden)</span>")
+
+@patch
+def show_sections(self: ConfigForm, flagged: set = frozenset()):
+    "The advanced tab's sections that show fields for this family, each titled with how many (and ⚠ for a topic in `flagged`)."
+    shown = {t: sum(self.rows[n].layout.display != "none" for n in names) for t, (names, _) in self.sections.items()}
+    keep = [t for t in self.sections if shown[t]]
+    children = [self.sections[t][1] for t in keep]
+    if list(self.advanced.children) != children: self.advanced.children = children
+    self.advanced.titles = [f"{t} ({shown[t]})" + (" ⚠" if t in flagged else "") for t in keep]
 
 # %% ../nbs/08a_form.ipynb #6f677dd4
 @patch
@@ -280,6 +333,7 @@ def refresh(self: ConfigForm):
     problems = self.problems()
     flagged = {"basics" if n in BASICS and n in self.fields else OPTIONS[n].group for p in problems for n in _flags(p)}
     self.tabs.titles = [g + (" ⚠" if g in flagged else "") for g in self.groups]
+    self.show_sections({advanced_topic(n) for p in problems for n in _flags(p) if OPTIONS[n].group == "advanced"})
     self.messages.value = _problem_html(problems)
 
 # %% ../nbs/08a_form.ipynb #677e7518

@@ -11,14 +11,13 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 import diffusers
 from diffusers.image_processor import VaeImageProcessor
 
 from .lora import atomic_path
 from .runtime.distributed import gather_objects, prompt_share
 from .runtime.placement import text_encoder_names
-from .train import Callback, TrainingStopped, TrainState
+from .train import Callback, TrainingStopped, TrainState, tell_phase
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SamplePrompt', 'parse_prompt_line', 'read_prompts', 'sample_scheduler', 'prompt_conditioning',
@@ -181,33 +180,32 @@ class SampleCallback(Callback):
         ts = gather_objects(acc, datetime.now().strftime("%Y%m%d%H%M%S"))[0]    # one time stamp for the point: the main process's
         procs = f" ({acc.num_processes} processes)" if acc.num_processes > 1 else ""
         line = lambda i: f"sampling prompt {i + 1}/{n} at step {state.step} → {folder}{procs}"
-        show = tqdm(total=n, desc=line(mine[0] if mine else 0), leave=False, bar_format="{desc} [{elapsed}]",
-                    disable=not (main and state.run and state.run.progress))
+        tell = lambda i, detail: tell_phase(state, "sampling", detail, (i, n)) if main else None   # the main process tells
+        tell(mine[0] if mine else 0, line(mine[0] if mine else 0))
         written, error, was = [], None, state.network.training
         try:                                       # no exception leaves before the processes meet below
             if mine:
                 state.network.eval()
                 with state.placement.also({"vae"} | (set() if self.conditioning is not None else text_encoder_names(comp))):
                     imgs = generate(comp, [self.prompts[i] for i in mine], cfg.sample_sampler, cfg.seed or 0, cfg.clip_skip, acc.autocast,
-                                    self.conditioning, on_prompt=lambda i: show.set_description_str(line(i)), numbers=mine)
+                                    self.conditioning, on_prompt=lambda i: tell(i, line(i)), numbers=mine)
                 for i, img in zip(mine, imgs):
                     path = folder/sample_filename(cfg.output_name, tag, i, ts, self.prompts[i].seed)
                     with atomic_path(path) as tmp: img.save(tmp, format="PNG")
                     written.append((i, path)); self.drawn.append((state.step, i))
         except Exception as e: error = f"{type(e).__name__}: {e}"
-        finally: state.network.train(was); show.close()
+        finally: state.network.train(was)
         parts = gather_objects(acc, (written, error))     # what every process wrote; all wait here for the slowest
         self.images += [(state.step, path) for _, path in sorted(w for ws, _ in parts for w in ws)]
         if errors := [(r, e) for r, (_, e) in enumerate(parts) if e]:
-            self.failed.append(state.step)
+            self.failed.append(state.step); tell(n, f"sampling at step {state.step} failed")
             if main:
                 for r, e in errors:
                     print(f"error: sampling at step {state.step} failed{f' in process {r}' if procs else ''} ({e}): no sample images for "
                           f"{'this point' if not procs else 'its prompts'}; training goes on and saves the LoRA as usual", file=sys.stderr)
             return
         self.seconds = time.time() - t0
-        if main and state.run and state.run.progress:
-            tqdm.write(f"sampled {n} prompt{'s' * (n > 1)} at step {state.step} in {self.seconds:.1f} s → {folder}", file=sys.stderr)
+        tell(n, f"sampled {n} prompt{'s' * (n > 1)} at step {state.step} in {self.seconds:.1f} s → {folder}")
         if main and state.run and state.run.bar is not None and hasattr(state.run.bar, "pause"): state.run.bar.pause(self.seconds)
 
     def seconds_to_come(self, state: TrainState) -> float:

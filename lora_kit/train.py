@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #ff5628eb
 from __future__ import annotations
-import errno, functools, math, random, time, uuid
+import errno, functools, math, os, random, sys, time, uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
+from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig, ignored_config_keys, option_notes
 from .data import debug_batches, load_datasets
@@ -38,13 +39,15 @@ from .runtime.validation import Validation
 
 # %% auto #0
 __all__ = ['train', 'batch_loss', 'batch_latents', 'batch_conditioning', 'TrainState', 'Run', 'Callback', 'TrainingStopped',
-           'LossLog', 'count_steps', 'initial_step', 'starting_point']
+           'LossLog', 'tell_phase', 'PhaseLines', 'count_steps', 'initial_step', 'starting_point']
 
 # %% ../nbs/06_train.ipynb #1dca0585
 def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
-          progress: bool = True) -> TrainState:   # False: no tqdm bar (e.g. a notebook view shows its own)
+          progress: bool = True) -> TrainState:   # False: no phase lines, no bars (e.g. a notebook view shows its own)
     "Train a LoRA as `cfg` says; returns the final state (its `saved` lists the files written). `--debug_dataset`: print the batches instead."
     setup_logging(cfg)
+    told = [LossLog(), *([PhaseLines()] if progress else []), *callbacks]     # the main process's callbacks
+    if os.environ.get("RANK", "0") == "0": _tell(told, None, "checking", "checking the options and the data ...")   # (no accelerator yet)
     datasets, summary, warnings = check_all(cfg)
     if cfg.debug_dataset:
         for line in [summary, *debug_batches(datasets, cfg.seed or 0)]: print(line)
@@ -61,9 +64,9 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
         run = None
         try:
             owned = comp is None       # loaded here: free to release models the caches replace
+            run = Run(datasets, val_datasets, summary, told if acc.is_main_process else [cb for cb in callbacks if cb.all_processes], signalled, owned, progress)
             if comp: comp.family = comp.family.with_options(cfg)
-            else: comp = in_turn(acc, lambda: _load(cfg, acc, progress))    # processes one after the other: bounded host memory
-            run = Run(datasets, val_datasets, summary, [LossLog(), *callbacks] if acc.is_main_process else [cb for cb in callbacks if cb.all_processes], signalled, owned, progress)
+            else: comp = in_turn(acc, lambda: _load(cfg, run))    # processes one after the other: bounded host memory
             state = _start(cfg, comp, acc, run)
             _loop(state)
             return _finish(state)
@@ -72,13 +75,12 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
             if run and run.offload: run.offload.remove(comp.denoiser)
             acc.end_training()
 
-def _load(cfg: TrainConfig, acc: Accelerator, progress: bool):
-    "`load_components`, with a line before (what, its size on disk) and after (parameters, time) when `progress` is on."
-    say = acc.print if progress else (lambda *a: None)
-    say(loading_line(cfg))
+def _load(cfg: TrainConfig, run: Run):
+    "`load_components` as the phase `loading`: told before (what, its size on disk) and after (parameters, time)."
+    _tell(run.callbacks, None, "loading", loading_line(cfg))
     t = time.time()
     comp = load_components(cfg)
-    say(loaded_line(comp, time.time() - t))
+    if run.callbacks: _tell(run.callbacks, None, "loading", loaded_line(comp, time.time() - t))
     return comp
 
 # %% ../nbs/06_train.ipynb #5221ed0a
@@ -200,6 +202,7 @@ def _save(state: TrainState, path: Path) -> Path:
     acc, metadata = state.accelerator, state.run.metadata()
     acc.wait_for_everyone()
     if acc.is_main_process:
+        _tell(state.run.callbacks, state, "saving", f"saving {path} ...")
         md = {**metadata, "ss_training_finished_at": str(time.time()), "ss_steps": str(state.step), "ss_epoch": str(state.epoch)}
         try:
             with state.averaged_weights(): save_lora(state.network.state_dict(), path, md, SAVE_DTYPES[state.cfg.save_precision])
@@ -212,22 +215,27 @@ def _save(state: TrainState, path: Path) -> Path:
         _emit(state, "on_save", path)
     return path
 
+def _save_state(state: TrainState, folder: Path) -> Path:
+    "`save_state` (the folder `--resume` continues from) as the phase `saving`."
+    _tell(state.run.callbacks, state, "saving", f"saving the state in {folder} ...")
+    return save_state(state, folder)
+
 def _save_point(state: TrainState, epoch: int|None = None, step: int|None = None):
     "Save the LoRA (and with `--save_state` the state) at an epoch or step save point; prune old ones."
     cfg = state.cfg
     _save(state, lora_filename(cfg, epoch, step))
-    if cfg.save_state: save_state(state, state_dirname(cfg, epoch, step))
+    if cfg.save_state: _save_state(state, state_dirname(cfg, epoch, step))
     if state.accelerator.is_main_process: prune_saves(cfg, epoch, step)
 
 def _save_stopped(state: TrainState) -> tuple[Path, Path|None]:
     "Save the LoRA (and with `--save_state` a resumable state) when training stops early; returns both paths (no state: None)."
-    folder = save_state(state, state_dirname(state.cfg, step=state.step)) if state.cfg.save_state else None
+    folder = _save_state(state, state_dirname(state.cfg, step=state.step)) if state.cfg.save_state else None
     return _save(state, lora_filename(state.cfg, step=state.step)), folder
 
 def _finish(state: TrainState) -> TrainState:
     "The last save (with `--save_state` or `--save_state_on_train_end` the state too), then `on_train_end`."
     cfg = state.cfg
-    if cfg.save_state or cfg.save_state_on_train_end: save_state(state, state_dirname(cfg))
+    if cfg.save_state or cfg.save_state_on_train_end: _save_state(state, state_dirname(cfg))
     _save(state, lora_filename(cfg))
     _emit(state, "on_train_end")
     return state
@@ -253,7 +261,8 @@ def _start(cfg: TrainConfig, comp, acc: Accelerator, run: Run) -> TrainState:
     run.validation = Validation(cfg, run.val_datasets, acc, comp.family.objective, batch_loss)
     placement = Placement(comp, acc.device, empty_cache=not cfg.highvram)
     keep = (lambda: models_used(run.callbacks)) if run.owned else (lambda: {"vae", "text_encoders"})   # never free a caller's models
-    freed = cache_outputs(cfg, comp, data, acc, placement, keep(), run.progress and acc.is_local_main_process)
+    counted = lambda what, i, n: _tell(run.callbacks, None, what, f"{what} {i}/{n}", (i, n))     # phases "caching latents", "caching text …"
+    freed = cache_outputs(cfg, comp, data, acc, placement, keep(), counted if run.callbacks else False)
     global_batches = sum(len(dl) for dl in run.loaders)
     steps, epochs = count_steps(global_batches, cfg)
     if cfg.save_n_epoch_ratio: cfg.save_every_n_epochs = math.floor(epochs / cfg.save_n_epoch_ratio) or 1
@@ -282,6 +291,7 @@ def _start(cfg: TrainConfig, comp, acc: Accelerator, run: Run) -> TrainState:
     _emit(state, "on_train_start")                      # (sampling encodes its prompts here, if the text encoders do not train)
     freed += release_cached_models(cfg, comp, keep())
     if freed: acc.print(f"freed the {' and '.join(freed)}: their outputs are cached")
+    _tell(run.callbacks, state, "training", f"training {steps} steps ({epochs} epoch{'s' * (epochs != 1)})" + (f" from step {state.step}" if state.step else ""))
     still_to_come = [functools.partial(cb.seconds_to_come, state) for cb in run.callbacks if hasattr(cb, "seconds_to_come")]   # sampling
     run.bar = StepBar(total=steps, initial=state.step, desc="steps", disable=not (run.progress and acc.is_local_main_process),
                       dynamic_ncols=True, still_to_come=still_to_come)
@@ -355,6 +365,7 @@ class Callback:
     uses_models = True   # which of the VAE and text encoders it runs: True (both), False, or a set of "vae"/"text_encoders"
                          # (what no callback runs, training frees once it is cached)
     all_processes = False   # with several processes: False, called in the main process only; True, in every process
+    def on_phase(self, state: TrainState|None, name: str, detail: str, count: tuple[int, int]|None = None): pass   # see "Phases"
     def on_train_start(self, state: TrainState): pass
     def on_step_end(self, state: TrainState): pass
     def on_epoch_end(self, state: TrainState): pass
@@ -379,12 +390,38 @@ def _emit(state: TrainState, event: str, *args):
             except (KeyboardInterrupt, TrainingStopped): raise
             except Exception as e: print(f"warning: {type(cb).__name__}.{event} failed ({type(e).__name__}: {e}); training continues")
 
+def _tell(callbacks: list, state: TrainState|None, name: str, detail: str, count: tuple[int, int]|None = None):
+    "Call `on_phase` on the callbacks that have it (before the run state exists too); a failing one is reported and training goes on."
+    for cb in callbacks:
+        if (on_phase := getattr(cb, "on_phase", None)) is None: continue
+        try: on_phase(state, name, detail, count)
+        except (KeyboardInterrupt, TrainingStopped): raise
+        except Exception as e: print(f"warning: {type(cb).__name__}.on_phase failed ({type(e).__name__}: {e}); training continues")
+
 # %% ../nbs/06_train.ipynb #8228549e
 class LossLog(Callback):
     "Write the loss history as CSV and a PNG plot into output_dir at each save and at the end."
     uses_models = False
     def on_save(self, state, path): write_loss_log(state)
     def on_train_end(self, state): write_loss_log(state)
+
+# %% ../nbs/06_train.ipynb #e8398217
+def tell_phase(state: TrainState, name: str, detail: str, count: tuple[int, int]|None = None):
+    "Tell the run's callbacks that phase `name` starts or moves on (see the table above); nothing for a state without a run."
+    if state.run is not None: _tell(state.run.callbacks, state, name, detail, count)
+
+class PhaseLines(Callback):
+    "The phases as the command line shows them: a line each on stdout; a counted one updated in place on stderr, its last `detail` kept."
+    uses_models = False
+    def __init__(self): self.bar, self.name = None, None
+    def on_phase(self, state, name, detail, count=None):
+        if self.bar is not None and (count is None or name != self.name or count[0] < self.bar.n): self._close()
+        if count is None: tqdm.write(detail); return
+        if self.bar is None:
+            self.name, self.bar = name, tqdm(total=count[1], desc=detail, bar_format="{desc} [{elapsed}<{remaining}]", leave=False, file=sys.stderr)
+        self.bar.update(count[0] - self.bar.n); self.bar.set_description_str(detail)
+        if count[0] >= count[1]: self._close(); tqdm.write(detail, file=sys.stderr)
+    def _close(self): self.bar.close(); self.bar = None
 
 # %% ../nbs/06_train.ipynb #293d94cd
 def count_steps(batches_per_epoch: int, cfg: TrainConfig, num_processes: int = 1) -> tuple[int, int]:

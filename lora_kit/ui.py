@@ -153,6 +153,7 @@ class LiveView(Callback):
         self.top = W.HBox([self.bar.container, self.stop_button])
         self.widget = W.VBox([self.top, self.status, self.stats, self.plot, self.gallery])
         self.state, self.stop_requested, self.running, self._drawn, self._shown = None, False, False, 0.0, 0
+        self.preparing, self._phase, self._training = "preparing the run", None, None
         self.draw([])
 
     def _repr_mimebundle_(self, **kw): return self.widget._repr_mimebundle_(**kw)
@@ -206,16 +207,27 @@ def _duration(seconds: float) -> str:
 
 # %% ../nbs/08_ui.ipynb #befd7535
 @patch
-def prepare(self: LiveView, samples: SampleCallback|None = None, what: str = "preparing: checking the data, loading the model, caching…"):
-    "Reset for a new run: a new progress bar, no history, no gallery, Stop enabled, the status `what`."
+def prepare(self: LiveView, samples: SampleCallback|None = None, what: str = "preparing the run"):
+    "Reset for a new run: a new progress bar, no history, no gallery, Stop enabled, the status `what…` (the phases before training follow it)."
     self.samples, self.state, self.stop_requested, self.running = samples, None, False, True
+    self.preparing, self._phase, self._training = what, None, None
     self._shown, self._per_step, self._t0 = 0, {}, time.monotonic()
     self.bar.close()
     self.bar = notebook_tqdm(total=1, desc="steps", display=False, bar_format=_BAR)
     self.top.children = (self.bar.container, self.stop_button)
     self.gallery.children, self.stats.value, self.stop_button.disabled = (), "", False
-    self.status.value = html.escape(what)
+    self.status.value = html.escape(what) + "…"
     self.draw([])
+
+@patch
+def on_phase(self: LiveView, state: TrainState|None, name: str, detail: str, count: tuple[int, int]|None = None):
+    "Show the phase `train` tells: until the steps start as part of `preparing` (`--sample_at_first` too); a new run's first phase resets the view."
+    if not self.running and name == "checking": self.prepare(self.samples, self.preparing)
+    text = detail[:-4] + "…" if detail.endswith(" ...") else detail
+    before = self._training is None
+    if name == "training": self._training = text
+    self._phase, self._phase_step = name, state.step if state is not None else 0
+    self.phase(f"{self.preparing}: {text}" if before and name != "training" else text)
 
 @patch
 def on_train_start(self: LiveView, state: TrainState):
@@ -223,12 +235,12 @@ def on_train_start(self: LiveView, state: TrainState):
     self.state, self._t0 = state, time.monotonic()
     state.stop = self.stop_requested
     self.bar.reset(total=state.max_steps)
-    self.phase(f"training {state.max_steps} steps ({state.num_epochs} epochs)")
     self.draw([]); self.show_samples()
 
 @patch
 def on_step_end(self: LiveView, state: TrainState):
     if self.stop_requested: state.stop = True
+    if self._phase == "sampling" and self._training and state.step > self._phase_step: self._phase = "training"; self.phase(self._training)
     self.bar.update(state.step - self.bar.n); self.bar.set_postfix(loss=f"{state.loss:.4f}", refresh=False)
     rate = state.step / max(time.monotonic() - self._t0, 1e-9)
     lr = ", ".join(f"{k.replace('lora_', '')} {v:.2e}" if len(state.lrs) > 1 else f"{v:.2e}" for k, v in state.lrs.items())
@@ -241,7 +253,8 @@ def on_step_end(self: LiveView, state: TrainState):
 def on_epoch_end(self: LiveView, state: TrainState): self.show_samples()
 
 @patch
-def on_save(self: LiveView, state: TrainState, path: Path): self.phase(f"saved {path} at step {state.step}; training goes on")
+def on_save(self: LiveView, state: TrainState, path: Path):
+    self.phase(f"saved {path} at step {state.step}" + "; training goes on" * (state.step < state.max_steps and not state.stop))
 
 @patch
 def on_train_end(self: LiveView, state: TrainState):
@@ -292,14 +305,6 @@ def next_run_dir(output_dir: Path) -> Path:
         try: (output_dir/f"run-{n:03d}").mkdir(); return output_dir/f"run-{n:03d}"
         except FileExistsError: continue
 
-class _Samples(SampleCallback):
-    "`SampleCallback` that tells the view when it samples."
-    def __init__(self, cfg: TrainConfig, view: LiveView): super().__init__(cfg); self.view = view
-    def sample(self, state: TrainState, tag: str):
-        if self.prompts: self.view.phase(f"sampling {len(self.prompts)} images at step {state.step}…")
-        super().sample(state, tag)
-        if self.prompts: self.view.phase(f"training: {state.max_steps} steps")
-
 class Trainer:
     "Form, dataset preview, live view and Train/Stop for training a LoRA in a notebook; each Train writes `output_dir/run-NNN`."
     def __init__(self, cfg: TrainConfig|None = None, show_unsupported: bool = False, script: str = "train_network", run_folders: bool = True):
@@ -339,8 +344,8 @@ def start(self: Trainer) -> threading.Thread:
     if self.run_folders:
         self.run_dir = next_run_dir(Path(cfg.output_dir or "output"))
         cfg = dataclasses.replace(cfg, output_dir=str(self.run_dir))
-    samples = _Samples(cfg, self.view)
-    self.view.prepare(samples, f"preparing the run in {cfg.output_dir}: checking the data, loading the model, caching…")
+    samples = SampleCallback(cfg)
+    self.view.prepare(samples, f"preparing the run in {cfg.output_dir}")
     self.state, self.error = None, None
     self.train_button.disabled = True
     self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._train, cfg, [samples, self.view]),

@@ -88,7 +88,8 @@ def cache_latents(ds: TrainDataset, encode: Callable[[torch.Tensor], torch.Tenso
     """Fill `ds`'s latent cache (memory, or npz files on disk); returns how many images were encoded. `skip_check`
     (`--skip_cache_check`) trusts any file that has the arrays, without checking it was made from this image and VAE.
     `part` (k, n): encode only every n-th image to do, from the k-th (one process's share; the processes then exchange).
-    `workers` DataLoader processes decode and shrink the images while the VAE encodes (`--max_data_loader_n_workers`)."""
+    `workers` DataLoader processes decode and shrink the images while the VAE encodes (`--max_data_loader_n_workers`).
+    `progress`: a tqdm bar, or instead a function told `(images done, images to do)` as they go."""
     from tqdm.auto import tqdm
     todo = {}
     for i, item in enumerate(ds.plan.images.items):
@@ -109,7 +110,9 @@ def cache_latents(ds: TrainDataset, encode: Callable[[torch.Tensor], torch.Tenso
     chunks = part_of([c for idx in by_bucket.values() for c in batched(idx, batch_size)], part)
     loader = torch.utils.data.DataLoader(_ChunkPixels(ds, chunks), batch_size=None, num_workers=min(workers, len(chunks)),
                                          pin_memory=torch.cuda.is_available(), generator=torch.Generator())   # leaves the global RNG alone
-    with tqdm(total=sum(map(len, chunks)), desc="caching latents", disable=not progress or not chunks) as bar:
+    total, tell = sum(map(len, chunks)), _counter(progress, bool(chunks))
+    done = 0; tell(done, total)
+    with tqdm(total=total, desc="caching latents", disable=not progress or callable(progress) or not chunks) as bar:
         for chunk, pixels in zip(chunks, loader):
             with seeded(chunk[0], "cuda" if torch.cuda.is_available() else None):      # the VAE samples its latents: the same for an image whichever process encodes it
                 lat = encode(pixels).float().cpu()
@@ -119,8 +122,12 @@ def cache_latents(ds: TrainDataset, encode: Callable[[torch.Tensor], torch.Tenso
                 fl = lat_f[j].clone() if flips[j] else None
                 if to_disk: save_cached_latents(todo[i][0], todo[i][1], lat[j], fl); ds.npz[i] = todo[i][0]
                 else: ds.latents[i] = (lat[j].clone(), fl)
-            bar.update(len(chunk))
-    return sum(map(len, chunks))
+            bar.update(len(chunk)); done += len(chunk); tell(done, total)
+    return total
+
+def _counter(progress, any_work: bool) -> Callable[[int, int], None]:
+    "The function a cache tells its count to: `progress` if it is one (and there is work), else one that does nothing."
+    return progress if callable(progress) and any_work else (lambda done, total: None)
 
 class _ChunkPixels(torch.utils.data.Dataset):
     "The pixels of each chunk of `ds`'s items, stacked (centred crop, not flipped), for a DataLoader's workers."
@@ -137,14 +144,17 @@ def text_cacheable(sub) -> bool:
 @torch.no_grad()
 def cache_text_encoder_outputs(ds: TrainDataset, encode: Callable[[list], dict], batch_size: int = 8, progress: bool = True,
                                part: tuple[int, int] = (0, 1)) -> int:
-    "Encode each distinct caption of `ds` once (`part` as in `cache_latents`); `encode(captions)` returns a dict of batch-first tensors."
+    "Encode each distinct caption of `ds` once (`part`, `progress` as in `cache_latents`); `encode(captions)` returns a dict of batch-first tensors."
     from tqdm.auto import tqdm
     captions = sorted({ds.cache_caption(i) for i in range(len(ds))})
     chunks = part_of(batched(captions, batch_size), part)
-    for chunk in tqdm(chunks, desc="caching text encoder outputs", disable=not progress):
+    total, tell = sum(map(len, chunks)), _counter(progress, bool(chunks))
+    done = 0; tell(done, total)
+    for chunk in tqdm(chunks, desc="caching text encoder outputs", disable=not progress or callable(progress)):
         cond = encode(chunk)
         for j, c in enumerate(chunk): ds.text_cond[c] = {n: v[j].detach().cpu() for n, v in cond.items()}
-    return sum(map(len, chunks))
+        done += len(chunk); tell(done, total)
+    return total
 
 # %% ../../nbs/runtime/caches.ipynb #d5e0d609
 def weights_fingerprint(modules: list, max_values: int = 4096) -> str:
@@ -180,7 +190,7 @@ def cache_text_encoder_outputs_to_disk(ds: TrainDataset, disk: TextDiskCache, ba
                                        progress: bool = True, part: tuple[int, int] = (0, 1)) -> int:
     """Fill `ds`'s text cache from valid files next to the images, encoding and writing the others; returns how many files
     were written. `skip_check` (`--skip_cache_check`) trusts any file that has the arrays, whatever caption or encoders made it.
-    `part` as in `cache_latents`."""
+    `part` and `progress` as in `cache_latents`."""
     from tqdm.auto import tqdm
     todo: dict = {}                      # caption -> files to write
     for i, item in enumerate(ds.plan.images.items):
@@ -189,10 +199,14 @@ def cache_text_encoder_outputs_to_disk(ds: TrainDataset, disk: TextDiskCache, ba
         if all(k in z for k in disk.keys) and (skip_check or z.get("lora_kit_key") == text_cache_key(cap, disk.te_id, disk.settings)):
             ds.text_cond.setdefault(cap, disk.to_cond(z))
         else: todo.setdefault(cap, []).append(path)
-    for chunk in tqdm(part_of(batched(sorted(todo), batch_size), part), desc="caching text encoder outputs to disk", disable=not progress):
+    chunks = part_of(batched(sorted(todo), batch_size), part)
+    total, tell = sum(map(len, chunks)), _counter(progress, bool(chunks))
+    done = 0; tell(done, total)
+    for chunk in tqdm(chunks, desc="caching text encoder outputs to disk", disable=not progress or callable(progress)):
         for cap, arrays in zip(chunk, disk.encode(chunk)):
             arrays = {**arrays, "lora_kit_key": np.array(text_cache_key(cap, disk.te_id, disk.settings))}
             for path in todo[cap]:
                 with atomic_path(path) as tmp, open(tmp, "wb") as f: np.savez(f, **arrays)
             ds.text_cond[cap] = disk.to_cond(arrays)
+        done += len(chunk); tell(done, total)
     return sum(len(v) for v in todo.values())

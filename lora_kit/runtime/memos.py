@@ -19,14 +19,16 @@ __all__ = ['MEMO_BYTES', 'cache_outputs', 'Memo', 'Memos', 'frozen_memos']
 
 # %% ../../nbs/runtime/memos.ipynb #5e6474e5
 def cache_outputs(cfg, comp, datasets, acc, placement: Placement, keep: set, progress: bool = True) -> list[str]:
-    "Fill the datasets' latent and text-encoder caches as the options ask, each model on the device only meanwhile; frees what `keep` allows."
+    """Fill the datasets' latent and text-encoder caches as the options ask, each model on the device only meanwhile; frees what `keep`
+    allows. `progress`: tqdm bars, or a function told `(what, done, to do)` as each cache fills ("caching latents", "caching text encoder outputs")."""
+    count = lambda what: (lambda done, total: progress(what, done, total)) if callable(progress) else progress
     fam, freed, part, shared = comp.family, [], (acc.process_index, acc.num_processes), acc.num_processes > 1
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         vae_id = vae_fingerprint(comp.vae)
         placement.only({"vae"})
         workers = min(cfg.max_data_loader_n_workers, os.cpu_count() or 1)     # decode and shrink while the VAE encodes
         cache = lambda d, part: cache_latents(d, lambda px: fam.encode_images(comp, px), vae_id, cfg.cache_latents_to_disk, cfg.vae_batch_size,
-                                              fam.latents_suffix, cfg.skip_cache_check, progress, part, workers)
+                                              fam.latents_suffix, cfg.skip_cache_check, count("caching latents"), part, workers)
         for d in datasets: cache(d, part)
         if shared:
             acc.wait_for_everyone()
@@ -37,10 +39,10 @@ def cache_outputs(cfg, comp, datasets, acc, placement: Placement, keep: set, pro
         batch = lambda d: cfg.text_encoder_batch_size or d.batch_size    # sd-scripts' default: the dataset's batch size
         encode = lambda caps: fam.encode_text(comp, caps, cfg.clip_skip, cfg.max_token_length)
         files = fam.text_disk_cache(comp) if cfg.cache_text_encoder_outputs_to_disk else None   # (fingerprints the encoders once)
-        disk = lambda d, part: cache_text_encoder_outputs_to_disk(d, files, batch(d), cfg.skip_cache_check, progress, part)
+        disk = lambda d, part: cache_text_encoder_outputs_to_disk(d, files, batch(d), cfg.skip_cache_check, count("caching text encoder outputs"), part)
         with acc.autocast():
             for d in datasets:    # --cache_text_encoder_outputs_to_disk implies --cache_text_encoder_outputs, as in sd-scripts
-                disk(d, part) if cfg.cache_text_encoder_outputs_to_disk else cache_text_encoder_outputs(d, encode, batch(d), progress, part)
+                disk(d, part) if cfg.cache_text_encoder_outputs_to_disk else cache_text_encoder_outputs(d, encode, batch(d), count("caching text encoder outputs"), part)
         if shared:
             acc.wait_for_everyone()
             for d in datasets: disk(d, (0, 1)) if cfg.cache_text_encoder_outputs_to_disk else gather_cache(acc, d.text_cond)
