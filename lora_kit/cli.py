@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_cli.ipynb #c596eb9f
 from __future__ import annotations
-import argparse, difflib, functools, importlib, importlib.util, os, shlex, shutil, sys, textwrap, time
+import argparse, functools, importlib, importlib.util, os, shlex, shutil, sys, textwrap, time
 from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read when torch loads: idle threads sleep instead of spinning (train.cpu_threads)
 

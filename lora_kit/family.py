@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib, functools, importlib, os, re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

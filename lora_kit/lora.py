@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_lora.ipynb #f6eacdf6
 from __future__ import annotations
-import difflib, functools, hashlib, io, json, math, os, re, tempfile
+import functools, hashlib, math, re
 from dataclasses import dataclass
 from pathlib import Path
 

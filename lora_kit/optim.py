@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_optim.ipynb #d0c9bcd2
 from __future__ import annotations
-import ast, contextlib, importlib, io, math, warnings
+import ast, contextlib, importlib, io, warnings
 
 import torch
 from diffusers.optimization import get_scheduler

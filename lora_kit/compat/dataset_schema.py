@@ -5,7 +5,7 @@
 # %% ../../nbs/compat/dataset_schema.ipynb #107e4849
 from __future__ import annotations
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ..config import closest
 

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-from safetensors.torch import save_file
 
 from ..family import Components
-from ..lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_bool, parse_network_args
+from ..lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_bool
 
 # %% auto #0
 __all__ = ['SD3_NETWORK_ARGS', 'TE_PREFIXES', 'SAI_PREFIXES', 'QK_NORMS', 'mmdit_layers', 'mmdit_lora_table', 'parse_emb_dims',

@@ -5,9 +5,8 @@
 # %% ../../nbs/families/sd.ipynb #ede1bf78
 from __future__ import annotations
 import functools, json, os, re, shutil, tempfile, warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ..captions import apply_token_weights, encode_chunked, get_input_ids, get_weighted_input_ids
 from ..checkpoint import PREFIXES, load_state_dict, read_shapes, save_checkpoint, take_weights, to_ldm_checkpoint
 from ..config import ASSETS, TrainConfig
-from ..family import HUB_ID, Components, Family, ModelNotFoundError, configure_unet, image_moments, resolve_hub_id
+from ..family import HUB_ID, Components, Family, ModelNotFoundError, configure_unet, resolve_hub_id
 from ..runtime.weights import MissingWeightsError, assign_weights, weight_dtype
 
 # %% auto #0

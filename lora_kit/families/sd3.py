@@ -4,7 +4,7 @@
 
 # %% ../../nbs/families/sd3.ipynb #c09c7a53
 from __future__ import annotations
-import contextlib, json, math, random, string, warnings
+import json, math, random, string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from ..config import ASSETS, TrainConfig, fp8_flag
 from ..lora import parse_network_args
 from ..loss import WEIGHTING_SCHEMES
 from ..checkpoint import cast_floating, load_state_dict, take_weights
-from ..family import Components, Family, seeded, image_moments
+from ..family import Components, Family, seeded
 from ..runtime.weights import FP8, assign_weights, fp8_weight_names, weight_dtype
 from ..runtime.caches import TextDiskCache, weights_fingerprint
 from ..compat.sd3_formats import SAI_PREFIXES, SD3_NETWORK_ARGS, TE_PREFIXES, mmdit_view, sd3_lora_targets

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/families/sdxl.ipynb #6155454e
 from __future__ import annotations
-import contextlib, math, warnings
+import math, warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 

@@ -5,8 +5,6 @@
 # %% ../../nbs/runtime/caches.ipynb #55a7ad66
 from __future__ import annotations
 import os
-import random
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
