@@ -71,6 +71,28 @@ def test_kohya_keys_and_metadata(trained):
     assert "modelspec.prediction_type" not in md and md["modelspec.resolution"] == "1024x1024"
 
 
+def test_diffusers_copy_loads_into_chroma_pipeline(trained):
+    "`lora-kit convert_flux_lora` on a Chroma LoRA: ChromaPipeline.load_lora_weights of the copy = the kohya LoRA merged."
+    import torch
+    from diffusers.utils import logging as dlogging
+    from lora_kit.lora import count_peft_layers, load_lora
+    from lora_kit.compat.flux_formats import apply_kohya_lora
+    from lora_kit.families.chroma import tiny_chroma_components
+    out = trained[0] / "out"
+    run_cli("convert_flux_lora", str(out / "my_chroma_lora.safetensors"), str(out / "peft.safetensors"), "--pretrained_model_name_or_path", "tiny-chroma")
+    state, _ = load_lora(out / "my_chroma_lora.safetensors")
+    gen = lambda p: p("a red sks", negative_prompt="blurry", guidance_scale=4.0, num_inference_steps=2, height=64, width=64, output_type="pt",
+                      max_sequence_length=32, generator=torch.Generator().manual_seed(0)).images
+    c = tiny_chroma_components(); pipe = c.family.pipeline(c)
+    before = gen(pipe)
+    dlogging.set_verbosity_error()
+    pipe.load_lora_weights(str(out / "peft.safetensors"))
+    m = tiny_chroma_components(); merged = m.family.pipeline(m)
+    assert count_peft_layers(pipe.transformer) == apply_kohya_lora(merged, state) == 2 * 12 + 2 * 5   # fused qkv (+ mlp) split
+    a, b = gen(pipe), gen(merged)
+    assert not torch.allclose(a, before) and torch.allclose(a, b, atol=1e-4)
+
+
 def test_builtin_trains_t5_as_lora_te3(tmp_path):
     "`tiny-chroma` with `train_t5xxl=True`: T5's LoRA is `lora_te3_` (sd-scripts' dummy CLIP-L has no Linear: no `lora_te1_`)."
     from lora_kit.lora import load_lora
