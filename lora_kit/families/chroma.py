@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from torch import nn
 from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
-from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 from transformers import T5EncoderModel, T5Tokenizer
 
@@ -28,11 +27,11 @@ from ..compat.flux_formats import approximator_depth, bfl_to_diffusers, flux_dep
 
 # %% auto #0
 __all__ = ['TINY_CHROMA_DIT', 'TINY_CHROMA', 'CHROMA_IMPLEMENTATION', 'CHROMA_FILES', 'CHROMA_FOLDERS', 'ChromaFamily',
-           'ChromaKeyMaskProcessor', 'ChromaGuidance', 'as_sd_scripts', 'checkpoint_with_mask', 'set_guidance',
-           'chroma_scheduler', 'tiny_chroma_components', 'tokenize_t5', 'encode_t5', 'chroma_text_mask',
-           'chroma_predict', 'chroma_text_disk_cache', 'is_chroma_folder', 'claims_chroma', 'chroma_dit_config',
-           'with_mod_proj', 'chroma_dit', 'load_chroma_file', 'load_chroma_folder', 'load_chroma', 'save_chroma_files',
-           'check_chroma', 'chroma_warnings']
+           'ChromaKeyMaskProcessor', 'ChromaGuidance', 'as_sd_scripts', 'set_guidance', 'chroma_scheduler',
+           'tiny_chroma_components', 'tokenize_t5', 'encode_t5', 'chroma_text_mask', 'chroma_predict',
+           'chroma_text_disk_cache', 'is_chroma_folder', 'claims_chroma', 'chroma_dit_config', 'with_mod_proj',
+           'chroma_dit', 'load_chroma_file', 'load_chroma_folder', 'load_chroma', 'save_chroma_files', 'check_chroma',
+           'chroma_warnings']
 
 # %% ../../nbs/families/chroma.ipynb #88813ba9
 TINY_CHROMA_DIT = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -84,9 +83,6 @@ class ChromaFamily(FluxFamily):
     def predict(self, comp: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict|None = None) -> torch.Tensor:
         return chroma_predict(comp.denoiser, noisy, timesteps, cond["t5_out"], cond["t5_mask"], self.guidance_scale)
 
-    def configure_denoiser(self, comp: Components, sdpa: bool, gradient_checkpointing: bool, train_text_encoder: bool, resolutions=()):
-        super().configure_denoiser(comp, sdpa, gradient_checkpointing, train_text_encoder, resolutions)
-        if gradient_checkpointing: checkpoint_with_mask(comp.denoiser)
 
     def pipeline(self, comp: Components) -> ChromaPipeline:
         return ChromaPipeline(transformer=comp.denoiser, scheduler=comp.scheduler, vae=comp.vae, text_encoder=comp.text_encoders[0],
@@ -133,24 +129,22 @@ class ChromaGuidance(nn.Module):
 
 def _keep_mask(model, args, kwargs): model._chroma_mask = kwargs.get("attention_mask")
 
+def _give_mask(dit):
+    "A single block's pre-hook: the call's mask when the caller left it out (diffusers' checkpointed single blocks)."
+    def hook(block, args, kwargs):
+        if len(args) < 4 and kwargs.get("attention_mask") is None: kwargs = {**kwargs, "attention_mask": dit._chroma_mask}
+        return args, kwargs
+    return hook
+
 def as_sd_scripts(dit: ChromaTransformer2DModel) -> ChromaTransformer2DModel:
-    "`dit` with the key mask, the guidance input and the mask kept for checkpointed blocks (idempotent)."
+    "`dit` with the key mask, the guidance input and the call's mask for single blocks called without it (idempotent)."
     if getattr(dit, "_chroma_mask_hook", None) is not None: return dit
     for m in dit.modules():
         if isinstance(m, FluxAttention): m.set_processor(ChromaKeyMaskProcessor())
     dit.time_text_embed.guidance_proj = ChromaGuidance(dit.time_text_embed.guidance_proj)
     dit._chroma_mask, dit._chroma_mask_hook = None, dit.register_forward_pre_hook(_keep_mask, with_kwargs=True)
+    for block in dit.single_transformer_blocks: block.register_forward_pre_hook(_give_mask(dit), with_kwargs=True)
     return dit
-
-def checkpoint_with_mask(dit: ChromaTransformer2DModel):
-    "After `enable_gradient_checkpointing`: checkpointed single blocks get the call's mask (diffusers leaves it out)."
-    ckpt = dit._gradient_checkpointing_func
-    if getattr(ckpt, "_with_mask", False) or ckpt is None: return
-    def with_mask(block, *args):
-        if isinstance(block, ChromaSingleTransformerBlock) and len(args) == 3: args = (*args, dit._chroma_mask)
-        return ckpt(block, *args)
-    with_mask._with_mask = True
-    dit._gradient_checkpointing_func = with_mask
 
 def set_guidance(dit: ChromaTransformer2DModel, value: float):
     dit.time_text_embed.guidance_proj.value = float(value)
@@ -305,8 +299,6 @@ def check_chroma(cfg: TrainConfig) -> list[str]:
         out.append(f"--model_type {cfg.model_type}: {name} is a Chroma model; add --model_type chroma (sd-scripts needs it too)")
     if not cfg.apply_t5_attn_mask:
         out.append("--apply_t5_attn_mask is required for Chroma (it was trained with T5's padding masked; sd-scripts asserts it too): add it")
-    if len(set(cfg.text_encoder_lr or [])) > 1:
-        out.append(f"--text_encoder_lr {' '.join(map(str, cfg.text_encoder_lr))}: Chroma has one text encoder (T5); give one value")
     return out + _file_problems(cfg, CHROMA_FILES, TINY_CHROMA, "Chroma", CHROMA_FOLDERS)
 
 def chroma_warnings(cfg: TrainConfig) -> list[str]:
