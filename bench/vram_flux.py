@@ -20,17 +20,22 @@ FLUX_MID = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
 FLUX_CHECK_RUNS = [("flux-mid", 256, []), ("flux-mid", 256, ["--gradient_checkpointing"])]
 
 
-def is_flux_shape(name: str) -> bool: return name in FLUX_SHAPES or name == "flux-mid"
+def is_flux_shape(name: str) -> bool: return name in FLUX_SHAPES or name in ("flux-mid", "chroma")
 
 
 def flux_shape_components(name: str, cfg=None, seed: int = 0):
     """Components of a FLUX shape on the current device: `flux1-dev`/`flux1-schnell` full size (FLUX's AE, CLIP-L, T5-XXL),
-    `flux-mid` (`FLUX_MID` with tiny-flux's AE, CLIP-L and T5, seeded)."""
+    `chroma` (Chroma's DiT, FLUX's AE, T5-XXL), `flux-mid` (`FLUX_MID` with tiny-flux's AE, CLIP-L and T5, seeded)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from lora_kit.family import Components
     from lora_kit.families.flux import (CLIP_L_TEXT, FLUX_AE, FluxFamily, clip_l_encoder, flux_scheduler,
                                         tiny_flux_components)
     from lora_kit.families.sd3 import T5XXL, clip_tokenizers, t5_encoder, tiny_t5_tokenizer
+    if name == "chroma":   # diffusers' ChromaTransformer2DModel defaults: lodestones' Chroma (sd-scripts' chroma_params), T5-XXL alone
+        from diffusers import ChromaTransformer2DModel
+        from lora_kit.families.chroma import ChromaFamily, as_sd_scripts, chroma_scheduler
+        return Components(ChromaFamily.from_config("chroma", cfg), as_sd_scripts(ChromaTransformer2DModel()), AutoencoderKL(**FLUX_AE),
+                          [t5_encoder(T5XXL)], [tiny_t5_tokenizer()], chroma_scheduler(), source=name)
     if name == "flux-mid":
         comp = tiny_flux_components("tiny-flux", seed, cfg)
         torch.manual_seed(seed)

@@ -9,7 +9,7 @@ peak device memory of each phase (loading, caching, training, sampling), for an 
     PYTHONPATH=. python bench/vram_plan.py --tiers flux  # sd-scripts' FLUX.1 VRAM tiers against lora_kit's plan
 
 `--pretrained_model_name_or_path` takes a model lora_kit loads (a diffusers folder, a single file, a built-in tiny model)
-or a shape name: sd15, sd21, sd3-medium, sd35-medium, sd35-large, sdxl, flux1-dev, flux1-schnell, mid (bench/common.py), sdxl-mid,
+or a shape name: sd15, sd21, sd3-medium, sd35-medium, sd35-large, sdxl, flux1-dev, flux1-schnell, chroma, mid (bench/common.py), sdxl-mid,
 flux-mid (bench/vram_flux.py). Nothing is loaded and nothing
 is allocated: the models are built from their configs on PyTorch's meta device, the LoRA is injected by lora_kit's own
 `build_network`, and lora_kit's own training step (`batch_loss` + backward), text and image encoders and denoiser run
@@ -79,8 +79,8 @@ class FusedAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention: return func(*args, **kwargs)
         q, k, v, mask, dropout_p, is_causal, scale = _sdpa_args(*args, **kwargs)
-        if mask is not None or q.device.type != "meta": return func(*args, **kwargs)     # a CPU fuses it already
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)[0]
+        if (mask is not None and mask.shape[-2] != 1) or q.device.type != "meta": return func(*args, **kwargs)  # a CPU fuses it already
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)[0]   # a key mask: no N×N either
 
 
 # autocast's op lists, for the ops these models call: matrix products and convolutions run in the low precision; CUDA runs

@@ -36,3 +36,16 @@ def test_flux1_dev_swap_split():
     dit = comp.denoiser
     assert swapped == [*dit.transformer_blocks[10:], *dit.single_transformer_blocks[20:]]
     with pytest.raises(SystemExit): vram_plan.swapped_blocks(comp, 36)      # 18 double: sd-scripts allows 17
+
+
+def test_chroma_shape_and_its_key_mask_fused():
+    "The `chroma` shape: Chroma's DiT (no modulation Linears) with T5 alone; its key-only text mask plans as a fused kernel (no N×N)."
+    from lora_kit.config import make_config
+    cfg = make_config(["--pretrained_model_name_or_path", "chroma", "--model_type", "chroma"], check=False)
+    with torch.device("meta"): comp = vram_flux.flux_shape_components("chroma", cfg)
+    assert type(comp.family).__name__ == "ChromaFamily" and len(comp.text_encoders) == 1
+    assert sum(p.numel() for p in comp.denoiser.parameters()) / 1e9 == pytest.approx(8.9, abs=0.05)     # FLUX.1's 11.9B less 3.3B modulation
+    q = torch.empty(1, 24, 4608, 128, device="meta")
+    with vram_plan.counting() as live:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(1, 1, 1, 4608, dtype=torch.bool, device="meta"))
+    assert live.peak < 4608 * 4608 * 24      # the N×N weights would be 4608² × 24 heads

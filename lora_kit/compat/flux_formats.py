@@ -15,10 +15,10 @@ from ..lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_b
 from .sd3_formats import block_selected, parse_blocks
 
 # %% auto #0
-__all__ = ['FLUX_TYPE_DIMS', 'FLUX_NETWORK_ARGS', 'IN_FILTERS', 'flux_layers', 'kohya_name', 'flux_lora_table', 'parse_in_dims',
-           'parse_train_blocks', 'parse_reg_dims', 'lora_flux_dim', 'te_linears', 'flux_lora_targets', 'kohya_pieces',
-           'kohya_to_diffusers', 'apply_kohya_lora', 'save_diffusers_lora', 'convert_lora_command', 'flux_depths',
-           'bfl_to_diffusers', 'diffusers_to_bfl']
+__all__ = ['FLUX_TYPE_DIMS', 'FLUX_NETWORK_ARGS', 'IN_FILTERS', 'flux_layers', 'dit_layers', 'kohya_name', 'flux_lora_table',
+           'dit_lora_table', 'parse_in_dims', 'parse_train_blocks', 'parse_reg_dims', 'lora_flux_dim', 'te_linears',
+           'flux_lora_targets', 'kohya_pieces', 'kohya_to_diffusers', 'apply_kohya_lora', 'save_diffusers_lora',
+           'convert_lora_command', 'flux_depths', 'approximator_depth', 'bfl_to_diffusers', 'diffusers_to_bfl']
 
 # %% ../../nbs/compat/flux_formats.ipynb #1ac9e558
 def _split(kind: str, layers: list) -> list:
@@ -32,42 +32,59 @@ def _split(kind: str, layers: list) -> list:
     return [None]
 
 # %% ../../nbs/compat/flux_formats.ipynb #212e1942
-def flux_layers(num_double: int, num_single: int, guidance: bool = True) -> list[tuple[str, list[str], str]]:
-    "(BFL module path, diffusers paths, kind) of every FLUX Linear, in sd-scripts' order; kind: linear, fused or swap."
-    out = []
-    tte = "time_text_embed"
-    out += [("img_in", ["x_embedder"], "linear"),
-            ("time_in.in_layer", [f"{tte}.timestep_embedder.linear_1"], "linear"), ("time_in.out_layer", [f"{tte}.timestep_embedder.linear_2"], "linear"),
-            ("vector_in.in_layer", [f"{tte}.text_embedder.linear_1"], "linear"), ("vector_in.out_layer", [f"{tte}.text_embedder.linear_2"], "linear")]
-    if guidance:
+def flux_layers(num_double: int, num_single: int, guidance: bool = True, approximator: int|None = None) -> list[tuple[str, list[str], str]]:
+    """(BFL module path, diffusers paths, kind) of every FLUX Linear, in sd-scripts' order; kind: linear, fused or swap.
+    `approximator` (its layer count) makes it Chroma's: no time/vector/guidance inputs and no modulation Linears, which
+    Chroma's `distilled_guidance_layer` replaces."""
+    chroma, dgl, tte = approximator is not None, "distilled_guidance_layer", "time_text_embed"
+    out = [("img_in", ["x_embedder"], "linear")]
+    if chroma:
+        out.append((f"{dgl}.in_proj", [f"{dgl}.in_proj"], "linear"))
+        for i in range(approximator):
+            out += [(f"{dgl}.layers.{i}.in_layer", [f"{dgl}.layers.{i}.linear_1"], "linear"),
+                    (f"{dgl}.layers.{i}.out_layer", [f"{dgl}.layers.{i}.linear_2"], "linear")]
+        out.append((f"{dgl}.out_proj", [f"{dgl}.out_proj"], "linear"))
+    else:
+        out += [("time_in.in_layer", [f"{tte}.timestep_embedder.linear_1"], "linear"), ("time_in.out_layer", [f"{tte}.timestep_embedder.linear_2"], "linear"),
+                ("vector_in.in_layer", [f"{tte}.text_embedder.linear_1"], "linear"), ("vector_in.out_layer", [f"{tte}.text_embedder.linear_2"], "linear")]
+    if guidance and not chroma:
         out += [("guidance_in.in_layer", [f"{tte}.guidance_embedder.linear_1"], "linear"),
                 ("guidance_in.out_layer", [f"{tte}.guidance_embedder.linear_2"], "linear")]
     out.append(("txt_in", ["context_embedder"], "linear"))
     for i in range(num_double):
         d, b = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        out += [(f"{d}.img_mod.lin", [f"{b}.norm1.linear"], "linear"),
-                (f"{d}.img_attn.qkv", [f"{b}.attn.to_{c}" for c in "qkv"], "fused"),
-                (f"{d}.img_attn.proj", [f"{b}.attn.to_out.0"], "linear"),
-                (f"{d}.img_mlp.0", [f"{b}.ff.net.0.proj"], "linear"), (f"{d}.img_mlp.2", [f"{b}.ff.net.2"], "linear"),
-                (f"{d}.txt_mod.lin", [f"{b}.norm1_context.linear"], "linear"),
-                (f"{d}.txt_attn.qkv", [f"{b}.attn.add_{c}_proj" for c in "qkv"], "fused"),
-                (f"{d}.txt_attn.proj", [f"{b}.attn.to_add_out"], "linear"),
-                (f"{d}.txt_mlp.0", [f"{b}.ff_context.net.0.proj"], "linear"), (f"{d}.txt_mlp.2", [f"{b}.ff_context.net.2"], "linear")]
+        for s, mod, qkv, proj, ff in (("img", "norm1", "to_{}", "to_out.0", "ff"), ("txt", "norm1_context", "add_{}_proj", "to_add_out", "ff_context")):
+            if not chroma: out.append((f"{d}.{s}_mod.lin", [f"{b}.{mod}.linear"], "linear"))
+            out += [(f"{d}.{s}_attn.qkv", [f"{b}.attn.{qkv.format(c)}" for c in "qkv"], "fused"),
+                    (f"{d}.{s}_attn.proj", [f"{b}.attn.{proj}"], "linear"),
+                    (f"{d}.{s}_mlp.0", [f"{b}.{ff}.net.0.proj"], "linear"), (f"{d}.{s}_mlp.2", [f"{b}.{ff}.net.2"], "linear")]
     for i in range(num_single):
         s, b = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        out += [(f"{s}.linear1", [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v", f"{b}.proj_mlp"], "fused"),
-                (f"{s}.linear2", [f"{b}.proj_out"], "linear"), (f"{s}.modulation.lin", [f"{b}.norm.linear"], "linear")]
-    out += [("final_layer.linear", ["proj_out"], "linear"), ("final_layer.adaLN_modulation.1", ["norm_out.linear"], "swap")]
+        out += [(f"{s}.linear1", [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v", f"{b}.proj_mlp"], "fused"), (f"{s}.linear2", [f"{b}.proj_out"], "linear")]
+        if not chroma: out.append((f"{s}.modulation.lin", [f"{b}.norm.linear"], "linear"))
+    out.append(("final_layer.linear", ["proj_out"], "linear"))
+    if not chroma: out.append(("final_layer.adaLN_modulation.1", ["norm_out.linear"], "swap"))
     return out
+
+def dit_layers(tr) -> list[tuple[str, list[str], str]]:
+    "`flux_layers` of a diffusers FLUX.1 (`FluxTransformer2DModel`) or Chroma (`ChromaTransformer2DModel`) DiT, from its config."
+    c = tr.config
+    if c.get("approximator_layers") is not None: return flux_layers(c.num_layers, c.num_single_layers, approximator=c.approximator_layers)
+    return flux_layers(c.num_layers, c.num_single_layers, c.guidance_embeds)
+
 
 # %% ../../nbs/compat/flux_formats.ipynb #9f33d7a8
 def kohya_name(path: str, prefix: str = "lora_unet") -> str:
     "sd-scripts' LoRA name of the module at `path`: `prefix.path` with dots as underscores."
     return f"{prefix}.{path}".replace(".", "_")
 
-def flux_lora_table(num_double: int, num_single: int, guidance: bool = True) -> list[tuple[str, list[str], str]]:
-    "(kohya name, diffusers paths, kind) of every FLUX Linear: `flux_layers` under sd-scripts' names."
-    return [(kohya_name(p), d, k) for p, d, k in flux_layers(num_double, num_single, guidance)]
+def flux_lora_table(num_double: int, num_single: int, guidance: bool = True, approximator: int|None = None) -> list[tuple[str, list[str], str]]:
+    "(kohya name, diffusers paths, kind) of every FLUX (or Chroma, with `approximator`) Linear: `flux_layers` under sd-scripts' names."
+    return [(kohya_name(p), d, k) for p, d, k in flux_layers(num_double, num_single, guidance, approximator)]
+
+def dit_lora_table(tr) -> list[tuple[str, list[str], str]]:
+    "`flux_lora_table` of a diffusers FLUX.1 or Chroma DiT."
+    return [(kohya_name(p), d, k) for p, d, k in dit_layers(tr)]
 
 # %% ../../nbs/compat/flux_formats.ipynb #97bfabdf
 def parse_in_dims(s: str) -> list[int]:
@@ -127,6 +144,13 @@ def lora_flux_dim(name: str, args: dict) -> int|None:
     return dim
 
 # %% ../../nbs/compat/flux_formats.ipynb #28342f11
+def _flux_text_encoders(comp_or_pipe) -> list:
+    "(kohya prefix, pipeline component, model) of the text encoders: FLUX's CLIP-L and T5, or Chroma's T5 alone."
+    if hasattr(comp_or_pipe, "text_encoders"): tes = comp_or_pipe.text_encoders
+    else: tes = [comp_or_pipe.text_encoder, *([comp_or_pipe.text_encoder_2] if hasattr(comp_or_pipe, "text_encoder_2") else [])]
+    if len(tes) == 1: return [("lora_te3", "text_encoder", tes[0])]
+    return [("lora_te1", "text_encoder", tes[0]), ("lora_te3", "text_encoder_2", tes[1])]
+
 _TE_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP", "T5Attention", "T5DenseGatedActDense")
 
 def te_linears(te: nn.Module, prefix: str) -> dict:
@@ -140,15 +164,17 @@ def _reg_dim(name: str, args: dict) -> int|None:
     return next((d for reg, d in (args.get("network_reg_dims") or {}).items() if re.search(reg, name)), None)
 
 def flux_lora_targets(comp: Components, train_unet: bool = True, train_text_encoder: bool = True, args: dict|None = None) -> list[MappedTargets]:
-    "The `MappedTargets` of CLIP-L (`lora_te1`), T5-XXL (`lora_te3`) and the DiT, with sd-scripts' default ranks for this `args`."
+    """The `MappedTargets` of CLIP-L (`lora_te1`), T5-XXL (`lora_te3`) and the DiT, with sd-scripts' default ranks for this `args`.
+    Chroma has T5 alone (sd-scripts' stand-in CLIP-L has no Linear, so no `lora_te1`) and no modulation Linears."""
     args, out = args or {}, []
-    for prefix, te, on in (("lora_te1", comp.text_encoders[0], True), ("lora_te3", comp.text_encoders[1], args.get("train_t5xxl", False))):
+    for prefix, _, te in _flux_text_encoders(comp):
+        on = prefix == "lora_te1" or args.get("train_t5xxl", False)
         parts = {n: [(te.get_submodule(p), None)] for n, p in te_linears(te, prefix).items()}
         dims = {n: (_reg_dim(n, args), None) for n in parts} if train_text_encoder and on else {}
         out.append(MappedTargets(prefix, parts, {n: d for n, d in dims.items() if d[0] != 0}))
-    tr, cfg = comp.denoiser, comp.denoiser.config
+    tr = comp.denoiser
     parts, dims, split = {}, {}, set()
-    for name, paths, kind in flux_lora_table(cfg.num_layers, cfg.num_single_layers, cfg.guidance_embeds):
+    for name, paths, kind in dit_lora_table(tr):
         layers = [tr.get_submodule(p) for p in paths]
         parts[name] = list(zip(layers, _split(kind, layers)))
         d = lora_flux_dim(name, args)
@@ -161,16 +187,11 @@ def flux_lora_targets(comp: Components, train_unet: bool = True, train_text_enco
     return out
 
 # %% ../../nbs/compat/flux_formats.ipynb #13980902
-def _flux_text_encoders(comp_or_pipe) -> list:
-    if hasattr(comp_or_pipe, "text_encoders"): return comp_or_pipe.text_encoders
-    return [comp_or_pipe.text_encoder, comp_or_pipe.text_encoder_2]
-
 def kohya_pieces(state: dict, comp_or_pipe) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
     "(component, diffusers module path, A, B·alpha/rank) per diffusers layer of a kohya FLUX LoRA; unknown names raise."
     tr = getattr(comp_or_pipe, "denoiser", None) or comp_or_pipe.transformer
-    c = tr.config
-    table = {n: (paths, kind) for n, paths, kind in flux_lora_table(c.num_layers, c.num_single_layers, c.guidance_embeds)}
-    te_paths = {n: (comp_name, p) for prefix, comp_name, te in zip(("lora_te1", "lora_te3"), ("text_encoder", "text_encoder_2"), _flux_text_encoders(comp_or_pipe))
+    table = {n: (paths, kind) for n, paths, kind in dit_lora_table(tr)}
+    te_paths = {n: (comp_name, p) for prefix, comp_name, te in _flux_text_encoders(comp_or_pipe)
                 if te is not None for n, p in te_linears(te, prefix).items()}
     out = []
     for name in sorted({k.split(".")[0] for k in state}):
@@ -243,11 +264,21 @@ def flux_depths(sd: dict) -> tuple[int, int, bool]:
     count = lambda p: 1 + max((int(k.split(".")[1]) for k in sd if k.startswith(p)), default=-1)
     return count("double_blocks."), count("single_blocks."), "guidance_in.in_layer.weight" in sd
 
+def approximator_depth(sd: dict) -> int|None:
+    "The layer count of Chroma's `distilled_guidance_layer` in a BFL DiT state dict; None if it is not Chroma."
+    if "distilled_guidance_layer.in_proj.weight" not in sd: return None
+    return 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("distilled_guidance_layer.layers.")), default=-1)
+
+def _approximator_norms(n: int|None) -> list[tuple[str, str]]:
+    return [(f"distilled_guidance_layer.norms.{i}.scale", f"distilled_guidance_layer.norms.{i}.weight") for i in range(n or 0)]
+
 def bfl_to_diffusers(sd: dict) -> dict:
-    "A BFL FLUX DiT state dict (without prefix) in diffusers' `FluxTransformer2DModel` names; tensors are taken out of `sd`."
+    """A BFL FLUX (or Chroma) DiT state dict (without prefix) in diffusers' `FluxTransformer2DModel` (`ChromaTransformer2DModel`)
+    names; tensors are taken out of `sd`."""
     nd, ns, guidance = flux_depths(sd)
+    approx = approximator_depth(sd)
     out = {}
-    for bfl, paths, kind in flux_layers(nd, ns, guidance):
+    for bfl, paths, kind in flux_layers(nd, ns, guidance, approx):
         if kind == "fused":     # q, k, v of the block's width (its in-width), then the single blocks' mlp part
             h, n = sd[f"{bfl}.weight"].shape[1], sd[f"{bfl}.weight"].shape[0]
             sizes = [h] * 3 + ([n - 3 * h] if len(paths) == 4 else [])
@@ -256,17 +287,17 @@ def bfl_to_diffusers(sd: dict) -> dict:
             if kind == "swap": t = torch.cat(t.chunk(2)[::-1])
             if kind == "fused": out.update({f"{p}.{attr}": part for p, part in zip(paths, t.split(sizes))})
             else: out[f"{paths[0]}.{attr}"] = t
-    for bfl, d in _norm_names(nd, ns): out[d] = sd.pop(bfl)
+    for bfl, d in _norm_names(nd, ns) + _approximator_norms(approx): out[d] = sd.pop(bfl)
     if sd: raise ValueError(f"unexpected FLUX DiT tensors: {', '.join(sorted(sd)[:5])}{' …' if len(sd) > 5 else ''}")
     return out
 
 def diffusers_to_bfl(tr) -> dict:
-    "A diffusers `FluxTransformer2DModel`'s weights under BFL's names (without `model.diffusion_model.`)."
+    "A diffusers `FluxTransformer2DModel`'s (or `ChromaTransformer2DModel`'s) weights under BFL's names (without `model.diffusion_model.`)."
     c, own = tr.config, tr.state_dict()
     out = {}
-    for bfl, paths, kind in flux_layers(c.num_layers, c.num_single_layers, c.guidance_embeds):
+    for bfl, paths, kind in dit_layers(tr):
         for attr in ("weight", "bias"):
             t = torch.cat([own[f"{p}.{attr}"] for p in paths])
             out[f"{bfl}.{attr}"] = torch.cat(t.chunk(2)[::-1]) if kind == "swap" else t
-    for bfl, d in _norm_names(c.num_layers, c.num_single_layers): out[bfl] = own[d]
+    for bfl, d in _norm_names(c.num_layers, c.num_single_layers) + _approximator_norms(c.get("approximator_layers")): out[bfl] = own[d]
     return out

@@ -33,7 +33,7 @@ __all__ = ['AE_SCALE_FACTOR', 'AE_SHIFT_FACTOR', 'TINY_FLUX_DIT', 'TINY_AE', 'FL
            'tiny_flux_components', 'tokenize_flux', 'encode_flux', 'pack_latents', 'unpack_latents', 'image_ids',
            'flux_predict', 'FluxFamily', 'flux_text_disk_cache', 'flux_file_kind', 'is_flux_folder', 'claims_flux',
            'flux_dit_config', 'flux_dit', 'clip_l_from', 't5_from', 'flux_ae', 'load_flux_file', 'load_flux_folder',
-           'load_flux', 'save_flux_files', 'check_flux']
+           'load_flux', 'save_flux_files', 'common_problems', 'check_flux']
 
 # %% ../../nbs/families/flux.ipynb #fcd37c4d
 AE_SCALE_FACTOR, AE_SHIFT_FACTOR = 0.3611, 0.1159     # sd-scripts library/flux_models.py AutoEncoder
@@ -277,11 +277,11 @@ def is_flux_folder(path: Path) -> bool:
     return cfg.is_file() and '"FluxTransformer2DModel"' in cfg.read_text()
 
 def claims_flux(name: str) -> bool:
-    "Is `--pretrained_model_name_or_path` a FLUX model (built-in name, diffusers FLUX folder or FLUX single file)?"
+    "Is `--pretrained_model_name_or_path` a FLUX.1 model (built-in name, diffusers FLUX folder or FLUX single file; not Chroma)?"
     p = Path(name)
     if name in TINY_FLUX: return True
     if p.is_dir(): return is_flux_folder(p)
-    return p.suffix == ".safetensors" and p.is_file() and flux_file_kind(p) is not None
+    return p.suffix == ".safetensors" and p.is_file() and flux_file_kind(p) not in (None, "chroma")
 
 # %% ../../nbs/families/flux.ipynb #04973858
 def _strip(sd: dict, prefix: str) -> dict:
@@ -395,34 +395,34 @@ def _trains_t5(cfg: TrainConfig) -> bool:
     try: return parse_network_args(cfg.network_args, FLUX_NETWORK_ARGS).get("train_t5xxl", False)
     except ValueError: return False     # reported by the network-args check
 
-def _file_problems(cfg: TrainConfig) -> list[str]:
+def _file_problems(cfg: TrainConfig, files: dict = FLUX_FILES, builtin=TINY_FLUX, what: str = "FLUX",
+                   folders: tuple = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")) -> list[str]:
+    "Problems with the model files of `cfg`: an incomplete diffusers folder, a DiT-only file without the `files` flags, a flag that names no file."
     name, out = cfg.pretrained_model_name_or_path, []
     p = Path(name)
     if p.is_dir():
-        missing = [s for s in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler") if not (p/s).is_dir()]
-        if missing: out.append(f"--pretrained_model_name_or_path: {name} is not a complete diffusers FLUX folder (missing {', '.join(missing)}/)")
-    elif name not in TINY_FLUX and p.is_file():
+        missing = [s for s in folders if not (p/s).is_dir()]
+        if missing: out.append(f"--pretrained_model_name_or_path: {name} is not a complete diffusers {what} folder (missing {', '.join(missing)}/)")
+    elif name not in builtin and p.is_file():
         kind = flux_file_kind(p)
-        if kind == "chroma": out.append(f"--pretrained_model_name_or_path: {name} is a Chroma model; lora_kit does not train Chroma yet (use sd-scripts with --model_type chroma)")
-        elif kind and kind.startswith("diffusers"): out.append(f"--pretrained_model_name_or_path: {name} is a diffusers-layout FLUX DiT file; pass its diffusers folder or BFL's flux1-*.safetensors")
-        out += [f"--{f}: {name} is a DiT-only FLUX file; pass {what} with --{f} <file>" for f, what in FLUX_FILES.items() if not getattr(cfg, f)]
-    for f in FLUX_FILES:
+        if kind and kind.startswith("diffusers"): out.append(f"--pretrained_model_name_or_path: {name} is a diffusers-layout FLUX DiT file; pass its diffusers folder or BFL's flux1-*.safetensors")
+        out += [f"--{f}: {name} is a DiT-only {what} file; pass {w} with --{f} <file>" for f, w in files.items() if not getattr(cfg, f)]
+    for f in files:
         v = getattr(cfg, f)
         if v and not (Path(v).is_file() and v.endswith(".safetensors")): out.append(f"--{f}: {v} is not a .safetensors file")
     return out
 
-def check_flux(cfg: TrainConfig) -> list[str]:
-    "Problems with a FLUX.1 configuration, before anything is loaded."
-    out = [f"--{n} is for SD 1.x/2.x models; FLUX.1 has {why}: remove it" for n, why in
+def common_problems(cfg: TrainConfig, title: str = "FLUX.1") -> list[str]:
+    "Problems with the options every flux_train_network model shares (FLUX.1 and Chroma): what sd-scripts ignores or refuses."
+    out = [f"--{n} is for SD 1.x/2.x models; {title} has {why}: remove it" for n, why in
            (("v2", "no v2 variant"), ("v_parameterization", "a rectified-flow objective"), ("clip_skip", "fixed text-encoder layers"),
             ("weighted_captions", "no caption weights in sd-scripts"), ("vae", "an AE given with --ae"))
            if getattr(cfg, n)]
-    out += [f"--{n}: sd-scripts ignores it for FLUX.1 (plain Gaussian noise, no DDPM schedule or SNR weights); remove it"
+    out += [f"--{n}: sd-scripts ignores it for {title} (plain Gaussian noise, no DDPM schedule or SNR weights); remove it"
             for n in _IGNORED if getattr(cfg, n) not in (None, False, 0.3)]
-    out += [f"--{n}: sd-scripts ignores it for FLUX.1 (it only writes it to modelspec.timestep_range); remove it"
+    out += [f"--{n}: sd-scripts ignores it for {title} (it only writes it to modelspec.timestep_range); remove it"
             for n in ("min_timestep", "max_timestep") if getattr(cfg, n) is not None]
-    if cfg.loss_type != "l2": out.append(f"--loss_type {cfg.loss_type}: lora_kit trains FLUX.1 with l2 only; remove it")
-    if cfg.model_type != "flux": out.append(f"--model_type {cfg.model_type}: lora_kit does not train Chroma yet; use --model_type flux")
+    if cfg.loss_type != "l2": out.append(f"--loss_type {cfg.loss_type}: lora_kit trains {title} with l2 only; remove it")
     if cfg.split_mode: out.append("--split_mode is deprecated in sd-scripts (it means --blocks_to_swap 18); use --blocks_to_swap 18")
     if cfg.timestep_sampling not in TIMESTEP_SAMPLINGS: out.append(f"--timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}")
     if cfg.model_prediction_type not in MODEL_PREDICTION_TYPES: out.append(f"--model_prediction_type must be one of {', '.join(MODEL_PREDICTION_TYPES)}")
@@ -432,4 +432,15 @@ def check_flux(cfg: TrainConfig) -> list[str]:
     if caching and not cfg.network_train_unet_only and _trains_t5(cfg):
         out.append("--network_args train_t5xxl=True with --cache_text_encoder_outputs: a trained T5 cannot be cached (sd-scripts "
                    "refuses it too); remove one of them")
+    return out
+
+def check_flux(cfg: TrainConfig) -> list[str]:
+    "Problems with a FLUX.1 configuration, before anything is loaded."
+    out = common_problems(cfg)
+    name = cfg.pretrained_model_name_or_path
+    if cfg.model_type != "flux" and claims_flux(name):
+        out.append(f"--model_type {cfg.model_type}: {name} is a FLUX.1 model, not Chroma; use --model_type flux (the default) or a Chroma model")
+    elif cfg.model_type != "flux":
+        out.append(f"--model_type {cfg.model_type}: {name} is not a Chroma model lora_kit can read (a Chroma .safetensors file with "
+                   "distilled_guidance_layer.* weights, a diffusers Chroma folder or tiny-chroma)")
     return out + _file_problems(cfg)

@@ -25,8 +25,9 @@ __all__ = ['REGISTRY', 'Entry']
 
 # %% ../../nbs/families/registry.ipynb #c66907c4
 REGISTRY = [
-    Entry("lora_kit.families.flux", "FluxFamily", "flux_train_network", "train a LoRA for FLUX.1 with sd-scripts' flux_train_network.py flags",
+    Entry("lora_kit.families.flux", "FluxFamily", "flux_train_network", "train a LoRA for FLUX.1 or Chroma with sd-scripts' flux_train_network.py flags",
           commands=(("convert_flux_lora", "lora_kit.compat.flux_formats:convert_lora_command", "write the diffusers/PEFT copy of a kohya FLUX LoRA"),)),
+    Entry("lora_kit.families.chroma", "ChromaFamily", "flux_train_network", "train a LoRA for FLUX.1 or Chroma with sd-scripts' flux_train_network.py flags"),
     Entry("lora_kit.families.sd3", "SD3Family", "sd3_train_network", "train a LoRA for SD3/SD3.5 with sd-scripts' sd3_train_network.py flags",
           commands=(("convert_sd3_lora", "lora_kit.compat.sd3_formats:convert_lora_command", "write the diffusers/PEFT copy of a kohya SD3 LoRA"),)),
     Entry("lora_kit.families.sdxl", "SDXLFamily", "sdxl_train_network", "train a LoRA for SDXL with sd-scripts' sdxl_train_network.py flags"),
