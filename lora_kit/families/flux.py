@@ -136,6 +136,7 @@ class FluxFamily(Family):
     only_own_networks = True
     sample_sampler = False                     # FLUX samples with its flow-matching Euler scheduler
     default_resolution = 1024
+    pixel_multiple = 16                        # latents packed in 2×2 patches
     cache_only_encoders = (1,)                 # T5-XXL: with a partial cache (CLIP-L trained) its outputs come from the cache
     fp8_text_encoders = (1,)                   # `--fp8_base`: T5-XXL in float8, CLIP-L in the weight dtype (as sd-scripts)
     latents_suffix = "_flux"                   # latent cache files `<stem>_WxH_flux.npz`, as sd-scripts names them
