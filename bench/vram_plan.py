@@ -77,6 +77,8 @@ class FusedAttention(TorchFunctionMode):
     N×N weights), as on a GPU (flash / memory-efficient) and a CPU; on meta tensors PyTorch would take the math path."""
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in (torch.Tensor.all, torch.all) and len(args) == 1 and not kwargs and args[0].device.type == "meta":
+            return torch.tensor(False)   # "is this padding mask all ones?" (transformers' T5 masks): no, so the masked path is planned
         if func is not F.scaled_dot_product_attention: return func(*args, **kwargs)
         q, k, v, mask, dropout_p, is_causal, scale = _sdpa_args(*args, **kwargs)
         if (mask is not None and mask.shape[-2] != 1) or q.device.type != "meta": return func(*args, **kwargs)  # a CPU fuses it already
