@@ -88,9 +88,11 @@ def worker_result(result: dict):
 
 
 def run_worker(script: Path, args: list[str], threads: int, code: Path = REPO) -> dict:
-    "Run `script --worker …` in a fresh interpreter, importing lora_kit from `code`, and return the dict it printed with `worker_result`."
-    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    """Run `script --worker …` in a fresh interpreter, importing lora_kit from `code`, and return the dict it printed with
+    `worker_result`; `threads` 0: no OMP/MKL thread count is set (each tool's default)."""
+    env = {**os.environ, "PYTHONPATH": str(code), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    if threads: env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    else: env = {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}   # each tool's default
     r = subprocess.run([sys.executable, str(script), "--worker", *args], env=env, capture_output=True, text=True)
     lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
     if r.returncode or not lines:

@@ -1,7 +1,8 @@
 """lora_kit's training step against a minimal hand-written diffusers + peft LoRA loop on the same model and data.
 
     python bench/overhead.py --model tiny mid --rounds 2
-    python bench/overhead.py --model sdxl-mid --rounds 2 --sdpa     # SDXL: sdxl_train_network against diffusers + peft
+    python bench/overhead.py --model sdxl-mid --rounds 2            # SDXL: sdxl_train_network against diffusers + peft
+    python bench/overhead.py --model tiny --rounds 4 --threads 0 --memos   # as each is run: defaults, lora_kit's memos
 
 Both train a rank-8 LoRA on the UNet's attention blocks and the text encoder's attention/MLP layers (the layers
 sd-scripts' `networks.lora` targets), AdamW, batch 2, max_grad_norm 1.0, fp32, on the same seeded random model and
@@ -30,7 +31,7 @@ TE_LORA_RE = r".*\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
 def lora_kit_worker(a) -> dict:
     "Train with `lora_kit.train.train` on the benchmark model; time each optimizer step from a callback."
     import torch
-    torch.set_num_threads(a.threads)
+    if a.threads: torch.set_num_threads(a.threads)      # else lora_kit's own thread policy (train's cpu_threads)
     from lora_kit.config import make_config
     from lora_kit.train import Callback, train
 
@@ -51,7 +52,7 @@ def lora_kit_worker(a) -> dict:
             "--resolution", str(RESOLUTION[a.model]), "--train_batch_size", str(BATCH), "--network_module", "networks.lora",
             "--network_dim", str(RANK), "--network_alpha", str(ALPHA), "--optimizer_type", "AdamW", "--learning_rate", str(LR),
             "--max_train_steps", str(a.warmup + a.steps), "--seed", "0", "--max_data_loader_n_workers", "0",
-            "--mixed_precision", "no", "--output_dir", out, "--output_name", "bench"] + (["--sdpa"] if a.sdpa else [])
+            "--mixed_precision", "no", "--output_dir", out, "--output_name", "bench"] + (["--attention", "vanilla"] if a.vanilla else [])
     timer = Timer()
     state = train(make_config(argv), callbacks=[timer], comp=comp)
     return {"step_times": _deltas(timer.times)[a.warmup:], "cpu_times": _deltas(timer.cpu)[a.warmup:], "peak_rss": timer.peak,
@@ -69,13 +70,13 @@ def bare_worker(a) -> dict:
     from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor
     from peft import LoraConfig, inject_adapter_in_model
-    torch.set_num_threads(a.threads)
+    if a.threads: torch.set_num_threads(a.threads)      # else torch's default: one per core
     torch.manual_seed(0)
 
     comp = bench_components(a.model)
     unet, vae, tes, toks = comp.denoiser, comp.vae, comp.text_encoders, comp.tokenizers
     for m in (unet, vae, *tes): m.requires_grad_(False).eval()
-    if not a.sdpa: unet.set_attn_processor(AttnProcessor())     # lora_kit's default attention (no --sdpa)
+    if a.vanilla: unet.set_attn_processor(AttnProcessor())     # sd-scripts' default attention (lora_kit --attention vanilla)
     inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=UNET_LORA_RE), unet)
     for te in tes: inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TE_LORA_RE), te)
     params = [p for m in (unet, *tes) for p in m.parameters() if p.requires_grad]
@@ -143,7 +144,7 @@ def compare(a, model: str, data: Path) -> None:
         for name in order:
             before = load_now()
             out = run_worker(Path(__file__), [name, "--model", model, "--data", str(data), "--steps", str(steps),
-                                              "--warmup", str(warmup), "--threads", str(a.threads)] + (["--sdpa"] if a.sdpa else [])
+                                              "--warmup", str(warmup), "--threads", str(a.threads)] + (["--vanilla"] if a.vanilla else [])
                              + (["--memos"] if a.memos else []), a.threads)
             out["load"] = f"{before} -> {load_now()}"
             res[name].append(out)
@@ -169,8 +170,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=4, help="pairs of runs: A B, then B A, …")
     p.add_argument("--steps", type=int, default=0, help="timed steps per run (default 30 tiny, 8 mid)")
     p.add_argument("--warmup", type=int, default=0, help="untimed first steps (default 5 tiny, 2 mid)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads in each run")
-    p.add_argument("--sdpa", action="store_true", help="scaled-dot-product attention in both (lora_kit --sdpa)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each run (0: each side's default: lora_kit's "
+                   "free-core policy, torch's one thread per core)")
+    p.add_argument("--vanilla", action="store_true", help="sd-scripts' vanilla attention in both (default: sdpa, both sides' default)")
     p.add_argument("--memos", action="store_true", help="let lora_kit keep the frozen VAE's outputs per image (its default; "
                    "off here so that both sides do the same work)")
     p.add_argument("--workdir", default=None, help="where the toy dataset is written (default: a temp dir)")
@@ -181,7 +183,7 @@ def main(argv=None):
         a.model = a.model[0]
         return worker_result(WORKERS[a.worker](a))
     root = Path(a.workdir or tempfile.mkdtemp(prefix="lk_bench_"))
-    print(f"load before: {load_now()}; threads per run: {a.threads}; attention: {'sdpa' if a.sdpa else 'vanilla'}")
+    print(f"load before: {load_now()}; threads per run: {a.threads}; attention: {'vanilla' if a.vanilla else 'sdpa'}")
     for model in a.model:
         compare(a, model, write_dataset(root/f"data_{model}", n=8, res=RESOLUTION[model]))
     print(f"load after: {load_now()}")
