@@ -19,8 +19,8 @@ from .config import closest
 __all__ = ['NUM_BLOCKS', 'LR_WEIGHT_PRESETS', 'SD_BLOCKS', 'BLOCK_ARGS', 'LORAPLUS_ARGS', 'NETWORK_ARGS', 'SAVE_DTYPES',
            'PEFT_PREFIXES', 'LoRAModule', 'MappedLoRAModule', 'SplitLoRAModule', 'MappedTargets', 'BlockLayout',
            'block_index', 'block_args', 'block_lr_weight', 'block_dims', 'parse_bool', 'parse_network_args',
-           'lora_name', 'LoRANetwork', 'model_hashes', 'save_lora', 'load_lora', 'dims_from_state', 'load_into',
-           'count_peft_layers', 'peft_paths', 'to_peft', 'from_peft', 'merge_lora']
+           'lora_name', 'LoRANetwork', 'model_hashes', 'save_lora', 'load_lora', 'diffusers_copy_command',
+           'dims_from_state', 'load_into', 'count_peft_layers', 'peft_paths', 'to_peft', 'from_peft', 'merge_lora']
 
 # %% ../nbs/03_lora.ipynb #a5e2f16d
 class LoRAModule(nn.Module):
@@ -440,6 +440,29 @@ def load_lora(path: str|Path) -> tuple[dict, dict]:
     try: return torch.load(path, map_location="cpu", weights_only=True), {}
     except Exception as e: raise ValueError(f"{path} cannot be read safely as weights only ({type(e).__name__}: {e}); "
                                             "convert it to .safetensors with a trusted tool") from None
+
+# %% ../nbs/03_lora.ipynb #c8151809
+def diffusers_copy_command(argv: list[str], command: str, title: str, script: str, to_diffusers, model_flags: tuple = ()) -> int:
+    """`lora-kit <command> kohya.safetensors out.safetensors --pretrained_model_name_or_path M [--<model_flags> …]`: write the
+    diffusers/PEFT copy (`to_diffusers(state, comp)`) of a kohya LoRA trained on a `script` model, atomically."""
+    import argparse
+    from safetensors.torch import save_file
+    from lora_kit import __version__
+    from lora_kit.config import make_config
+    from lora_kit.family import load_components
+    p = argparse.ArgumentParser(prog=f"lora-kit {command}", description=f"kohya {title} LoRA -> diffusers/PEFT LoRA")
+    p.add_argument("--version", action="version", version=f"lora-kit {__version__}")
+    p.add_argument("kohya_lora", help=f"the kohya {title} LoRA (.safetensors)")
+    p.add_argument("output", help="the diffusers/PEFT LoRA to write")
+    p.add_argument("--pretrained_model_name_or_path", required=True, help=f"the {title} model the LoRA was trained on")
+    for f in model_flags: p.add_argument(f"--{f}", help=f"as {script}.py's flag")
+    a = p.parse_args(argv)
+    flags = [x for f in ("pretrained_model_name_or_path", *model_flags) if getattr(a, f) for x in (f"--{f}", getattr(a, f))]
+    comp = load_components(make_config(flags, check=False), script)
+    state, _ = load_lora(a.kohya_lora)
+    with atomic_path(a.output) as tmp: save_file(to_diffusers(state, comp), tmp, {"format": "pt"})
+    print(f"wrote {a.output}")
+    return 0
 
 # %% ../nbs/03_lora.ipynb #5524716a
 def dims_from_state(state: dict) -> tuple[dict, dict]:

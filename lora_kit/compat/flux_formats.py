@@ -5,20 +5,19 @@
 # %% ../../nbs/compat/flux_formats.ipynb #caf84ca6
 from __future__ import annotations
 import itertools, re, warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..family import Components
-from ..lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_bool
+from ..lora import LORAPLUS_ARGS, MappedTargets, diffusers_copy_command, parse_bool
 from .sd3_formats import block_selected, parse_blocks
 
 # %% auto #0
 __all__ = ['FLUX_TYPE_DIMS', 'FLUX_NETWORK_ARGS', 'IN_FILTERS', 'flux_layers', 'dit_layers', 'kohya_name', 'flux_lora_table',
            'dit_lora_table', 'parse_in_dims', 'parse_train_blocks', 'parse_reg_dims', 'lora_flux_dim', 'te_linears',
-           'flux_lora_targets', 'kohya_pieces', 'kohya_to_diffusers', 'apply_kohya_lora', 'save_diffusers_lora',
-           'convert_lora_command', 'flux_depths', 'approximator_depth', 'bfl_to_diffusers', 'diffusers_to_bfl']
+           'flux_lora_targets', 'kohya_pieces', 'kohya_to_diffusers', 'apply_kohya_lora', 'convert_lora_command',
+           'flux_depths', 'approximator_depth', 'bfl_to_diffusers', 'diffusers_to_bfl']
 
 # %% ../../nbs/compat/flux_formats.ipynb #1ac9e558
 def _split(kind: str, layers: list) -> list:
@@ -223,30 +222,10 @@ def apply_kohya_lora(pipe, state: dict, multiplier: float = 1.0) -> int:
         w += (multiplier * (B @ A)).to(w.dtype)
     return len(pieces)
 
-def save_diffusers_lora(kohya_path: str|Path, out_path: str|Path, comp: Components) -> Path:
-    "Write the diffusers/PEFT copy of a kohya FLUX LoRA file (safetensors, atomically)."
-    from safetensors.torch import save_file
-    state, _ = load_lora(kohya_path)
-    with atomic_path(out_path) as tmp: save_file(kohya_to_diffusers(state, comp), tmp, {"format": "pt"})
-    return Path(out_path)
-
 # %% ../../nbs/compat/flux_formats.ipynb #f43183cc
 def convert_lora_command(argv: list[str]) -> int:
-    "`lora-kit convert_flux_lora kohya.safetensors out.safetensors --pretrained_model_name_or_path M`."
-    import argparse
-    from lora_kit import __version__
-    from lora_kit.config import make_config
-    from lora_kit.family import load_components
-    p = argparse.ArgumentParser(prog="lora-kit convert_flux_lora", description="kohya FLUX LoRA -> diffusers/PEFT LoRA")
-    p.add_argument("--version", action="version", version=f"lora-kit {__version__}")
-    p.add_argument("kohya_lora", help="the kohya FLUX LoRA (.safetensors)"); p.add_argument("output", help="the diffusers/PEFT LoRA to write")
-    p.add_argument("--pretrained_model_name_or_path", required=True, help="the FLUX model the LoRA was trained on")
-    for f in ("ae", "clip_l", "t5xxl"): p.add_argument(f"--{f}", help="as flux_train_network.py's flag")
-    a = p.parse_args(argv)
-    flags = [x for f in ("pretrained_model_name_or_path", "ae", "clip_l", "t5xxl") if getattr(a, f) for x in (f"--{f}", getattr(a, f))]
-    comp = load_components(make_config(flags, check=False), "flux_train_network")
-    print(f"wrote {save_diffusers_lora(a.kohya_lora, a.output, comp)}")
-    return 0
+    "`lora-kit convert_flux_lora kohya.safetensors out.safetensors --pretrained_model_name_or_path M [--ae --clip_l --t5xxl]`."
+    return diffusers_copy_command(argv, "convert_flux_lora", "FLUX", "flux_train_network", kohya_to_diffusers, ("ae", "clip_l", "t5xxl"))
 
 # %% ../../nbs/compat/flux_formats.ipynb #a13d8baa
 def _norm_names(num_double: int, num_single: int) -> list[tuple[str, str]]:

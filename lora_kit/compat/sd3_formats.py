@@ -13,13 +13,13 @@ from torch import nn
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from ..family import Components
-from ..lora import LORAPLUS_ARGS, MappedTargets, atomic_path, load_lora, parse_bool
+from ..lora import LORAPLUS_ARGS, MappedTargets, atomic_path, diffusers_copy_command, parse_bool
 
 # %% auto #0
 __all__ = ['SD3_NETWORK_ARGS', 'TE_PREFIXES', 'SAI_PREFIXES', 'QK_NORMS', 'mmdit_layers', 'mmdit_lora_table', 'parse_emb_dims',
            'parse_blocks', 'parse_verbose', 'block_selected', 'lora_sd3_dims', 'sd3_lora_targets', 'kohya_pieces',
-           'kohya_to_diffusers', 'apply_kohya_lora', 'save_diffusers_lora', 'convert_lora_command', 'mmdit_to_sai',
-           'sd3_single_file_state', 'save_sd3_single_file', 'FusedLinear', 'mmdit_view']
+           'kohya_to_diffusers', 'apply_kohya_lora', 'convert_lora_command', 'mmdit_to_sai', 'sd3_single_file_state',
+           'save_sd3_single_file', 'FusedLinear', 'mmdit_view']
 
 # %% ../../nbs/compat/sd3_formats.ipynb #0ea45f40
 def _kohya(path: str, prefix: str = "lora_unet") -> str: return f"{prefix}.{path}".replace(".", "_")
@@ -185,29 +185,10 @@ def apply_kohya_lora(pipe: StableDiffusion3Pipeline, state: dict, multiplier: fl
         w += (multiplier * delta).to(w.dtype)
     return len(pieces)
 
-# %% ../../nbs/compat/sd3_formats.ipynb #a97aadec
-def save_diffusers_lora(kohya_path: str|Path, out_path: str|Path, comp: Components) -> Path:
-    "Write the diffusers/PEFT copy of a kohya SD3 LoRA file (safetensors, atomically)."
-    from safetensors.torch import save_file
-    state, _ = load_lora(kohya_path)
-    with atomic_path(out_path) as tmp: save_file(kohya_to_diffusers(state, comp), tmp, {"format": "pt"})
-    return Path(out_path)
-
 # %% ../../nbs/compat/sd3_formats.ipynb #e342f830
 def convert_lora_command(argv: list[str]) -> int:
     "`lora-kit convert_sd3_lora kohya.safetensors out.safetensors --pretrained_model_name_or_path M`."
-    import argparse
-    from lora_kit import __version__
-    from lora_kit.config import make_config
-    from lora_kit.family import load_components
-    p = argparse.ArgumentParser(prog="lora-kit convert_sd3_lora", description="kohya SD3 LoRA -> diffusers/PEFT LoRA")
-    p.add_argument("--version", action="version", version=f"lora-kit {__version__}")
-    p.add_argument("kohya_lora", help="the kohya SD3 LoRA (.safetensors)"); p.add_argument("output", help="the diffusers/PEFT LoRA to write")
-    p.add_argument("--pretrained_model_name_or_path", required=True, help="the SD3 model the LoRA was trained on")
-    a = p.parse_args(argv)
-    comp = load_components(make_config(["--pretrained_model_name_or_path", a.pretrained_model_name_or_path], check=False), "sd3_train_network")
-    print(f"wrote {save_diffusers_lora(a.kohya_lora, a.output, comp)}")
-    return 0
+    return diffusers_copy_command(argv, "convert_sd3_lora", "SD3", "sd3_train_network", kohya_to_diffusers)
 
 # %% ../../nbs/compat/sd3_formats.ipynb #4608d9f8
 TE_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
