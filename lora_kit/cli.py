@@ -71,9 +71,6 @@ def train_script(script: str, argv: list[str]) -> int:
                            f"train it with lora-kit {model.script}"])
     if cfg.network_module == "networks.lora" and fam.network_modules: argv = [*argv, "--network_module", fam.network_modules[0]]
     cfg = make_config(argv, script=script)
-    from lora_kit.runtime.outputs import previous_run_notes
-    if os.environ.get("RANK", "0") == "0":
-        for line in previous_run_notes(cfg): print(line)
     from lora_kit.sample import SampleCallback
     from lora_kit.train import train
     state = train(cfg, [SampleCallback(cfg)])

@@ -31,7 +31,7 @@ from .runtime.distributed import make_accelerator, rows_loss, stop_signals
 from .runtime.logs import StepBar, init_trackers, learning_rates, loaded_line, loading_line, log_to_trackers, setup_logging
 from .runtime.logs import write_loss_log
 from .runtime.memos import Memos, cache_outputs, frozen_memos
-from .runtime.outputs import load_state, lora_filename, output_lock, prune_saves, save_state, state_dirname
+from .runtime.outputs import load_state, lora_filename, output_lock, previous_run_notes, prune_saves, save_state, state_dirname
 from .runtime.placement import BlockSwap, OffloadingCheckpoint, Placement, block_swap, checkpoint_offload, compile_models
 from .runtime.placement import cpu_threads, models_used
 from .runtime.placement import eval_mode, prepare_models, release_cached_models, train_modes, training_models
@@ -56,6 +56,8 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = (), comp=None,
     acc = make_accelerator(cfg)
     for w in ignored_config_keys(cfg.config_file) + model_warnings(cfg) + warnings: acc.print("warning:", w)
     for n in option_notes(cfg): acc.print("note:", n)
+    if progress:                                   # (a notebook's Train writes a run folder of its own)
+        for line in previous_run_notes(cfg): acc.print(line)     # what this run will replace, once the checks passed
     acc.print(summary)
     if cfg.seed is None: cfg.seed = broadcast_object_list([random.randint(0, 2**32 - 1)])[0]   # one seed for all processes
     set_seed(cfg.seed)
