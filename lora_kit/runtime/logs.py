@@ -70,10 +70,12 @@ def init_trackers(acc: Accelerator, cfg: TrainConfig):
     acc.init_trackers(cfg.log_tracker_name or "network_train", config=config, init_kwargs=tracker_init_kwargs(cfg))
 
 # %% ../../nbs/runtime/logs.ipynb #1d2bfe61
-_LR_NAMES = {"lora_te": "textencoder", "lora_unet": "unet", "oft_unet": "unet"}
+_LR_NAMES = {"lora_te": "textencoder", "lora_unet": "unet", "oft_unet": "unet",
+             **{f"lora_te{k}": f"textencoder {k}" for k in (1, 2, 3)}}   # one group per text encoder (SD3, FLUX.1 `--text_encoder_lr`)
 
 def _lr_name(group: dict, i: int) -> str:
-    "sd-scripts' log name of group `i`'s lr: textencoder / unet / unet_block{n} (else group{i}), ' plus' for a LoRA+ group."
+    """sd-scripts' log name of group `i`'s lr: textencoder / textencoder {k} (its LoRA prefix `lora_te{k}`; sd-scripts calls
+    FLUX.1's T5 group "textencoder 2") / unet / unet_block{n} (else group{i}), ' plus' for a LoRA+ group."""
     prefix, _, plus = (group.get("name") or "").partition(" ")
     prefix, block, n = prefix.partition("_block")
     return _LR_NAMES.get(prefix, f"group{i}") + block + n + (f" {plus}" if plus else "")
