@@ -13,7 +13,7 @@ from torch import nn
 from safetensors.torch import load_file, save, save_file
 
 from .checkpoint import atomic_path
-from .config import closest
+from .config import ConfigError, closest
 
 # %% auto #0
 __all__ = ['NUM_BLOCKS', 'LR_WEIGHT_PRESETS', 'SD_BLOCKS', 'BLOCK_ARGS', 'LORAPLUS_ARGS', 'NETWORK_ARGS', 'SAVE_DTYPES',
@@ -478,8 +478,9 @@ def load_into(network: LoRANetwork, state: dict, source: str = "LoRA file"):
     extra, missing = sorted(set(state) - set(own)), sorted(set(own) - set(state))
     bad = [k for k in set(state) & set(own) if state[k].shape != own[k].shape]
     if extra or missing or bad:
-        raise ValueError(f"{source} does not match this model's LoRA: {len(extra)} unknown keys (e.g. {extra[:2]}), "
-                         f"{len(missing)} missing (e.g. {missing[:2]}), {len(bad)} with other shapes (e.g. {bad[:2]})")
+        raise ConfigError([f"{source} does not match this model's LoRA: {len(extra)} unknown keys (e.g. {extra[:2]}), "
+                           f"{len(missing)} missing (e.g. {missing[:2]}), {len(bad)} with other shapes (e.g. {bad[:2]}): "
+                           "a LoRA of another model, or of other network_args"])
     network.load_state_dict(state)
 
 # %% ../nbs/03_lora.ipynb #ef594184

@@ -23,10 +23,20 @@ __all__ = ['lora_file_problems', 'check_all', 'grid_problems', 'machine_problems
            'fp16_optimizer_problems', 'resume_problems']
 
 # %% ../../nbs/runtime/checks.ipynb #95681ebd
+def _peft_layout(path: Path) -> bool:
+    "Whether a `.safetensors` LoRA holds diffusers/PEFT keys (`lora_A`/`lora_B`) and no kohya ones (`lora_down`/`lora_up`)."
+    if path.suffix != ".safetensors": return False
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f: keys = list(f.keys())
+    return any(".lora_A." in k for k in keys) and not any(".lora_down." in k for k in keys)
+
 def lora_file_problems(cfg: TrainConfig) -> list[str]:
-    "Missing `--network_weights` / `--base_weights` files, reported before anything loads."
+    "Missing `--network_weights` / `--base_weights` files, or files in diffusers/PEFT layout, reported before anything loads."
     files = [("--network_weights", cfg.network_weights)] * bool(cfg.network_weights) + [("--base_weights", p) for p in cfg.base_weights or []]
-    return [f"{flag}: file {p} does not exist" for flag, p in files if not Path(p).is_file()]
+    out = [f"{flag}: file {p} does not exist" for flag, p in files if not Path(p).is_file()]
+    return out + [f"{flag}: {p} is a diffusers/PEFT LoRA (lora_A/lora_B keys); lora_kit, like sd-scripts, reads kohya-format LoRA "
+                  "files (lora_down/lora_up): pass the kohya file it was converted from" for flag, p in files
+                  if Path(p).is_file() and _peft_layout(Path(p))]
 
 # %% ../../nbs/runtime/checks.ipynb #12087795
 def check_all(cfg: TrainConfig):
