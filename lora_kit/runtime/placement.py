@@ -241,6 +241,7 @@ class HostSavedInputs:
         self.device, self.min_bytes = torch.device(device), min_bytes
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
+    @torch.compiler.disable    # `--torch_compile`: stream and pinned-memory copies stay outside the graph
     def pack(self, t: torch.Tensor):
         if t.numel() * t.element_size() < self.min_bytes: return t
         if t.device.type == "meta": return (None, None, t.shape, t.dtype)
@@ -252,6 +253,7 @@ class HostSavedInputs:
         done = torch.cuda.Event(); done.record(self.stream)
         return (host, done, t.device, None)
 
+    @torch.compiler.disable
     def unpack(self, packed):
         if isinstance(packed, torch.Tensor): return packed
         host, done, where, dtype = packed
