@@ -8,7 +8,8 @@
   loop doing the same work (target: steps/s ratio ≥ 0.95 at batch 4), and lora_kit's peak device memory against
   `vram_plan.py`'s plan for the same flags (target: within ±10 %).
 - `swap`: `BlockSwap` on an SD3.5-Large-shaped MMDiT (random bf16 weights): one block's copy bandwidth, the step time
-  with 8 blocks swapped, with and without prefetching, against none swapped, and the device memory after `remove()`.
+  with 8 blocks swapped, with and without prefetching, against none swapped, and the device memory after `remove()`;
+  the step time and peak with the checkpointed inputs of the swapped blocks (or of all blocks) in host memory.
 - `photos`: the data path on photo-sized JPEGs (4032×3024, bucketed to 1024 px): images/s of the loader.
 
 `--tiny` dry-runs everything on small shapes (on a CPU: a few minutes), so the script is known to work before a GPU
@@ -225,7 +226,7 @@ def mmdit(tiny: bool):
 
 
 def swap(res: Results, tmp: Path, tiny: bool):
-    from lora_kit.runtime.placement import BlockSwap
+    from lora_kit.runtime.placement import BlockSwap, HostSavedInputs, OffloadingCheckpoint
     model = mmdit(tiny)
     n_swap, steps, warmup = (2, 2, 1) if tiny else (8, 5, 2)
     side = 8 if tiny else 64                                  # latents of 512 px
@@ -256,11 +257,17 @@ def swap(res: Results, tmp: Path, tiny: bool):
     res.run("swap/copy_bandwidth", bandwidth)
     def timed():
         out = {}
-        for label, n, prefetch in [("swap_0", 0, None), (f"swap_{n_swap}_prefetch", n_swap, True), (f"swap_{n_swap}_no_prefetch", n_swap, False)]:
+        for label, n, prefetch, offload in [("swap_0", 0, None, ()), ("swap_0_offload_all", 0, None, "all"),
+                                            (f"swap_{n_swap}_prefetch", n_swap, True, ()),
+                                            (f"swap_{n_swap}_prefetch_offload", n_swap, True, "swapped"),
+                                            (f"swap_{n_swap}_no_prefetch", n_swap, False, ())]:
             reset_peak()
             sw = BlockSwap(model.transformer_blocks, n_swap, DEVICE, prefetch) if n else None
+            blocks = list(model.transformer_blocks) if offload == "all" else (sw.swapped if offload else [])
+            if blocks: model.enable_gradient_checkpointing(OffloadingCheckpoint(blocks, HostSavedInputs(DEVICE)))   # inputs on the host
             model.to(DEVICE)
             out[label] = {"steps_per_s": step_rate(), "peak_gib": peak_gib()}
+            if blocks: model.enable_gradient_checkpointing()
             if sw:
                 sw.remove(); sync()
                 out[label]["swapped_block_after"] = sorted({p.device.type for p in model.transformer_blocks[-1].parameters()})
