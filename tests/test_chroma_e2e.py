@@ -1,9 +1,9 @@
 "End to end: sd-scripts' Chroma guide command (docs/flux_train_network.md, 'Training Chroma Models') trains a LoRA on tiny-chroma."
-import csv, subprocess, sys
+import csv
 
 import pytest
 
-from lora_kit.toy.world import write_folder
+from helpers import dataset, run_cli
 
 # docs/flux_train_network.md: the Chroma command (--model_type chroma, no --clip_l, --guidance_scale 0.0, sigmoid timesteps,
 # --apply_t5_attn_mask), with the LoRA, caching and memory flags of the FLUX guide; a --clip_l that names no file is not read.
@@ -13,19 +13,6 @@ GUIDE = """--pretrained_model_name_or_path={dit} --model_type=chroma --t5xxl={t5
   --lr_scheduler=constant --sdpa --max_train_epochs=4 --save_every_n_epochs=2 --gradient_checkpointing
   --guidance_scale=0.0 --timestep_sampling=sigmoid --model_prediction_type=raw --apply_t5_attn_mask
   --blocks_to_swap=2 --cache_text_encoder_outputs --cache_latents --sample_prompts={prompts} --sample_every_n_epochs=4"""
-
-
-def run_cli(*args, ok=True):
-    r = subprocess.run([sys.executable, "-m", "lora_kit.cli", *args], capture_output=True, text=True)
-    if ok: assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def dataset(d):
-    write_folder(d / "img", n=2, seed=0)
-    (d / "data.toml").write_text(f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\nbatch_size = 2\n'
-                                 f'[[datasets.subsets]]\nimage_dir = "{d / "img"}"\nnum_repeats = 1\n')
-    return d / "data.toml"
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +101,7 @@ def test_builtin_trains_t5_as_lora_te3(tmp_path):
 def test_chroma_file_refused_before_loading(tmp_path, files, flags, says):
     r = run_cli("flux_train_network", "--pretrained_model_name_or_path", str(files["dit"]), "--t5xxl", str(files["t5xxl"]), "--ae", str(files["ae"]),
                 "--dataset_config", str(dataset(tmp_path)), "--output_dir", str(tmp_path / "o"), "--network_module", "networks.lora_flux", *flags,
-                ok=False)
+                check=False)
     assert r.returncode != 0 and says in r.stdout + r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
@@ -124,5 +111,5 @@ def test_flux_file_with_model_type_chroma_refused(tmp_path):
     f = save_flux_files(tmp_path / "m", tiny_flux_components())
     r = run_cli("flux_train_network", "--pretrained_model_name_or_path", str(f["dit"]), "--clip_l", str(f["clip_l"]), "--t5xxl", str(f["t5xxl"]),
                 "--ae", str(f["ae"]), "--model_type", "chroma", "--apply_t5_attn_mask", "--dataset_config", str(dataset(tmp_path)),
-                "--output_dir", str(tmp_path / "o"), "--network_module", "networks.lora_flux", ok=False)
+                "--output_dir", str(tmp_path / "o"), "--network_module", "networks.lora_flux", check=False)
     assert r.returncode != 0 and "is a FLUX.1 model, not Chroma; use --model_type flux" in r.stdout + r.stderr

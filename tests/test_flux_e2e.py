@@ -4,7 +4,7 @@ import csv, subprocess, sys
 import pytest
 import torch
 
-from lora_kit.toy.world import write_folder
+from helpers import dataset, run_cli
 
 # docs/flux_train_network.md, section 4.1, unchanged but for the paths (AdamW8bit: bitsandbytes steps on the CPU too).
 GUIDE = """--pretrained_model_name_or_path={dit} --clip_l={clip_l} --t5xxl={t5xxl} --ae={ae}
@@ -13,19 +13,6 @@ GUIDE = """--pretrained_model_name_or_path={dit} --clip_l={clip_l} --t5xxl={t5xx
   --lr_scheduler=constant --sdpa --max_train_epochs=10 --save_every_n_epochs=1 --mixed_precision=fp16
   --gradient_checkpointing --guidance_scale=1.0 --timestep_sampling=flux_shift --model_prediction_type=raw
   --blocks_to_swap=18 --cache_text_encoder_outputs --cache_latents"""
-
-
-def run_cli(*args):
-    r = subprocess.run([sys.executable, "-m", "lora_kit.cli", *args], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def dataset(d):
-    write_folder(d / "img", n=2, seed=0)
-    (d / "data.toml").write_text(f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\nbatch_size = 2\n'
-                                 f'[[datasets.subsets]]\nimage_dir = "{d / "img"}"\nnum_repeats = 1\n')
-    return d / "data.toml"
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 "End to end: sd-scripts' SD3 guide command (docs/sd3_train_network.md) trains a LoRA on the tiny SD3 model."
-import csv, subprocess, sys
+import csv
 from pathlib import Path
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_kit.toy.world import write_folder
+from helpers import run_cli
 
 # docs/sd3_train_network.md, section 4, unchanged but for the paths (AdamW8bit: bitsandbytes steps on the CPU too).
 GUIDE = """--pretrained_model_name_or_path={model} --clip_l={clip_l} --clip_g={clip_g} --t5xxl={t5xxl}
@@ -14,12 +15,6 @@ GUIDE = """--pretrained_model_name_or_path={model} --clip_l={clip_l} --clip_g={c
   --network_module=networks.lora --network_dim=16 --network_alpha=1 --learning_rate=1e-4 --optimizer_type=AdamW8bit
   --lr_scheduler=constant --sdpa --max_train_epochs=10 --save_every_n_epochs=1 --mixed_precision=fp16
   --gradient_checkpointing --weighting_scheme=uniform --blocks_to_swap=32"""
-
-
-def run_cli(*args):
-    r = subprocess.run([sys.executable, "-m", "lora_kit.cli", *args], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 @pytest.fixture(scope="module")

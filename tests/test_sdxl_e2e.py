@@ -1,11 +1,12 @@
 "End to end: `lora-kit sdxl_train_network` on the built-in tiny SDXL model: sd-scripts' keys and metadata, resuming, sampling, caches, and the saved file in diffusers and ComfyUI."
-import csv, gzip, json, re, subprocess, sys
+import csv, gzip, json, re
 from pathlib import Path
 
 import pytest
 import torch
 
 from lora_kit.toy.world import write_folder
+from helpers import run_cli
 
 GOLDEN = json.load(gzip.open(Path(__file__).parent / "golden" / "sdxl.json.gz", "rt"))   # tools/golden_sdxl.py (sd-scripts' own names)
 TINY_DEPTHS = {"input_blocks_4": 1, "input_blocks_5": 1, "input_blocks_7": 2, "input_blocks_8": 2, "middle_block": 2,
@@ -20,12 +21,6 @@ def tiny_names(golden: list) -> set:
         if (m := re.match(r"lora_te2_text_model_encoder_layers_(\d+)_", n)) and int(m[1]) >= 4: continue
         out.add(n)
     return out
-
-
-def run_cli(*args):
-    r = subprocess.run([sys.executable, "-m", "lora_kit.cli", *args], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 COMMON = ["--pretrained_model_name_or_path", "tiny-sdxl", "--network_module", "networks.lora", "--caption_extension", ".txt",

@@ -1,21 +1,15 @@
 "End to end: the sd-scripts command line trains a LoRA on the tiny model; the file loads in diffusers."
-import csv, subprocess, sys
-from pathlib import Path
+import csv
 
 import pytest
 import torch
 
 from lora_kit.toy.world import write_folder
+from helpers import run_cli
 
 ARGS = ["--pretrained_model_name_or_path", "tiny-sd1", "--caption_extension", ".txt", "--resolution", "64",
         "--train_batch_size", "4", "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "8",
         "--learning_rate", "1e-3", "--max_train_steps", "60", "--seed", "42", "--max_data_loader_n_workers", "0"]
-
-
-def run_cli(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "lora_kit.cli", *args], capture_output=True, text=True)
-    if check: assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 @pytest.fixture(scope="module")
