@@ -3,7 +3,8 @@
     PYTHONPATH=. python bench/gpu_smoke.py [--tiny] [--out gpu_smoke.jsonl] [--only matrix,speed,swap,photos]
 
 - `matrix`: tiny-sd1 trains with bf16, fp16, --full_fp16, --fp8_base, AdamW8bit and PagedAdamW8bit (each saved and
-  resumed), --torch_compile; tiny SD3.5 Medium with --blocks_to_swap (its swapped block back in host memory after).
+  resumed), --torch_compile; tiny SD3.5 Medium with --blocks_to_swap (its swapped block back in host memory after);
+  tiny FLUX.1 with fp8, --blocks_to_swap and --cpu_offload_checkpointing; tiny Chroma (its masked attention).
 - `speed`: full-size SD1.5 (random weights) at 512 px, batch 1 and 4, lora_kit's step against a bare diffusers + peft
   loop doing the same work (target: steps/s ratio ≥ 0.95 at batch 4), and lora_kit's peak device memory against
   `vram_plan.py`'s plan for the same flags (target: within ±10 %).
@@ -88,7 +89,7 @@ def matrix(res: Results, tmp: Path, tiny: bool):
     data = tmp / "data"
     write_folder(data / "1_sks", n=4, seed=0, res=64)
     def argv(name, model="tiny-sd1", steps=4, *extra):
-        module = "networks.lora_sd3" if "sd3" in model else "networks.lora"
+        module = "networks.lora_sd3" if "sd3" in model else "networks.lora_flux" if "flux" in model or "chroma" in model else "networks.lora"
         return ["--pretrained_model_name_or_path", model, "--network_module", module, "--train_data_dir", str(data),
                 "--caption_extension", ".txt", "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", str(steps),
                 "--seed", "0", "--sdpa", "--max_data_loader_n_workers", "0", "--output_dir", str(tmp / name), "--output_name", "m",
@@ -117,6 +118,11 @@ def matrix(res: Results, tmp: Path, tiny: bool):
         res.run(f"matrix/{name}", plain, name, *extra)
     for opt in ("AdamW8bit", "PagedAdamW8bit"): res.run(f"matrix/{opt}_save_resume", resumed, opt.lower(), opt)
     res.run("matrix/sd35m_block_swap", swapped)
+    flux = ["--mixed_precision", "bf16", "--fp8_base", "--gradient_checkpointing", "--model_prediction_type", "raw", "--cache_latents",
+            "--cache_text_encoder_outputs", "--network_train_unet_only"]
+    res.run("matrix/flux_swap_offload", plain, "flux", *flux, "--blocks_to_swap", "2", "--cpu_offload_checkpointing", model="tiny-flux")
+    res.run("matrix/chroma_swap", plain, "chroma", *flux, "--blocks_to_swap", "2", "--model_type", "chroma", "--apply_t5_attn_mask",
+            "--guidance_scale", "0.0", model="tiny-chroma")     # the key-only text mask on CUDA's attention kernels
     backend = "inductor" if CUDA or not tiny else "aot_eager"      # (inductor on a CPU compiles for minutes)
     res.run(f"matrix/torch_compile_{backend}", plain, "compile", "--mixed_precision", "bf16", "--torch_compile", "--dynamo_backend", backend)
 
