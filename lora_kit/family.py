@@ -4,6 +4,7 @@
 
 # %% ../nbs/02_family.ipynb #a03aedf5
 from __future__ import annotations
+from . import quiet   # first: what diffusers and bitsandbytes print on import
 import contextlib, functools, importlib, os, re
 from dataclasses import dataclass
 from pathlib import Path

@@ -4,6 +4,7 @@
 
 # %% ../nbs/08a_form.ipynb #032fc382
 from __future__ import annotations
+from . import quiet   # first: what diffusers and bitsandbytes print on import
 import dataclasses, html, shlex
 from pathlib import Path
 

@@ -31,3 +31,10 @@ def test_notebooks_are_clean():
         assert not dirty, f"{nb.name} has outputs in cells {dirty}: run nbdev_clean"
         empty = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and kept(c) and not c.get("outputs")]
         assert not empty, f"{nb.name}: cells {empty} should keep their output: run python tools/keep_outputs.py {nb.relative_to(ROOT)}"
+
+
+def test_first_import_prints_nothing():
+    "Whichever lora_kit module a notebook imports first, diffusers' and bitsandbytes' import-time notices stay off the screen."
+    for module in ("lora_kit.family", "lora_kit.families.flux", "lora_kit.form"):
+        r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), f"import {module} printed: {(r.stdout + r.stderr)[:500]}"

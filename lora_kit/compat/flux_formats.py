@@ -4,6 +4,7 @@
 
 # %% ../../nbs/compat/flux_formats.ipynb #caf84ca6
 from __future__ import annotations
+from .. import quiet   # first: what diffusers and bitsandbytes print on import
 import itertools, re, warnings
 
 import torch

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/compat/sd3_formats.ipynb #b4257f5f
 from __future__ import annotations
+from .. import quiet   # first: what diffusers and bitsandbytes print on import
 import functools, re, warnings
 from pathlib import Path
 

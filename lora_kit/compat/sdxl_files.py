@@ -4,6 +4,7 @@
 
 # %% ../../nbs/compat/sdxl_files.ipynb #28d2d4c0
 from __future__ import annotations
+from .. import quiet   # first: what diffusers and bitsandbytes print on import
 import json, os
 from pathlib import Path
 

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/families/chroma.ipynb #b20ed128
 from __future__ import annotations
+from .. import quiet   # first: what diffusers and bitsandbytes print on import
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path

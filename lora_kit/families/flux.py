@@ -4,6 +4,7 @@
 
 # %% ../../nbs/families/flux.ipynb #b7c2a428
 from __future__ import annotations
+from .. import quiet   # first: what diffusers and bitsandbytes print on import
 import contextlib
 
 from dataclasses import dataclass

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/families/sd.ipynb #ede1bf78
 from __future__ import annotations
+from .. import quiet   # first: what diffusers and bitsandbytes print on import
 import functools, json, os, re, shutil, tempfile, warnings
 from dataclasses import dataclass, replace
 from pathlib import Path

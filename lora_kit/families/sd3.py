@@ -4,6 +4,7 @@
 
 # %% ../../nbs/families/sd3.ipynb #c09c7a53
 from __future__ import annotations
+from .. import quiet   # first: what diffusers and bitsandbytes print on import
 import json, math, random, string
 from dataclasses import dataclass
 from pathlib import Path

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/families/sdxl.ipynb #6155454e
 from __future__ import annotations
+from .. import quiet   # first: what diffusers and bitsandbytes print on import
 import math, warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
