@@ -132,6 +132,9 @@ class Family:
         if not order or not lrs: return {"lora_te": lrs[0] if lrs else None}
         return {p: lrs[min(i, len(lrs) - 1)] for i, p in enumerate(order)}
     def swap_blocks(self, comp: Components) -> list[nn.ModuleList]: return []
+    def refuses(self, option: str) -> bool:
+        "Whether it refuses sd-scripts option `option` whatever its value (the form hides it): `cpu_offload_checkpointing` without block lists."
+        return option == "cpu_offload_checkpointing" and type(self).swap_blocks is Family.swap_blocks
     def swap_split(self, comp: Components, n: int) -> list[tuple[nn.ModuleList, int]]:
         "`--blocks_to_swap n`: (block list, how many of its last blocks swap) per `swap_blocks` list: the last `n` of the lists joined (the first list takes what is left, even more than it has)."
         out = []

@@ -256,7 +256,7 @@ def show_family(self: ConfigForm):
     self.family = fam
     for n, row in self.rows.items():
         o = OPTIONS[n]
-        own = not o.scripts or fam.script in o.scripts or "lora_kit" in o.scripts or n in fam.extra_options
+        own = (not o.scripts or fam.script in o.scripts or "lora_kit" in o.scripts or n in fam.extra_options) and not fam.refuses(n)
         row.layout.display = None if own else "none"
     self.show_sections()
     hidden = sum(r.layout.display == "none" for r in self.rows.values())

@@ -14,7 +14,7 @@ from ..compat.dataset_config import DatasetError, dataset_specs
 from ..data import cli_values, load_datasets
 from ..networks import network_problems
 from ..loss import ddpm_only_problems
-from ..family import Family, check_model, family_for
+from ..family import check_model, family_for
 from ..optim import optim_problems, optimizer_from_config
 from .logs import tracker_problems
 
@@ -46,7 +46,7 @@ def check_all(cfg: TrainConfig):
     fam = family_for(cfg.pretrained_model_name_or_path)
     if fam.objective != "ddpm": problems += ddpm_only_problems(cfg, fam.name)
     problems += network_problems(cfg, fam) + grid_problems(cfg, fam)
-    if cfg.cpu_offload_checkpointing and type(fam).swap_blocks is Family.swap_blocks:
+    if cfg.cpu_offload_checkpointing and fam.refuses("cpu_offload_checkpointing"):
         problems.append(f"--cpu_offload_checkpointing: {fam.name} has no transformer blocks whose checkpointed inputs lora_kit moves to "
                         "host memory (SD3 and FLUX.1 have); drop it")
     data = None
