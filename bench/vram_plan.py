@@ -382,8 +382,8 @@ def prepare(cfg, comp, res):
     comp.family.configure_denoiser(comp, attention(cfg)[0] != "vanilla", cfg.gradient_checkpointing, _train_te(cfg), [res])   # as training chooses it
     for m in [comp.denoiser, *comp.text_encoders]:
         if getattr(m, "is_gradient_checkpointing", False): m.train()
-    from lora_kit.runtime.placement import checkpoint_offload, swapped_blocks as swapped_list
-    checkpoint_offload(cfg, comp, comp.denoiser.device, swapped_list(comp, cfg.blocks_to_swap) if cfg.blocks_to_swap else ())   # inputs kept on the host
+    from lora_kit.runtime.placement import checkpoint_offload
+    checkpoint_offload(cfg, comp, comp.denoiser.device, swapped_blocks(comp, cfg.blocks_to_swap) if cfg.blocks_to_swap else ())   # inputs kept on the host
     with torch.device(comp.denoiser.device): network = build_network(cfg, comp)
     return network.to(dtype if cfg.full_bf16 or cfg.full_fp16 else torch.float32).train()
 
