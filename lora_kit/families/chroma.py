@@ -23,7 +23,8 @@ from ..runtime.weights import assign_weights, weight_dtype
 from ..runtime.caches import TextDiskCache, weights_fingerprint
 from .sd3 import TINY_T5, diffusers_weights, read_weights, t5_encoder, t5_tokenizer_for, tiny_t5_tokenizer
 from .flux import (AXES_DIMS_ROPE, BFL_PREFIX, FLUX_TE_ARRAYS, TINY_AE, FluxFamily, common_problems, flux_ae, flux_file_kind,
-                   flux_scheduler, image_ids, pack_latents, t5_from, unpack_latents, _file_problems, _keeps_fp8, _strip)
+                   flux_scheduler, image_ids, pack_latents, save_flux_files, t5_from, unpack_latents, with_given_files,
+                   _file_problems, _keeps_fp8, _strip)
 from ..compat.flux_formats import approximator_depth, bfl_to_diffusers, flux_depths
 
 # %% auto #0
@@ -266,28 +267,12 @@ def load_chroma(cfg: TrainConfig) -> Components:
     "Load the Chroma model of `cfg` (built-in, diffusers folder or BFL single file); `--t5xxl/--ae` files replace its own."
     name = cfg.pretrained_model_name_or_path
     if not (name in TINY_CHROMA or Path(name).is_dir()): return load_chroma_file(name, cfg)
-    comp = tiny_chroma_components(name, cfg=cfg) if name in TINY_CHROMA else load_chroma_folder(name, cfg)
-    if cfg.t5xxl:
-        comp.text_encoders[0] = t5_from(read_weights(cfg.t5xxl, cfg), f"--t5xxl {cfg.t5xxl}", weight_dtype(cfg), _keeps_fp8(cfg))
-        comp.tokenizers[0] = t5_tokenizer_for(comp.text_encoders[0])
-    if cfg.ae: comp.vae = flux_ae(read_weights(cfg.ae, cfg), f"--ae {cfg.ae}")
-    return comp
+    return with_given_files(cfg, tiny_chroma_components(name, cfg=cfg) if name in TINY_CHROMA else load_chroma_folder(name, cfg))
 
 # %% ../../nbs/families/chroma.ipynb #70b7e41c
 def save_chroma_files(folder: str|Path, comp: Components) -> dict:
-    "Write the DiT (BFL layout), AE (ldm layout) and T5 of a Chroma `comp` as single files in `folder`; returns {flag: path}."
-    from safetensors.torch import save_file
-    from lora_kit.checkpoint import vae_to_ldm
-    from lora_kit.lora import atomic_path
-    from lora_kit.compat.flux_formats import diffusers_to_bfl
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    parts = {"dit": diffusers_to_bfl(comp.denoiser), "ae": vae_to_ldm(comp.vae.state_dict()),
-             "t5xxl": {k: v for k, v in comp.text_encoders[0].state_dict().items() if k != "encoder.embed_tokens.weight"}}
-    out = {}
-    for k, sd in parts.items():
-        with atomic_path(folder/f"{k}.safetensors") as tmp: save_file({n: t.detach().contiguous() for n, t in sd.items()}, tmp)
-        out[k] = folder/f"{k}.safetensors"
-    return out
+    "Write the DiT (BFL layout), AE (ldm layout) and T5 of a Chroma `comp` as single files in `folder` (`save_flux_files`); returns {flag: path}."
+    return save_flux_files(folder, comp)
 
 # %% ../../nbs/families/chroma.ipynb #2bb36d06
 CHROMA_FILES = {"ae": "the AE (ae.safetensors)", "t5xxl": "the T5-XXL text encoder (t5xxl_fp16.safetensors)"}

@@ -34,7 +34,7 @@ __all__ = ['AE_SCALE_FACTOR', 'AE_SHIFT_FACTOR', 'TINY_FLUX_DIT', 'TINY_AE', 'FL
            'tiny_flux_components', 'tokenize_flux', 'encode_flux', 'pack_latents', 'unpack_latents', 'image_ids',
            'flux_predict', 'FluxFamily', 'flux_text_disk_cache', 'flux_file_kind', 'is_flux_folder', 'claims_flux',
            'flux_dit_config', 'flux_dit', 'clip_l_from', 't5_from', 'flux_ae', 'load_flux_file', 'load_flux_folder',
-           'load_flux', 'save_flux_files', 'common_problems', 'check_flux']
+           'load_flux', 'with_given_files', 'save_flux_files', 'common_problems', 'check_flux']
 
 # %% ../../nbs/families/flux.ipynb #fcd37c4d
 AE_SCALE_FACTOR, AE_SHIFT_FACTOR = 0.3611, 0.1159     # sd-scripts library/flux_models.py AutoEncoder
@@ -363,26 +363,31 @@ def load_flux(cfg: TrainConfig) -> Components:
     "Load the FLUX model of `cfg` (built-in, diffusers folder or BFL single file); `--clip_l/--t5xxl/--ae` files replace its own."
     name = cfg.pretrained_model_name_or_path
     if not (name in TINY_FLUX or Path(name).is_dir()): return load_flux_file(name, cfg)
-    comp = tiny_flux_components(name, cfg=cfg) if name in TINY_FLUX else load_flux_folder(name, cfg)
-    dtype = weight_dtype(cfg)
-    if cfg.clip_l: comp.text_encoders[0] = clip_l_from(read_weights(cfg.clip_l, cfg), f"--clip_l {cfg.clip_l}", dtype)
+    return with_given_files(cfg, tiny_flux_components(name, cfg=cfg) if name in TINY_FLUX else load_flux_folder(name, cfg))
+
+def with_given_files(cfg: TrainConfig, comp: Components) -> Components:
+    """`comp` with the `--clip_l` / `--t5xxl` / `--ae` files in place of its own CLIP-L, T5 (its last text encoder) and AE;
+    a model without CLIP-L (Chroma) does not read `--clip_l`."""
+    dtype, t5 = weight_dtype(cfg), len(comp.text_encoders) - 1
+    if cfg.clip_l and t5 == 1: comp.text_encoders[0] = clip_l_from(read_weights(cfg.clip_l, cfg), f"--clip_l {cfg.clip_l}", dtype)
     if cfg.t5xxl:
-        comp.text_encoders[1] = t5_from(read_weights(cfg.t5xxl, cfg), f"--t5xxl {cfg.t5xxl}", dtype, _keeps_fp8(cfg))
-        comp.tokenizers[1] = t5_tokenizer_for(comp.text_encoders[1])
+        comp.text_encoders[t5] = t5_from(read_weights(cfg.t5xxl, cfg), f"--t5xxl {cfg.t5xxl}", dtype, _keeps_fp8(cfg))
+        comp.tokenizers[t5] = t5_tokenizer_for(comp.text_encoders[t5])
     if cfg.ae: comp.vae = flux_ae(read_weights(cfg.ae, cfg), f"--ae {cfg.ae}")
     return comp
 
 # %% ../../nbs/families/flux.ipynb #81030e17
 def save_flux_files(folder: str|Path, comp: Components) -> dict:
-    "Write the DiT (BFL layout), AE (ldm layout), CLIP-L and T5 of `comp` as single files in `folder`; returns {flag: path}."
+    "Write the DiT (BFL layout), AE (ldm layout), CLIP-L (if it has one: not Chroma) and T5 of `comp` as single files in `folder`; returns {flag: path}."
     from safetensors.torch import save_file
     from lora_kit.checkpoint import vae_to_ldm
     from lora_kit.lora import atomic_path
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    *clip_l, t5 = comp.text_encoders
     parts = {"dit": diffusers_to_bfl(comp.denoiser), "ae": vae_to_ldm(comp.vae.state_dict()),
-             "clip_l": {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in comp.text_encoders[0].state_dict().items()
-                        if not k.endswith("position_ids")},
-             "t5xxl": {k: v for k, v in comp.text_encoders[1].state_dict().items() if k != "encoder.embed_tokens.weight"}}
+             **{"clip_l": {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in te.state_dict().items()
+                           if not k.endswith("position_ids")} for te in clip_l},
+             "t5xxl": {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}}
     out = {}
     for k, sd in parts.items():
         with atomic_path(folder/f"{k}.safetensors") as tmp: save_file({n: t.detach().contiguous() for n, t in sd.items()}, tmp)
